@@ -1,0 +1,1 @@
+"""Mailroom's domain layer: plain Python, no Flask and no Celery imports."""

@@ -1,0 +1,220 @@
+"""Mail accounts: create, change, delete, list; the encrypted secrets; the sync lock.
+
+Secrets are write-only: they are encrypted on the way in and decrypted only inside a task
+that talks to the mail server, never returned by the API and never logged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import CursorResult, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from services.crypto import SecretBox
+from services.errors import NotFound, ValidationFailed
+from services.mail.hosts import check_host
+from services.mail.imap import ImapEndpoint, capabilities, imap_session
+from services.mail.smtp import SmtpEndpoint, verify_smtp
+from services.models import Account, TaskRecord, TaskState, User, utcnow
+from services.tenancy import Principal, get_scoped, scoped, unrestricted_unsafe
+
+ENDPOINT_FIELDS = ("host", "port", "tls", "username")
+IN_FLIGHT = [s.value for s in TaskState.in_flight()]
+
+
+@dataclass(frozen=True)
+class AccountInput:
+    """Validated fields of a create or update request (None = leave unchanged)."""
+
+    email: str | None = None
+    name: str | None = None
+    imap: dict[str, Any] | None = None
+    smtp: dict[str, Any] | None = None
+    sync_interval: int | None = None
+
+
+def create_account(
+    session: Session, principal: Principal, data: AccountInput, box: SecretBox, *, allow_private: bool
+) -> Account:
+    """Create an account owned by the caller; hosts are checked against the host policy."""
+    assert data.email and data.imap and data.smtp
+    _check_endpoints(data, allow_private)
+    account = Account(
+        tenant_id=principal.tenant_id,
+        user_id=principal.user_id,
+        email=data.email,
+        name=data.name or "",
+        sync_interval=data.sync_interval or 900,
+    )
+    _apply_endpoint(account, "imap", data.imap, box, creating=True)
+    _apply_endpoint(account, "smtp", data.smtp, box, creating=True)
+    session.add(account)
+    session.flush()
+    return account
+
+
+def update_account(
+    session: Session, account: Account, data: AccountInput, box: SecretBox, *, allow_private: bool
+) -> Account:
+    """Change the given fields; endpoints are merged, so a PATCH may change just a port."""
+    merged = AccountInput(
+        imap={**endpoint_view(account, "imap"), **(data.imap or {})} if data.imap else None,
+        smtp={**endpoint_view(account, "smtp"), **(data.smtp or {})} if data.smtp else None,
+    )
+    _check_endpoints(merged, allow_private)
+    if data.email is not None:
+        account.email = data.email
+    if data.name is not None:
+        account.name = data.name
+    if data.sync_interval is not None:
+        account.sync_interval = data.sync_interval
+    if data.imap:
+        _apply_endpoint(account, "imap", data.imap, box, creating=False)
+    if data.smtp:
+        _apply_endpoint(account, "smtp", data.smtp, box, creating=False)
+    account.updated_at = utcnow()
+    session.flush()
+    return account
+
+
+def _check_endpoints(data: AccountInput, allow_private: bool) -> None:
+    for kind, endpoint in (("imap", data.imap), ("smtp", data.smtp)):
+        if endpoint:
+            check_host(endpoint["host"], endpoint["port"], allow_private=allow_private, field=f"{kind}.host")
+
+
+def _apply_endpoint(account: Account, kind: str, values: dict[str, Any], box: SecretBox, *, creating: bool) -> None:
+    for field in ENDPOINT_FIELDS:
+        if field in values and values[field] is not None:
+            setattr(account, f"{kind}_{field}", values[field])
+    password = values.get("password")
+    if password is not None:
+        setattr(account, f"{kind}_password_enc", box.encrypt(password))
+    elif creating:
+        raise ValidationFailed(f"{kind}.password is required", details={"field": f"{kind}.password"})
+
+
+def endpoint_view(account: Account, kind: str) -> dict[str, Any]:
+    """The endpoint's non-secret fields."""
+    return {field: getattr(account, f"{kind}_{field}") for field in ENDPOINT_FIELDS}
+
+
+def get_account(session: Session, account_id: str, principal: Principal) -> Account:
+    return get_scoped(session, Account, account_id, principal, what="account")
+
+
+def list_accounts(session: Session, principal: Principal, *, limit: int, offset: int) -> tuple[list[Account], int]:
+    query = scoped(Account, principal)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(query.order_by(Account.created_at, Account.id).limit(limit).offset(offset))
+    return list(rows), total
+
+
+def delete_account(session: Session, account: Account) -> None:
+    """Delete the account and what was synced from it (folders, messages cascade)."""
+    session.delete(account)
+    session.flush()
+
+
+def imap_endpoint(account: Account, box: SecretBox) -> ImapEndpoint:
+    return ImapEndpoint(
+        host=account.imap_host,
+        port=account.imap_port,
+        tls=account.imap_tls,
+        username=account.imap_username,
+        password=box.decrypt(account.imap_password_enc),
+    )
+
+
+def smtp_endpoint(account: Account, box: SecretBox) -> SmtpEndpoint:
+    return SmtpEndpoint(
+        host=account.smtp_host,
+        port=account.smtp_port,
+        tls=account.smtp_tls,
+        username=account.smtp_username,
+        password=box.decrypt(account.smtp_password_enc),
+    )
+
+
+def verify_account(account: Account, box: SecretBox, *, timeout: float, allow_private: bool) -> dict[str, Any]:
+    """Log in to IMAP and to SMTP for real; return both servers' capabilities.
+
+    Raises the first failure, classified (bad login → permanent, network → transient)."""
+    with imap_session(imap_endpoint(account, box), timeout=timeout, allow_private=allow_private) as client:
+        imap_caps = capabilities(client)
+    smtp_caps = verify_smtp(smtp_endpoint(account, box), timeout=timeout, allow_private=allow_private)
+    return {"imap": {"ok": True, "capabilities": imap_caps}, "smtp": {"ok": True, "extensions": smtp_caps}}
+
+
+def check_ownership(session: Session, account_id: str | None, tenant_id: str, user_id: str | None) -> Account:
+    """The account, if it still belongs to the tenant and the user may act on it.
+
+    Every task calls this before it touches a mailbox: the account or the user may have been
+    deleted, or the account given to someone else, since the request was accepted."""
+    account = session.get(Account, account_id) if account_id else None
+    if account is None or account.tenant_id != tenant_id:
+        raise NotFound("account not found (deleted, or not this tenant's)")
+    if user_id is not None and account.user_id != user_id:
+        user = session.get(User, user_id)
+        if user is None or user.tenant_id != tenant_id or user.role != "admin":
+            raise NotFound("account not found for this user")
+    return account
+
+
+# --- the sync lock ---------------------------------------------------------------------------
+
+
+def claim_sync_lock(session: Session, account_id: str, task_id: str, *, ttl: float) -> str | None:
+    """Make ``task_id`` the account's one sync. Returns None on success, or the id of the
+    sync in flight. The lock is free when unset, expired, or held by a finished task."""
+    now = utcnow()
+    finished_holder = (
+        select(TaskRecord.id)
+        .where(TaskRecord.id == Account.sync_task_id, TaskRecord.state.not_in(IN_FLIGHT))
+        .exists()
+    )
+    result = session.execute(
+        update(Account)
+        .where(
+            Account.id == account_id,
+            or_(Account.sync_task_id.is_(None), Account.sync_lock_until < now, finished_holder),
+        )
+        .values(sync_task_id=task_id, sync_lock_until=now + timedelta(seconds=ttl))
+        .execution_options(synchronize_session=False)
+    )
+    assert isinstance(result, CursorResult)
+    if result.rowcount == 1:
+        return None
+    return session.scalar(select(Account.sync_task_id).where(Account.id == account_id))
+
+
+def extend_sync_lock(session: Session, account_id: str, task_id: str, *, ttl: float) -> None:
+    """Keep the lock alive while the sync makes progress."""
+    session.execute(
+        update(Account)
+        .where(Account.id == account_id, Account.sync_task_id == task_id)
+        .values(sync_lock_until=utcnow() + timedelta(seconds=ttl))
+        .execution_options(synchronize_session=False)
+    )
+
+
+def release_sync_lock(session: Session, account_id: str, task_id: str) -> None:
+    session.execute(
+        update(Account)
+        .where(Account.id == account_id, Account.sync_task_id == task_id)
+        .values(sync_task_id=None, sync_lock_until=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def due_account_ids(session: Session, now: datetime) -> list[str]:
+    """Accounts whose sync interval has passed since their last sync (all tenants: Beat)."""
+    accounts = session.scalars(unrestricted_unsafe(Account).where(Account.sync_task_id.is_(None) | (Account.sync_lock_until < now)))
+    due = []
+    for account in accounts:
+        if account.last_sync_at is None or account.last_sync_at + timedelta(seconds=account.sync_interval) <= now:
+            due.append(account.id)
+    return due

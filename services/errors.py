@@ -1,0 +1,104 @@
+"""Domain exceptions. Each carries a stable code and the HTTP status the API maps it to;
+whether a mail fault is worth retrying is decided here, by its class, and nowhere else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class MailroomError(Exception):
+    """Base of every error Mailroom reports to a client."""
+
+    code = "error"
+    status = 500
+
+    def __init__(self, message: str, *, details: Any = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "details": self.details}
+
+
+class InvalidRequest(MailroomError):
+    code = "invalid_request"
+    status = 400
+
+
+class UnsupportedMediaType(MailroomError):
+    code = "unsupported_media_type"
+    status = 415
+
+
+class ValidationFailed(MailroomError):
+    code = "validation_error"
+    status = 422
+
+
+class Unauthorized(MailroomError):
+    code = "unauthorized"
+    status = 401
+
+
+class Forbidden(MailroomError):
+    code = "forbidden"
+    status = 403
+
+
+class NotFound(MailroomError):
+    code = "not_found"
+    status = 404
+
+
+class Conflict(MailroomError):
+    code = "conflict"
+    status = 409
+
+
+class ServiceUnavailable(MailroomError):
+    code = "service_unavailable"
+    status = 503
+
+
+# --- mail faults: the one place that says what is transient --------------------------------
+
+
+class MailError(MailroomError):
+    """A fault talking to a mail server."""
+
+    code = "mail_error"
+    status = 502
+    transient = False
+
+
+class TransientMailError(MailError):
+    """Network faults, timeouts, IMAP ``NO [UNAVAILABLE]``, SMTP 4xx: worth another try."""
+
+    code = "mail_unavailable"
+    transient = True
+
+
+class PermanentMailError(MailError):
+    """Bad credentials, SMTP 5xx, a server that refuses the request: retrying cannot help."""
+
+    code = "mail_rejected"
+
+
+class AuthenticationFailed(PermanentMailError):
+    code = "mail_auth_failed"
+
+
+class TaskCancelled(Exception):
+    """Raised inside a task at a checkpoint once cancellation was requested."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when ``exc`` is worth retrying: a transient mail fault or a network/timeout error."""
+    if isinstance(exc, MailError):
+        return exc.transient
+    return isinstance(exc, (TimeoutError, ConnectionError, OSError)) and not isinstance(
+        exc, (FileNotFoundError, PermissionError)
+    )

@@ -1,0 +1,1 @@
+"""Talking to mail servers: host policy, IMAP and SMTP connections, error classification."""

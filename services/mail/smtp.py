@@ -1,0 +1,76 @@
+"""SMTP connections (aiosmtplib): verify a login now, send mail in a later step."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass
+
+import aiosmtplib
+
+from services.errors import AuthenticationFailed, MailError, PermanentMailError, TransientMailError
+from services.mail.hosts import check_host
+
+
+@dataclass(frozen=True)
+class SmtpEndpoint:
+    host: str
+    port: int
+    tls: str  # "ssl" | "starttls" | "none"
+    username: str
+    password: str
+
+
+def classify_smtp_error(exc: BaseException, what: str) -> MailError:
+    """SMTP 4xx, network faults and timeouts are transient; 5xx and bad logins are not."""
+    if isinstance(exc, MailError):
+        return exc
+    if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+        return AuthenticationFailed(f"{what}: the SMTP server refused the login: {exc.code} {exc.message}")
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        message = f"{what}: the SMTP server answered {exc.code} {exc.message}"
+        return TransientMailError(message) if 400 <= exc.code < 500 else PermanentMailError(message)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return PermanentMailError(f"{what}: the SMTP server's TLS certificate is not valid: {exc}")
+    if isinstance(exc, (aiosmtplib.SMTPTimeoutError, TimeoutError)):
+        return TransientMailError(f"{what}: timed out talking to the SMTP server")
+    if isinstance(exc, (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPServerDisconnected, OSError)):
+        return TransientMailError(f"{what}: SMTP connection failed: {exc}")
+    if isinstance(exc, aiosmtplib.SMTPException):
+        return PermanentMailError(f"{what}: {exc}")
+    return PermanentMailError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+def make_client(endpoint: SmtpEndpoint, *, timeout: float) -> aiosmtplib.SMTP:
+    return aiosmtplib.SMTP(
+        hostname=endpoint.host,
+        port=endpoint.port,
+        use_tls=endpoint.tls == "ssl",
+        start_tls=True if endpoint.tls == "starttls" else False,
+        timeout=timeout,
+        tls_context=ssl.create_default_context() if endpoint.tls != "none" else None,
+    )
+
+
+async def _verify(endpoint: SmtpEndpoint, timeout: float) -> list[str]:
+    client = make_client(endpoint, timeout=timeout)
+    await client.connect()
+    try:
+        extensions = sorted(client.esmtp_extensions)
+        if endpoint.username:
+            await client.login(endpoint.username, endpoint.password)
+        return extensions
+    finally:
+        try:
+            await client.quit()
+        except aiosmtplib.SMTPException:
+            client.close()
+
+
+def verify_smtp(endpoint: SmtpEndpoint, *, timeout: float, allow_private: bool) -> list[str]:
+    """Connect, negotiate TLS as configured, log in; return the server's ESMTP extensions."""
+    check_host(endpoint.host, endpoint.port, allow_private=allow_private, field="smtp_host")
+    try:
+        return asyncio.run(_verify(endpoint, timeout))
+    except Exception as exc:  # noqa: BLE001 - classified
+        raise classify_smtp_error(exc, "SMTP login") from exc

@@ -1,0 +1,192 @@
+"""Mailroom's settings: read once from the environment (and a `.env` file), typed and checked.
+
+Every variable is named ``MAILROOM_<FIELD>``; `.env.example` documents each one. A missing or
+bad value stops start-up with :class:`SettingsError`, whose message is one line naming the
+variable, so an operator sees at once what to fix.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "MAILROOM_"
+DEFAULT_DATA_DIR = Path("var")
+
+
+class SettingsError(Exception):
+    """A setting is missing or invalid; the message is one line naming the variable."""
+
+
+class Settings(BaseSettings):
+    """All of Mailroom's configuration. Build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+    )
+
+    # --- storage -------------------------------------------------------------------------
+    database_url: str = Field(
+        default=f"sqlite:///{DEFAULT_DATA_DIR / 'mailroom.db'}",
+        description="SQLAlchemy URL; SQLite by default, PostgreSQL in production.",
+    )
+    database_pool_size: int = Field(default=5, ge=1, le=200)
+
+    # --- broker and result backend (separate Redis instances allowed) --------------------
+    broker_url: str = Field(default="redis://127.0.0.1:6379/0")
+    broker_password: str | None = None
+    broker_tls: bool = False
+    broker_tls_verify: bool = True
+    result_backend_url: str = Field(default="redis://127.0.0.1:6379/1")
+    result_backend_password: str | None = None
+    result_backend_tls: bool = False
+    result_backend_tls_verify: bool = True
+
+    # --- secrets -------------------------------------------------------------------------
+    secret_key: str = Field(
+        default="",
+        description="Fernet key(s), comma-separated, newest first; encrypts mail credentials.",
+    )
+
+    # --- task policy ---------------------------------------------------------------------
+    task_soft_time_limit: int = Field(default=25 * 60, ge=1)
+    task_hard_time_limit: int = Field(default=30 * 60, ge=2)
+    retry_base_seconds: float = Field(default=5.0, gt=0)
+    retry_max_seconds: float = Field(default=600.0, gt=0)
+    result_expires: int = Field(default=3600, ge=60)
+    broker_visibility_timeout: int = Field(default=3 * 3600, ge=2)
+    task_history_days: int = Field(default=30, ge=1)
+    stuck_task_grace_seconds: int = Field(default=600, ge=1)
+    worker_max_tasks_per_child: int = Field(default=1000, ge=1)
+    periodic_sync_seconds: float = Field(default=300.0, gt=0)
+    cleanup_seconds: float = Field(default=3600.0, gt=0)
+
+    # --- mail ----------------------------------------------------------------------------
+    allow_private_hosts: bool = Field(
+        default=False,
+        description="Allow mail hosts on loopback/private networks (embedded mode and tests).",
+    )
+    mail_timeout_seconds: float = Field(default=30.0, gt=0)
+    sync_batch_size: int = Field(default=500, ge=1, le=5000)
+    default_sync_interval: int = Field(default=900, ge=60)
+
+    # --- observability -------------------------------------------------------------------
+    flower_port: int = Field(default=5555, ge=1, le=65535)
+    metrics_token: str | None = Field(
+        default=None, description="When set, GET /metrics needs `Authorization: Bearer <token>`."
+    )
+    log_level: str = Field(default="INFO")
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        if not value.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:", "postgres:")):
+            raise ValueError("must be a sqlite:// or postgresql:// URL")
+        if value.startswith("postgres:") or value.startswith("postgresql://"):
+            value = "postgresql+psycopg://" + value.split("://", 1)[1]
+        return value
+
+    @field_validator("broker_url", "result_backend_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "redis+socket://")):
+            raise ValueError("must be a redis://, rediss:// or redis+socket:// URL")
+        return value
+
+    @field_validator("secret_key")
+    @classmethod
+    def _secret_key(cls, value: str) -> str:
+        from services.crypto import validate_keys
+
+        validate_keys(value)
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
+
+    @model_validator(mode="after")
+    def _limits(self) -> Settings:
+        if self.task_soft_time_limit >= self.task_hard_time_limit:
+            raise ValueError(
+                "MAILROOM_TASK_SOFT_TIME_LIMIT must be below MAILROOM_TASK_HARD_TIME_LIMIT"
+            )
+        if self.broker_visibility_timeout <= self.task_hard_time_limit:
+            # A message whose visibility runs out while it is still being worked on is handed
+            # to a second worker: the same task would run twice.
+            raise ValueError(
+                "MAILROOM_BROKER_VISIBILITY_TIMEOUT must be above MAILROOM_TASK_HARD_TIME_LIMIT"
+            )
+        if not self.secret_key and not self.is_sqlite:
+            raise ValueError("MAILROOM_SECRET_KEY is required when the database is not SQLite")
+        if self.retry_base_seconds > self.retry_max_seconds:
+            raise ValueError("MAILROOM_RETRY_BASE_SECONDS must not exceed MAILROOM_RETRY_MAX_SECONDS")
+        return self
+
+    @cached_property
+    def broker_connection_url(self) -> str:
+        """The broker URL with the password and TLS settings folded in."""
+        return _redis_url(self.broker_url, self.broker_password, self.broker_tls)
+
+    @cached_property
+    def result_backend_connection_url(self) -> str:
+        """The result backend URL with the password and TLS settings folded in."""
+        return _redis_url(self.result_backend_url, self.result_backend_password, self.result_backend_tls)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def data_dir(self) -> Path:
+        """Where embedded mode keeps its files: the SQLite database's folder, else ./var."""
+        if self.is_sqlite:
+            path = self.database_url.split(":///", 1)[-1]
+            if path and path != ":memory:":
+                return Path(path).resolve().parent
+        return DEFAULT_DATA_DIR.resolve()
+
+    def encryption_keys(self) -> str:
+        """The Fernet keys; embedded (SQLite) mode falls back to a key file in the data dir."""
+        if self.secret_key:
+            return self.secret_key
+        from services.crypto import key_file_secret
+
+        return key_file_secret(self.data_dir / "secret.key")
+
+
+def _redis_url(url: str, password: str | None, tls: bool) -> str:
+    parts = urlsplit(url)
+    scheme = parts.scheme
+    if tls and scheme == "redis":
+        scheme = "rediss"
+    netloc = parts.netloc
+    if password and "@" not in netloc:
+        netloc = f":{quote(password, safe='')}@{netloc}"
+    return urlunsplit((scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings once; raise :class:`SettingsError` naming the first bad variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = error.get("loc") or ()
+        message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        if loc:
+            name = ENV_PREFIX + str(loc[0]).upper()
+            raise SettingsError(f"{name}: {message}") from None
+        raise SettingsError(message) from None

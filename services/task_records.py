@@ -1,0 +1,323 @@
+"""The task record: what the API promised a client, and what a worker reports back.
+
+State moves ``queued → running → (retrying → running)* → succeeded | failed | cancelled``.
+Every transition is one conditional UPDATE, so the API (cancel) and a worker (start, finish)
+racing on the same record cannot both win.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import CursorResult, delete, func, select, update
+from sqlalchemy.orm import Session
+
+from services.errors import Conflict, NotFound
+from services.models import TaskRecord, TaskState, utcnow
+from services.tenancy import Principal, get_scoped, scoped
+
+FINAL = [s.value for s in TaskState.final()]
+IN_FLIGHT = [s.value for s in TaskState.in_flight()]
+
+
+def create_record(
+    session: Session,
+    *,
+    tenant_id: str,
+    user_id: str | None,
+    account_id: str | None,
+    type: str,
+    queue: str,
+    priority: int,
+    params: dict[str, Any],
+    max_retries: int,
+    origin: str = "api",
+    default_estimate: float | None = None,
+) -> TaskRecord:
+    """Write a ``queued`` record (flushed, not committed) with a duration estimate."""
+    record = TaskRecord(
+        tenant_id=tenant_id,
+        user_id=user_id,
+        account_id=account_id,
+        type=type,
+        queue=queue,
+        priority=priority,
+        params=params,
+        max_retries=max_retries,
+        origin=origin,
+        state=TaskState.QUEUED.value,
+        estimated_duration=estimate_duration(session, tenant_id, account_id, type) or default_estimate,
+    )
+    session.add(record)
+    session.flush()
+    return record
+
+
+def estimate_duration(session: Session, tenant_id: str, account_id: str | None, type: str) -> float | None:
+    """Mean duration (s) of the last 20 successful tasks of this type for this account."""
+    recent = (
+        select(TaskRecord.started_at, TaskRecord.finished_at)
+        .where(
+            TaskRecord.tenant_id == tenant_id,
+            TaskRecord.account_id == account_id,
+            TaskRecord.type == type,
+            TaskRecord.state == TaskState.SUCCEEDED.value,
+            TaskRecord.started_at.is_not(None),
+            TaskRecord.finished_at.is_not(None),
+        )
+        .order_by(TaskRecord.created_at.desc())
+        .limit(20)
+    )
+    rows = session.execute(recent).all()
+    if not rows:
+        return None
+    return round(sum((f - s).total_seconds() for s, f in rows) / len(rows), 3)
+
+
+def get_record(session: Session, task_id: str, principal: Principal) -> TaskRecord:
+    return get_scoped(session, TaskRecord, task_id, principal, what="task")
+
+
+def load_record(session: Session, task_id: str) -> TaskRecord | None:
+    """The record by id for a worker, which checks ownership itself afterwards."""
+    return session.get(TaskRecord, task_id, populate_existing=True)
+
+
+@dataclass(frozen=True)
+class TaskFilter:
+    state: str | None = None
+    type: str | None = None
+    account_id: str | None = None
+
+
+def list_records(
+    session: Session, principal: Principal, flt: TaskFilter, *, limit: int, offset: int
+) -> tuple[list[TaskRecord], int]:
+    """The caller's records, newest first, and the total matching the filter."""
+    query = scoped(TaskRecord, principal)
+    if flt.state:
+        query = query.where(TaskRecord.state == flt.state)
+    if flt.type:
+        query = query.where(TaskRecord.type == flt.type)
+    if flt.account_id:
+        query = query.where(TaskRecord.account_id == flt.account_id)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(
+        query.order_by(TaskRecord.created_at.desc(), TaskRecord.id.desc()).limit(limit).offset(offset)
+    )
+    return list(rows), total
+
+
+def _transition(session: Session, task_id: str, allowed: list[str], **values: Any) -> bool:
+    result = session.execute(
+        update(TaskRecord)
+        .where(TaskRecord.id == task_id, TaskRecord.state.in_(allowed))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    assert isinstance(result, CursorResult)
+    return result.rowcount == 1
+
+
+def mark_dispatch_failed(session: Session, task_id: str, error: str) -> None:
+    """The broker refused the message: the record says so instead of waiting forever."""
+    _transition(
+        session,
+        task_id,
+        [TaskState.QUEUED.value],
+        state=TaskState.FAILED.value,
+        error_code="dispatch_failed",
+        last_error=error,
+        finished_at=utcnow(),
+    )
+
+
+def mark_running(session: Session, task_id: str, worker: str | None) -> bool:
+    """Start (or, after a redelivery, restart) an attempt; False if it may not run."""
+    now = utcnow()
+    return _transition(
+        session,
+        task_id,
+        [TaskState.QUEUED.value, TaskState.RETRYING.value, TaskState.RUNNING.value],
+        state=TaskState.RUNNING.value,
+        attempts=TaskRecord.attempts + 1,
+        started_at=func.coalesce(TaskRecord.started_at, now),
+        worker=worker,
+        next_retry_at=None,
+    )
+
+
+def report_progress(session: Session, task_id: str, progress: int, stage: str) -> bool:
+    """Store progress; returns whether cancellation was requested meanwhile."""
+    _transition(
+        session,
+        task_id,
+        [TaskState.RUNNING.value],
+        progress=max(0, min(99, int(progress))),
+        stage=stage[:500],
+    )
+    return bool(session.scalar(select(TaskRecord.cancel_requested).where(TaskRecord.id == task_id)))
+
+
+def cancel_requested(session: Session, task_id: str) -> bool:
+    return bool(session.scalar(select(TaskRecord.cancel_requested).where(TaskRecord.id == task_id)))
+
+
+def mark_retrying(session: Session, task_id: str, error: str, code: str, delay: float) -> None:
+    _transition(
+        session,
+        task_id,
+        [TaskState.RUNNING.value],
+        state=TaskState.RETRYING.value,
+        last_error=error[:4000],
+        error_code=code,
+        next_retry_at=utcnow() + timedelta(seconds=delay),
+    )
+
+
+def mark_succeeded(session: Session, task_id: str, result: dict[str, Any]) -> None:
+    _transition(
+        session,
+        task_id,
+        [TaskState.RUNNING.value],
+        state=TaskState.SUCCEEDED.value,
+        progress=100,
+        stage="done",
+        result=result,
+        error_code=None,
+        last_error=None,
+        finished_at=utcnow(),
+    )
+
+
+def mark_failed(session: Session, task_id: str, error: str, code: str) -> None:
+    _transition(
+        session,
+        task_id,
+        IN_FLIGHT,
+        state=TaskState.FAILED.value,
+        last_error=error[:4000],
+        error_code=code,
+        finished_at=utcnow(),
+    )
+
+
+def mark_cancelled(session: Session, task_id: str, stage: str = "cancelled") -> None:
+    _transition(
+        session,
+        task_id,
+        IN_FLIGHT,
+        state=TaskState.CANCELLED.value,
+        cancel_requested=True,
+        stage=stage,
+        finished_at=utcnow(),
+    )
+
+
+def request_cancel(session: Session, record: TaskRecord) -> bool:
+    """Cancel a task: one not yet running ends ``cancelled`` now and will never run; a
+    running one is flagged and stops at its next checkpoint. Returns True when it was
+    still in flight; a finished task cannot be cancelled (:class:`Conflict`)."""
+    if record.state in FINAL:
+        raise Conflict(f"task already {record.state}", details={"state": record.state})
+    stopped_now = _transition(
+        session,
+        record.id,
+        [TaskState.QUEUED.value, TaskState.RETRYING.value],
+        state=TaskState.CANCELLED.value,
+        cancel_requested=True,
+        stage="cancelled before it ran",
+        finished_at=utcnow(),
+    )
+    if not stopped_now:
+        _transition(session, record.id, [TaskState.RUNNING.value], cancel_requested=True)
+    session.refresh(record)
+    return True
+
+
+def in_flight_ids(session: Session, principal: Principal) -> list[str]:
+    query = scoped(TaskRecord, principal).where(TaskRecord.state.in_(IN_FLIGHT))
+    return [r.id for r in session.scalars(query)]
+
+
+def counts_by_state(session: Session, tenant_id: str) -> dict[str, int]:
+    rows = session.execute(
+        select(TaskRecord.state, func.count()).where(TaskRecord.tenant_id == tenant_id).group_by(TaskRecord.state)
+    ).all()
+    counts = {s.value: 0 for s in TaskState}
+    counts.update({state: n for state, n in rows})
+    return counts
+
+
+def average_durations(session: Session, tenant_id: str) -> dict[str, float]:
+    """Mean run time (s) of successful tasks per type, over the kept history."""
+    rows = session.execute(
+        select(TaskRecord.type, TaskRecord.started_at, TaskRecord.finished_at).where(
+            TaskRecord.tenant_id == tenant_id,
+            TaskRecord.state == TaskState.SUCCEEDED.value,
+            TaskRecord.started_at.is_not(None),
+            TaskRecord.finished_at.is_not(None),
+        )
+    ).all()
+    sums: dict[str, list[float]] = {}
+    for type_, started, finished in rows:
+        sums.setdefault(type_, []).append((finished - started).total_seconds())
+    return {t: round(sum(v) / len(v), 3) for t, v in sums.items()}
+
+
+def fail_stuck(session: Session, *, older_than: datetime) -> int:
+    """Records still running/retrying long after any attempt could last: failed, counted."""
+    result = session.execute(
+        update(TaskRecord)
+        .where(
+            TaskRecord.state.in_([TaskState.RUNNING.value, TaskState.RETRYING.value]),
+            func.coalesce(TaskRecord.next_retry_at, TaskRecord.updated_at) < older_than,
+        )
+        .values(
+            state=TaskState.FAILED.value,
+            error_code="stuck",
+            last_error="no worker reported on this task for too long",
+            finished_at=utcnow(),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    assert isinstance(result, CursorResult)
+    return result.rowcount
+
+
+def fail_undelivered(session: Session, *, older_than: datetime) -> int:
+    """``queued`` records that no worker picked up for far longer than the broker keeps an
+    unacknowledged message: the message is lost, so the record must not stay queued forever."""
+    result = session.execute(
+        update(TaskRecord)
+        .where(TaskRecord.state == TaskState.QUEUED.value, TaskRecord.created_at < older_than)
+        .values(
+            state=TaskState.FAILED.value,
+            error_code="stuck",
+            last_error="the task was never picked up by a worker",
+            finished_at=utcnow(),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    assert isinstance(result, CursorResult)
+    return result.rowcount
+
+
+def delete_history(session: Session, *, older_than: datetime) -> int:
+    """Forget finished records older than the kept history."""
+    result = session.execute(
+        delete(TaskRecord)
+        .where(TaskRecord.state.in_(FINAL), TaskRecord.finished_at < older_than)
+        .execution_options(synchronize_session=False)
+    )
+    assert isinstance(result, CursorResult)
+    return result.rowcount
+
+
+def require_record(session: Session, task_id: str) -> TaskRecord:
+    record = load_record(session, task_id)
+    if record is None:
+        raise NotFound("task not found")
+    return record

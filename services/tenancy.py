@@ -1,0 +1,170 @@
+"""Tenants, users, API keys, and the tenant-scoped path every read and write goes through.
+
+Reaching across tenants is possible only through :func:`unrestricted_unsafe`, so each such
+place (Beat, operators' commands) can be found with one grep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy import Select, select
+from sqlalchemy.orm import Session
+
+from services.errors import Conflict, NotFound, Unauthorized, ValidationFailed
+from services.models import ApiKey, Role, Tenant, User, utcnow
+
+KEY_PREFIX = "mr_"
+_KEY_RE = re.compile(r"^mr_[A-Za-z0-9_-]{40,60}$")
+_SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+$")
+# Writing last_used_at on every request would turn each read into a write.
+LAST_USED_RESOLUTION = timedelta(seconds=60)
+
+M = TypeVar("M")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the tenant, the user, the user's role and the key used."""
+
+    tenant_id: str
+    user_id: str
+    role: str
+    key_id: str | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == Role.ADMIN.value
+
+
+def hash_key(plaintext: str) -> str:
+    return hashlib.sha256(plaintext.encode()).hexdigest()
+
+
+def create_tenant(session: Session, *, name: str, slug: str | None = None) -> Tenant:
+    """Create a tenant; the slug (derived from the name when omitted) must be unique."""
+    name = name.strip()
+    if not name:
+        raise ValidationFailed("tenant name must not be empty")
+    slug = slug or re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:63] or "tenant"
+    if not _SLUG_RE.match(slug):
+        raise ValidationFailed("slug must be lowercase letters, digits and dashes")
+    if session.scalar(select(Tenant).where(Tenant.slug == slug)) is not None:
+        raise Conflict(f"a tenant with slug {slug!r} exists already")
+    tenant = Tenant(name=name, slug=slug)
+    session.add(tenant)
+    session.flush()
+    return tenant
+
+
+def find_tenant(session: Session, ref: str) -> Tenant:
+    """A tenant by id or slug (operators' commands)."""
+    tenant = session.scalar(unrestricted_unsafe(Tenant).where((Tenant.id == ref) | (Tenant.slug == ref)))
+    if tenant is None:
+        raise NotFound(f"no tenant {ref!r}")
+    return tenant
+
+
+def create_user(
+    session: Session, *, tenant_id: str, email: str, name: str = "", role: str = "member"
+) -> User:
+    """Create a user in a tenant with role ``member`` or ``admin``."""
+    email = email.strip().lower()
+    if not _EMAIL_RE.match(email):
+        raise ValidationFailed(f"not an email address: {email!r}")
+    if role not in {r.value for r in Role}:
+        raise ValidationFailed("role must be 'member' or 'admin'")
+    existing = session.scalar(select(User).where(User.tenant_id == tenant_id, User.email == email))
+    if existing is not None:
+        raise Conflict(f"user {email} exists already in this tenant")
+    user = User(tenant_id=tenant_id, email=email, name=name, role=role)
+    session.add(user)
+    session.flush()
+    return user
+
+
+def find_user(session: Session, tenant_id: str, ref: str) -> User:
+    user = session.scalar(
+        select(User).where(User.tenant_id == tenant_id, (User.id == ref) | (User.email == ref.lower()))
+    )
+    if user is None:
+        raise NotFound(f"no user {ref!r} in this tenant")
+    return user
+
+
+def create_api_key(session: Session, user: User, *, name: str = "") -> tuple[ApiKey, str]:
+    """Create a key for ``user``; returns the row and the plaintext, which is never stored."""
+    plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(
+        tenant_id=user.tenant_id,
+        user_id=user.id,
+        name=name,
+        prefix=plaintext[:12],
+        key_hash=hash_key(plaintext),
+    )
+    session.add(key)
+    session.flush()
+    return key, plaintext
+
+
+def revoke_api_key(session: Session, ref: str, *, tenant_id: str | None = None) -> ApiKey:
+    """Revoke a key by id or by its shown prefix; revoking twice is harmless."""
+    query = unrestricted_unsafe(ApiKey).where((ApiKey.id == ref) | (ApiKey.prefix == ref))
+    if tenant_id is not None:
+        query = query.where(ApiKey.tenant_id == tenant_id)
+    keys = list(session.scalars(query))
+    if not keys:
+        raise NotFound(f"no API key {ref!r}")
+    if len(keys) > 1:
+        raise Conflict(f"{ref!r} matches several keys; use the key id")
+    key = keys[0]
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+    session.flush()
+    return key
+
+
+def authenticate(session: Session, token: str) -> Principal:
+    """The principal behind a bearer token; a malformed, unknown or revoked key is refused."""
+    if not _KEY_RE.match(token):
+        raise Unauthorized("malformed API key")
+    key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(token)))
+    if key is None:
+        raise Unauthorized("unknown API key")
+    if key.revoked_at is not None:
+        raise Unauthorized("this API key has been revoked")
+    now = utcnow()
+    if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
+        key.last_used_at = now
+    return Principal(tenant_id=key.tenant_id, user_id=key.user_id, role=key.user.role, key_id=key.id)
+
+
+# --- the scoped path ---------------------------------------------------------------------
+
+
+def scoped(model: type[M], principal: Principal, *, owned: bool = True) -> Select[tuple[M]]:
+    """A SELECT of ``model`` limited to the principal's tenant and, for members, to rows
+    they own (admins see the whole tenant)."""
+    query: Select[tuple[M]] = select(model).where(model.tenant_id == principal.tenant_id)  # type: ignore[attr-defined]
+    if owned and not principal.is_admin and hasattr(model, "user_id"):
+        query = query.where(model.user_id == principal.user_id)  # type: ignore[attr-defined]
+    return query
+
+
+def get_scoped(session: Session, model: type[M], ident: Any, principal: Principal, *, what: str) -> M:
+    """One row the principal may see, or :class:`NotFound` (never a hint that it exists)."""
+    row = session.scalar(scoped(model, principal).where(model.id == str(ident)))  # type: ignore[attr-defined]
+    if row is None:
+        raise NotFound(f"{what} not found")
+    return row
+
+
+def unrestricted_unsafe(model: type[M]) -> Select[tuple[M]]:
+    """A SELECT across all tenants. Only Beat and operators' commands may use this."""
+    return select(model)

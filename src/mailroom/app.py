@@ -1,0 +1,102 @@
+"""The Flask application factory."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from flask import Response, jsonify, request
+from flask_openapi3 import Info, OpenAPI
+from flask_openapi3.models import Server  # noqa: F401 - re-exported for deployments
+from flask import Request
+
+from services.crypto import SecretBox
+from services.db import make_engine, make_sessionmaker
+from services.errors import InvalidRequest, UnsupportedMediaType
+from services.settings import Settings, load_settings
+from tasks.celery_app import make_celery
+
+from mailroom import __version__ as _version
+from mailroom.auth import authenticate_request
+from mailroom.context import AppState, install_request_session
+from mailroom.errors import register_error_handlers, validation_error_response
+from mailroom.metrics import install_metrics
+
+MAX_BODY_BYTES = 1024 * 1024
+BODY_METHODS = {"POST", "PUT", "PATCH"}
+
+DESCRIPTION = """Mailroom connects IMAP/SMTP mailboxes of many tenants and works on them
+through queued tasks. Every `/api` route needs `Authorization: Bearer <api key>`.
+Work is queued: such a route answers `202` with a `task_id`; poll `GET /api/tasks/{task_id}`
+for state, progress (0–100) and result, or cancel it. Errors always look like
+`{"error": {"code": "...", "message": "...", "details": ...}}`; another tenant's object is a 404."""
+
+
+class ApiRequest(Request):
+    """An empty body on POST/PATCH reads as ``{}``, so routes whose fields are all optional
+    accept a bare request; anything else must be valid JSON (checked in ``_check_body``)."""
+
+    def get_json(self, force: bool = False, silent: bool = False, cache: bool = True) -> Any:
+        if self.method in BODY_METHODS and not self.get_data(cache=True):
+            return {}
+        return super().get_json(force=force, silent=silent, cache=cache)
+
+
+def create_app(settings: Settings | None = None) -> OpenAPI:
+    """Build the API for ``settings`` (read from the environment when omitted)."""
+    settings = settings or load_settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = OpenAPI(
+        __name__,
+        info=Info(title="Mailroom API", version=_version, description=DESCRIPTION),
+        security_schemes={"bearer": {"type": "http", "scheme": "bearer", "description": "A Mailroom API key"}},
+        validation_error_status=422,
+        validation_error_callback=validation_error_response,
+        doc_prefix="/docs",
+        doc_url="/openapi.json",
+    )
+    app.request_class = ApiRequest
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    engine = make_engine(settings)
+    app.extensions["mailroom"] = AppState(
+        settings=settings,
+        sessions=make_sessionmaker(engine),
+        celery=make_celery(settings),
+        box=SecretBox(settings.encryption_keys()),
+    )
+
+    install_metrics(app)
+    app.before_request(_check_body)
+    app.before_request(authenticate_request)
+    install_request_session(app)
+    register_error_handlers(app)
+
+    from mailroom.api import accounts, admin, messages, probes, tasks
+
+    for module in (accounts, messages, tasks, admin, probes):
+        app.register_api(module.bp)
+
+    @app.get("/openapi.json", doc_ui=False)
+    def openapi_document() -> Response:
+        return jsonify(app.api_doc)
+
+    return app
+
+
+def _check_body() -> None:
+    """Bodies must be JSON objects: malformed JSON is a 400, another media type a 415."""
+    if request.method not in BODY_METHODS or not request.path.startswith("/api/"):
+        return
+    data = request.get_data(cache=True)
+    if not data:
+        return
+    if not request.is_json:
+        raise UnsupportedMediaType("request bodies must be JSON (Content-Type: application/json)")
+    try:
+        parsed = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(parsed, dict):
+        raise InvalidRequest("the body must be a JSON object", code="invalid_json")

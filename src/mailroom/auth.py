@@ -1,0 +1,35 @@
+"""Bearer-key authentication for every ``/api`` route."""
+
+from __future__ import annotations
+
+from flask import g, request
+
+from services import tenancy
+from services.errors import Forbidden, Unauthorized
+from services.tenancy import Principal
+
+from mailroom.context import db_session
+
+
+def authenticate_request() -> None:
+    """``before_request`` for /api: a missing, malformed, unknown or revoked key is a 401."""
+    if not request.path.startswith("/api/") and request.path != "/api":
+        return
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if not header:
+        raise Unauthorized("missing Authorization header; send 'Authorization: Bearer <api key>'")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("malformed Authorization header; expected 'Bearer <api key>'")
+    g.principal = tenancy.authenticate(db_session(), token.strip())
+
+
+def principal() -> Principal:
+    return g.principal  # type: ignore[no-any-return]
+
+
+def require_admin() -> Principal:
+    who = principal()
+    if not who.is_admin:
+        raise Forbidden("this route needs the admin role")
+    return who

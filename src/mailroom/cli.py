@@ -1,0 +1,219 @@
+"""The ``mailroom`` command: migrate, bootstrap tenants, users and keys, run the service.
+
+Each subcommand prints ``key: value`` lines for people, or one JSON object with ``--json``
+for scripts; errors go to stderr as ``mailroom: <message>`` with exit status 1 (2 for bad
+settings or usage). docs/cli.md lists every subcommand and its output.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+import click
+from sqlalchemy.orm import Session
+
+from services import tenancy
+from services.db import make_engine, make_sessionmaker, transaction
+from services.errors import MailroomError
+from services.migrate import upgrade
+from services.models import ApiKey, Tenant, User
+from services.settings import Settings, SettingsError, load_settings
+
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"mailroom: {message}", err=True)
+    sys.exit(code)
+
+
+def settings_or_exit() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        fail(str(exc), 2)
+
+
+@contextmanager
+def session_scope() -> Iterator[Session]:
+    settings = settings_or_exit()
+    try:
+        with transaction(make_sessionmaker(make_engine(settings))) as session:
+            yield session
+    except MailroomError as exc:
+        fail(exc.message)
+
+
+def emit(data: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(data, default=str))
+        return
+    for key, value in data.items():
+        click.echo(f"{key}: {value}")
+
+
+@click.group()
+@click.version_option(package_name="mailroom")
+def main() -> None:
+    """Mailroom: multi-tenant IMAP/SMTP mailboxes behind a REST API."""
+
+
+# --- db ----------------------------------------------------------------------------------------
+
+
+@main.group()
+def db() -> None:
+    """The database schema."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Create or migrate the schema. Prints `database: <url without password>` then `migrated: <revision>`."""
+    settings = settings_or_exit()
+    engine = make_engine(settings)
+    upgrade(engine, revision)
+    click.echo(f"database: {engine.url.render_as_string(hide_password=True)}")
+    click.echo(f"migrated: {revision}")
+
+
+# --- tenants -----------------------------------------------------------------------------------
+
+
+@main.group()
+def tenant() -> None:
+    """Tenants (companies)."""
+
+
+@tenant.command("create")
+@click.argument("name")
+@click.option("--slug", help="Short unique name; derived from NAME when omitted.")
+@JSON_OPTION
+def tenant_create(name: str, slug: str | None, as_json: bool) -> None:
+    """Create a tenant. Prints `id`, `slug`, `name`."""
+    with session_scope() as session:
+        t = tenancy.create_tenant(session, name=name, slug=slug)
+        emit({"id": t.id, "slug": t.slug, "name": t.name}, as_json)
+
+
+@tenant.command("list")
+@JSON_OPTION
+def tenant_list(as_json: bool) -> None:
+    """List tenants. Prints one `id slug name` line each (JSON: {"items": [...]})."""
+    with session_scope() as session:
+        rows = list(session.scalars(tenancy.unrestricted_unsafe(Tenant).order_by(Tenant.created_at)))
+        if as_json:
+            click.echo(json.dumps({"items": [{"id": t.id, "slug": t.slug, "name": t.name} for t in rows]}))
+        for t in [] if as_json else rows:
+            click.echo(f"{t.id} {t.slug} {t.name}")
+
+
+# --- users -------------------------------------------------------------------------------------
+
+
+@main.group()
+def user() -> None:
+    """Users of a tenant."""
+
+
+@user.command("create")
+@click.option("--tenant", "tenant_ref", required=True, help="Tenant id or slug.")
+@click.option("--email", required=True)
+@click.option("--name", default="")
+@click.option("--role", type=click.Choice(["member", "admin"]), default="member", show_default=True)
+@JSON_OPTION
+def user_create(tenant_ref: str, email: str, name: str, role: str, as_json: bool) -> None:
+    """Create a user. Prints `id`, `tenant_id`, `email`, `role`."""
+    with session_scope() as session:
+        t = tenancy.find_tenant(session, tenant_ref)
+        u = tenancy.create_user(session, tenant_id=t.id, email=email, name=name, role=role)
+        emit({"id": u.id, "tenant_id": t.id, "email": u.email, "role": u.role}, as_json)
+
+
+# --- keys --------------------------------------------------------------------------------------
+
+
+@main.group()
+def key() -> None:
+    """API keys. A key is shown once, when it is created; only its hash is stored."""
+
+
+@key.command("create")
+@click.option("--tenant", "tenant_ref", required=True, help="Tenant id or slug.")
+@click.option("--user", "user_ref", required=True, help="User id or email.")
+@click.option("--name", default="", help="A label, e.g. where the key is used.")
+@JSON_OPTION
+def key_create(tenant_ref: str, user_ref: str, name: str, as_json: bool) -> None:
+    """Create a key for a user. Prints `id`, `prefix`, `user_id`, `tenant_id`, `role` and `key`
+    (the secret, shown only now)."""
+    with session_scope() as session:
+        t = tenancy.find_tenant(session, tenant_ref)
+        u = tenancy.find_user(session, t.id, user_ref)
+        k, plaintext = tenancy.create_api_key(session, u, name=name)
+        emit(
+            {"id": k.id, "prefix": k.prefix, "user_id": u.id, "tenant_id": t.id, "role": u.role, "key": plaintext},
+            as_json,
+        )
+
+
+@key.command("revoke")
+@click.argument("ref")
+@JSON_OPTION
+def key_revoke(ref: str, as_json: bool) -> None:
+    """Revoke a key by id or prefix. Prints `id`, `prefix`, `revoked_at`."""
+    with session_scope() as session:
+        k = tenancy.revoke_api_key(session, ref)
+        emit({"id": k.id, "prefix": k.prefix, "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None}, as_json)
+
+
+@key.command("list")
+@click.option("--tenant", "tenant_ref", required=True, help="Tenant id or slug.")
+@JSON_OPTION
+def key_list(tenant_ref: str, as_json: bool) -> None:
+    """List a tenant's keys (never the secrets). One `id prefix user state last_used` line each."""
+    with session_scope() as session:
+        t = tenancy.find_tenant(session, tenant_ref)
+        rows = list(
+            session.scalars(
+                tenancy.unrestricted_unsafe(ApiKey).where(ApiKey.tenant_id == t.id).order_by(ApiKey.created_at)
+            )
+        )
+        items = [
+            {
+                "id": k.id,
+                "prefix": k.prefix,
+                "user": session.get(User, k.user_id).email if session.get(User, k.user_id) else None,
+                "name": k.name,
+                "state": "revoked" if k.revoked_at else "active",
+                "last_used_at": k.last_used_at.isoformat() if k.last_used_at else None,
+            }
+            for k in rows
+        ]
+        if as_json:
+            click.echo(json.dumps({"items": items}))
+            return
+        for i in items:
+            click.echo(f"{i['id']} {i['prefix']} {i['user']} {i['state']} {i['last_used_at'] or 'never'}")
+
+
+# --- running -----------------------------------------------------------------------------------
+
+
+@main.command("run")
+@click.option("--port", default=8000, show_default=True, help="API port.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--no-flower", is_flag=True, help="Do not start Flower.")
+def run(port: int, host: str, no_flower: bool) -> None:
+    """Start everything locally: Redis (if no URL is set), migrations, the API (gunicorn),
+    one worker per queue, Beat and Flower. Prints the URLs and an admin key; Ctrl-C stops all."""
+    from mailroom.launcher import Launcher
+
+    sys.exit(Launcher(host=host, port=port, flower=not no_flower).run())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

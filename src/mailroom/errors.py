@@ -1,0 +1,64 @@
+"""One error shape for every failure: ``{"error": {"code", "message", "details"}}``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, jsonify
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+from services.errors import MailroomError
+
+log = logging.getLogger("mailroom.api")
+
+HTTP_CODES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "rate_limited",
+}
+
+
+def error_response(status: int, code: str, message: str, details: Any = None) -> Response:
+    response = jsonify({"error": {"code": code, "message": message, "details": details}})
+    response.status_code = status
+    return response
+
+
+def validation_error_response(exc: ValidationError) -> Response:
+    """flask-openapi3 hands request validation failures here: a 422 in the error shape."""
+    details = [
+        {"loc": [str(p) for p in e["loc"]], "msg": e["msg"], "type": e["type"]}
+        for e in exc.errors(include_url=False, include_input=False)
+    ]
+    first = details[0] if details else {"loc": [], "msg": "invalid"}
+    where = ".".join(first["loc"]) or "request"
+    return error_response(422, "validation_error", f"{where}: {first['msg']}", details)
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(MailroomError)
+    def _domain(exc: MailroomError) -> Response:
+        if exc.status >= 500:
+            log.warning("%s: %s", exc.code, exc.message)
+        return error_response(exc.status, exc.code, exc.message, exc.details)
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        if exc.response is not None and exc.response.mimetype == "application/json":
+            return exc.response  # already in the error shape (validation callback)
+        status = exc.code or 500
+        return error_response(status, HTTP_CODES.get(status, "error"), exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "internal error; it has been logged")

@@ -1,0 +1,85 @@
+"""Prometheus metrics for the API: request counts and latency (multiprocess-safe under
+gunicorn when ``PROMETHEUS_MULTIPROC_DIR`` is set), plus queue depths and task counts
+read at scrape time."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+from flask import Flask, Response, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from services.models import TaskRecord
+from tasks.monitoring import get_queue_stats
+
+from mailroom.context import state
+
+REQUESTS = Counter("mailroom_http_requests_total", "HTTP requests", ["method", "endpoint", "status"])
+LATENCY = Histogram(
+    "mailroom_http_request_duration_seconds",
+    "HTTP request latency",
+    ["method", "endpoint"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+
+class MailroomCollector(Collector):
+    """Queue depths from the broker and task records by queue and state (all tenants)."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        with self.app.app_context():
+            st = state()
+            depth = GaugeMetricFamily("mailroom_queue_depth", "Messages waiting per queue", labels=["queue"])
+            try:
+                for queue, n in get_queue_stats(st.celery).items():
+                    depth.add_metric([queue], n)
+            except Exception:  # noqa: BLE001 - a scrape must not fail with the broker
+                pass
+            yield depth
+            tasks = GaugeMetricFamily("mailroom_tasks", "Task records per queue and state", labels=["queue", "state"])
+            with st.sessions() as session:
+                rows = session.execute(
+                    select(TaskRecord.queue, TaskRecord.state, func.count()).group_by(TaskRecord.queue, TaskRecord.state)
+                ).all()
+            for queue, task_state, n in rows:
+                tasks.add_metric([queue, task_state], n)
+            yield tasks
+
+
+def install_metrics(app: Flask) -> None:
+    @app.before_request
+    def _start() -> None:
+        g.metrics_start = time.perf_counter()
+
+    @app.after_request
+    def _observe(response: Response) -> Response:
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        start = g.get("metrics_start")
+        if start is not None:
+            LATENCY.labels(request.method, endpoint).observe(time.perf_counter() - start)
+        REQUESTS.labels(request.method, endpoint, str(response.status_code)).inc()
+        return response
+
+    app.extensions["mailroom_collector"] = MailroomCollector(app)
+
+
+def render_metrics() -> tuple[bytes, str]:
+    from flask import current_app
+
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        MultiProcessCollector(registry)
+    else:
+        registry.register(REQUESTS)
+        registry.register(LATENCY)
+    registry.register(current_app.extensions["mailroom_collector"])
+    return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,106 @@
+"""The Celery application.
+
+``make_celery(settings)`` builds it; importing this module builds nothing. The module-level
+``app`` that ``celery -A tasks.celery_app worker -Q sync`` looks for is created on first
+access (PEP 562), from settings read at that moment.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from celery import Celery
+
+from services.settings import Settings, load_settings
+from tasks.queues import EXCHANGE, PERIODIC_TASKS, PRIORITY_STEPS, kombu_queues, logical_priority
+from tasks.queues import broker_priority, task_routes
+
+TASK_MODULES = ["tasks.mail_tasks", "tasks.periodic"]
+
+
+def _ssl_options(enabled: bool, verify: bool) -> dict[str, Any] | None:
+    if not enabled:
+        return None
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED if verify else ssl.CERT_NONE}
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app wired to ``settings``: five queues, late ack, prefetch 1, limits, Beat."""
+    app = Celery("mailroom", include=TASK_MODULES)
+    periodic_priority = broker_priority(logical_priority("periodic", from_beat=True))
+    app.conf.update(
+        broker_url=settings.broker_connection_url,
+        result_backend=settings.result_backend_connection_url,
+        broker_use_ssl=_ssl_options(settings.broker_tls, settings.broker_tls_verify),
+        redis_backend_use_ssl=_ssl_options(
+            settings.result_backend_tls, settings.result_backend_tls_verify
+        ),
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            # Longer than the hard limit plus the longest retry delay, so a message still
+            # being worked on is never handed to a second worker.
+            "visibility_timeout": settings.broker_visibility_timeout,
+            "priority_steps": PRIORITY_STEPS,
+            "queue_order_strategy": "priority",
+            "socket_connect_timeout": 3,
+            "socket_timeout": 10,
+        },
+        result_backend_transport_options={"socket_connect_timeout": 3, "socket_timeout": 10},
+        result_expires=settings.result_expires,
+        result_extended=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_queues=kombu_queues(),
+        task_default_queue="sync",
+        task_default_exchange=EXCHANGE.name,
+        task_default_routing_key="sync",
+        task_routes=task_routes(),
+        task_create_missing_queues=False,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        task_track_started=True,
+        task_soft_time_limit=settings.task_soft_time_limit,
+        task_time_limit=settings.task_hard_time_limit,
+        worker_prefetch_multiplier=1,
+        worker_max_tasks_per_child=settings.worker_max_tasks_per_child,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        timezone="UTC",
+        enable_utc=True,
+        beat_schedule={
+            "periodic-sync": {
+                "task": PERIODIC_TASKS["periodic_sync"],
+                "schedule": settings.periodic_sync_seconds,
+                "options": {"queue": "periodic", "priority": periodic_priority},
+            },
+            "cleanup-stale-results": {
+                "task": PERIODIC_TASKS["cleanup_stale_results"],
+                "schedule": settings.cleanup_seconds,
+                "options": {"queue": "periodic", "priority": periodic_priority},
+            },
+        },
+    )
+    app.conf.mailroom_settings = settings
+    return app
+
+
+_app: Celery | None = None
+
+
+def get_app() -> Celery:
+    """The process-wide app, built from the environment on first use."""
+    global _app
+    if _app is None:
+        _app = make_celery(load_settings())
+        _app.set_default()
+    return _app
+
+
+def __getattr__(name: str) -> Any:
+    if name in {"app", "celery"}:
+        return get_app()
+    raise AttributeError(name)

@@ -1,0 +1,200 @@
+"""The life of one task attempt, the same for every task type.
+
+``@mailroom_task(name)`` turns ``body(ctx) -> result`` into a Celery task that: skips a
+record that is missing, finished or cancelled (so redelivery and cancellation of queued work
+are harmless); marks it running; re-checks that the tenant and user still own the account;
+runs the body, which reports progress and hits cancellation checkpoints through ``ctx``; and
+ends the record ``succeeded``, ``cancelled``, ``retrying`` (transient fault, with
+exponential backoff) or ``failed`` (permanent fault, or retries spent).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from celery import Task, shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+from pydantic import BaseModel, ValidationError
+from sqlalchemy.orm import Session
+
+from services import task_records
+from services.accounts import check_ownership
+from services.db import transaction
+from services.errors import MailroomError, TaskCancelled, ValidationFailed, is_transient
+from services.models import Account, TaskState
+from tasks.runtime import Runtime, get_runtime
+
+log = logging.getLogger("mailroom.tasks")
+
+P = TypeVar("P", bound=BaseModel)
+
+#: How often at most a worker writes progress to the database.
+PROGRESS_INTERVAL = 0.5
+
+
+def backoff_delay(retries: int, *, base: float, cap: float, rng: random.Random | None = None) -> float:
+    """Seconds before retry number ``retries + 1``: base doubling (5, 10, 20 …), capped, with
+    ±20 % jitter so a burst of failures does not come back as a burst."""
+    delay = min(cap, base * (2**retries))
+    jitter = (rng or random).uniform(0.8, 1.2)
+    return round(min(cap, delay * jitter), 3)
+
+
+@dataclass
+class TaskContext:
+    """What a task body gets: ids, validated params, sessions, progress and cancellation."""
+
+    task_id: str
+    tenant_id: str
+    user_id: str | None
+    account_id: str | None
+    params: Any
+    runtime: Runtime
+    attempt: int
+    _last_write: float = field(default=0.0)
+    _last_progress: int = field(default=-1)
+
+    @property
+    def settings(self):  # type: ignore[no-untyped-def]
+        return self.runtime.settings
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One transaction, committed when the block ends."""
+        with transaction(self.runtime.sessions) as session:
+            yield session
+
+    def load_account(self, session: Session) -> Account:
+        return check_ownership(session, self.account_id, self.tenant_id, self.user_id)
+
+    def progress(self, percent: float, stage: str, *, force: bool = False) -> None:
+        """Report progress (0–100) and a stage text; raises :class:`TaskCancelled` if the
+        client cancelled meanwhile. Writes are throttled unless ``force``."""
+        pct = int(percent)
+        now = time.monotonic()
+        if not force and pct == self._last_progress and now - self._last_write < PROGRESS_INTERVAL:
+            return
+        if not force and now - self._last_write < PROGRESS_INTERVAL / 5:
+            return
+        self._last_write, self._last_progress = now, pct
+        with self.session() as session:
+            cancelled = task_records.report_progress(session, self.task_id, pct, stage)
+        if cancelled:
+            raise TaskCancelled()
+
+    def check_cancelled(self) -> None:
+        """A cancellation checkpoint between steps."""
+        with self.session() as session:
+            if task_records.cancel_requested(session, self.task_id):
+                raise TaskCancelled()
+
+
+Body = Callable[[TaskContext], dict[str, Any]]
+
+
+def mailroom_task(name: str, params_model: type[BaseModel], *, max_retries: int) -> Callable[[Body], Task]:
+    """Register ``body`` as the Celery task ``name`` with Mailroom's task life around it."""
+
+    def decorate(body: Body) -> Task:
+        @shared_task(name=name, bind=True, max_retries=max_retries)
+        def run(
+            self: Task,
+            tenant_id: str,
+            user_id: str | None = None,
+            account_id: str | None = None,
+            params: dict[str, Any] | None = None,
+        ) -> dict[str, Any]:
+            return run_attempt(self, body, params_model, tenant_id, user_id, account_id, params or {})
+
+        run.__doc__ = body.__doc__
+        return run
+
+    return decorate
+
+
+def run_attempt(
+    task: Task,
+    body: Body,
+    params_model: type[BaseModel],
+    tenant_id: str,
+    user_id: str | None,
+    account_id: str | None,
+    raw_params: dict[str, Any],
+) -> dict[str, Any]:
+    runtime = get_runtime(task.app)
+    task_id = task.request.id
+    with transaction(runtime.sessions) as session:
+        record = task_records.load_record(session, task_id)
+        if record is None:
+            log.warning("task %s has no record; dropping it", task_id)
+            return {"skipped": "no record"}
+        if record.state == TaskState.RUNNING.value and record.cancel_requested:
+            task_records.mark_cancelled(session, task_id)
+            return {"cancelled": True}
+        if not task_records.mark_running(session, task_id, task.request.hostname):
+            # Finished or cancelled before this delivery: nothing to do, and doing it again
+            # would not be idempotent for the client.
+            return {"skipped": f"task is {record.state}"}
+        attempt = record.attempts + 1
+
+    ctx = TaskContext(task_id, tenant_id, user_id, account_id, None, runtime, attempt)
+    try:
+        try:
+            ctx.params = params_model.model_validate(raw_params)
+        except ValidationError as exc:
+            raise ValidationFailed(
+                "invalid task parameters",
+                details=[{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()],
+            ) from None
+        with ctx.session() as session:
+            record = task_records.require_record(session, task_id)
+            if record.tenant_id != tenant_id or record.user_id != user_id or record.account_id != account_id:
+                raise ValidationFailed("task message does not match its record")
+            if account_id is not None:
+                ctx.load_account(session)
+        result = body(ctx)
+    except TaskCancelled:
+        with ctx.session() as session:
+            task_records.mark_cancelled(session, task_id, "cancelled while running")
+        log.info("task %s cancelled", task_id)
+        return {"cancelled": True}
+    except SoftTimeLimitExceeded:
+        _fail(runtime, task_id, "the task ran past its time limit", "time_limit")
+        raise
+    except Exception as exc:
+        _handle_error(task, runtime, task_id, exc)
+        raise
+    with ctx.session() as session:
+        task_records.mark_succeeded(session, task_id, result)
+    return result
+
+
+def _fail(runtime: Runtime, task_id: str, message: str, code: str) -> None:
+    with transaction(runtime.sessions) as session:
+        task_records.mark_failed(session, task_id, message, code)
+
+
+def _handle_error(task: Task, runtime: Runtime, task_id: str, exc: Exception) -> None:
+    """Retry a transient fault with backoff while retries remain; fail anything else."""
+    message = exc.message if isinstance(exc, MailroomError) else f"{type(exc).__name__}: {exc}"
+    code = exc.code if isinstance(exc, MailroomError) else "internal_error"
+    retries = task.request.retries
+    if is_transient(exc) and retries < (task.max_retries or 0):
+        delay = backoff_delay(
+            retries, base=runtime.settings.retry_base_seconds, cap=runtime.settings.retry_max_seconds
+        )
+        with transaction(runtime.sessions) as session:
+            task_records.mark_retrying(session, task_id, message, code, delay)
+        log.info("task %s: transient error, retry %d in %.1fs: %s", task_id, retries + 1, delay, message)
+        raise task.retry(countdown=delay, exc=exc)
+    if is_transient(exc):
+        message = f"gave up after {retries + 1} attempts: {message}"
+    if code == "internal_error":
+        log.exception("task %s failed", task_id)
+    _fail(runtime, task_id, message, code)

@@ -1,0 +1,82 @@
+"""The task entry points. Each is a few lines: load the tenant-checked account, call a
+service, report progress. The life around them (states, retries, cancel) is in lifecycle."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services import accounts
+from services.errors import MailroomError
+from services.sync import SyncOptions, sync_account
+from services.task_inputs import DeleteParams, SendParams, SpamCheckParams, SyncParams, VerifyParams
+from tasks.lifecycle import TaskContext, mailroom_task
+from tasks.queues import QUEUES
+
+
+class NotAvailableYet(MailroomError):
+    """The task type is accepted and validated, but this Mailroom cannot do its work yet."""
+
+    code = "not_implemented"
+    status = 501
+
+
+def sync_lock_ttl(ctx: TaskContext) -> float:
+    s = ctx.settings
+    return float(s.task_hard_time_limit + s.retry_max_seconds + 60)
+
+
+@mailroom_task("mailroom.sync_emails", SyncParams, max_retries=QUEUES["sync"].max_retries)
+def sync_emails(ctx: TaskContext) -> dict[str, Any]:
+    """Bring the account's stored folders and messages up to date with the IMAP server."""
+
+    def progress(percent: float, stage: str) -> None:
+        ctx.progress(percent, stage)
+        with ctx.session() as session:
+            accounts.extend_sync_lock(session, ctx.account_id or "", ctx.task_id, ttl=sync_lock_ttl(ctx))
+
+    params: SyncParams = ctx.params
+    summary = sync_account(
+        ctx.runtime.sessions,
+        ctx.account_id or "",
+        box=ctx.runtime.box,
+        settings=ctx.settings,
+        options=SyncOptions(folders=params.folders, full=params.full),
+        progress=progress,
+    )
+    with ctx.session() as session:
+        accounts.release_sync_lock(session, ctx.account_id or "", ctx.task_id)
+    return summary
+
+
+@mailroom_task("mailroom.verify_account", VerifyParams, max_retries=QUEUES["sync"].max_retries)
+def verify_account(ctx: TaskContext) -> dict[str, Any]:
+    """Log in to the account's IMAP and SMTP servers and report their capabilities."""
+    ctx.progress(10, "logging in to IMAP and SMTP", force=True)
+    with ctx.session() as session:
+        account = ctx.load_account(session)
+        result = accounts.verify_account(
+            account,
+            ctx.runtime.box,
+            timeout=ctx.settings.mail_timeout_seconds,
+            allow_private=ctx.settings.allow_private_hosts,
+        )
+        account.capabilities = result["imap"]["capabilities"]
+    return result
+
+
+@mailroom_task("mailroom.send_email", SendParams, max_retries=QUEUES["send"].max_retries)
+def send_email(ctx: TaskContext) -> dict[str, Any]:
+    """Send one message through the account's SMTP server (validated; sending comes next)."""
+    raise NotAvailableYet("sending mail is not available in this version of Mailroom")
+
+
+@mailroom_task("mailroom.delete_emails", DeleteParams, max_retries=QUEUES["delete"].max_retries)
+def delete_emails(ctx: TaskContext) -> dict[str, Any]:
+    """Delete or move to Trash the given messages (validated; deletion comes next)."""
+    raise NotAvailableYet("deleting mail is not available in this version of Mailroom")
+
+
+@mailroom_task("mailroom.check_spam", SpamCheckParams, max_retries=QUEUES["spam"].max_retries)
+def check_spam(ctx: TaskContext) -> dict[str, Any]:
+    """Score messages for spam (validated; scoring comes next)."""
+    raise NotAvailableYet("spam scoring is not available in this version of Mailroom")

@@ -1,0 +1,74 @@
+"""Beat's work: keep due accounts synced, and clean up old results and stuck records."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from celery import Task, shared_task
+
+from services import accounts, task_records
+from services.db import transaction
+from services.errors import ServiceUnavailable
+from services.models import Account, utcnow
+from tasks.dispatch import dispatch
+from tasks.runtime import get_runtime
+
+log = logging.getLogger("mailroom.periodic")
+
+#: A queued message older than this was lost by the broker, not merely waiting.
+UNDELIVERED_AFTER = timedelta(days=1)
+
+
+@shared_task(name="mailroom.periodic_sync", bind=True, ignore_result=False)
+def periodic_sync(self: Task) -> dict[str, Any]:
+    """Queue a Beat-priority sync for every account whose interval has passed and that has
+    no sync in flight. Two Beats running at once cannot double a sync: each sync claims the
+    account's lock with one conditional UPDATE, and only one claim wins."""
+    runtime = get_runtime(self.app)
+    with transaction(runtime.sessions) as session:
+        due = accounts.due_account_ids(session, utcnow())
+    queued, skipped = [], 0
+    for account_id in due:
+        with transaction(runtime.sessions) as session:
+            account = session.get(Account, account_id)
+            if account is None:
+                continue
+            tenant_id, user_id = account.tenant_id, account.user_id
+        try:
+            result = dispatch(
+                self.app,
+                runtime.sessions,
+                type="sync",
+                tenant_id=tenant_id,
+                user_id=user_id,
+                account_id=account_id,
+                params={},
+                origin="beat",
+            )
+        except ServiceUnavailable:
+            log.warning("periodic sync: broker unavailable, stopping this round")
+            break
+        if result.created:
+            queued.append(result.record.id)
+        else:
+            skipped += 1
+    return {"due": len(due), "queued": len(queued), "already_running": skipped, "task_ids": queued}
+
+
+@shared_task(name="mailroom.cleanup_stale_results", bind=True)
+def cleanup_stale_results(self: Task) -> dict[str, int]:
+    """Fail records no worker can still be working on, fail queued records the broker lost,
+    and forget finished records older than the kept history. Celery's own results in Redis
+    expire by themselves (``result_expires``)."""
+    runtime = get_runtime(self.app)
+    s = runtime.settings
+    now = utcnow()
+    longest_attempt = timedelta(seconds=s.task_hard_time_limit + s.retry_max_seconds + s.stuck_task_grace_seconds)
+    with transaction(runtime.sessions) as session:
+        stuck = task_records.fail_stuck(session, older_than=now - longest_attempt)
+        lost = task_records.fail_undelivered(session, older_than=now - UNDELIVERED_AFTER)
+        forgotten = task_records.delete_history(session, older_than=now - timedelta(days=s.task_history_days))
+    log.info("cleanup: %d stuck, %d undelivered, %d forgotten", stuck, lost, forgotten)
+    return {"stuck_failed": stuck, "undelivered_failed": lost, "history_deleted": forgotten}
