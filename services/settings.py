@@ -7,7 +7,6 @@ variable, so an operator sees at once what to fix.
 
 from __future__ import annotations
 
-from functools import cached_property
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -135,12 +134,12 @@ class Settings(BaseSettings):
             raise ValueError("MAILROOM_RETRY_BASE_SECONDS must not exceed MAILROOM_RETRY_MAX_SECONDS")
         return self
 
-    @cached_property
+    @property
     def broker_connection_url(self) -> str:
         """The broker URL with the password and TLS settings folded in."""
         return _redis_url(self.broker_url, self.broker_password, self.broker_tls)
 
-    @cached_property
+    @property
     def result_backend_connection_url(self) -> str:
         """The result backend URL with the password and TLS settings folded in."""
         return _redis_url(self.result_backend_url, self.result_backend_password, self.result_backend_tls)

@@ -134,7 +134,7 @@ def workers(base_values: dict[str, Any], tmp_path_factory: pytest.TempPathFactor
     for worker in started.values():
         worker.start(wait_ready=False)
     for worker in started.values():
-        worker.wait_ready()
+        worker.wait_for_log(worker.ready_pattern, timeout=90)
     yield started
     for worker in started.values():
         worker.stop()

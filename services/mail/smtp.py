@@ -56,6 +56,8 @@ async def _verify(endpoint: SmtpEndpoint, timeout: float) -> list[str]:
     client = make_client(endpoint, timeout=timeout)
     await client.connect()
     try:
+        if client.last_ehlo_response is None:  # connect() greets only when it negotiated TLS
+            await client.ehlo()
         extensions = sorted(client.esmtp_extensions)
         if endpoint.username:
             await client.login(endpoint.username, endpoint.password)
