@@ -86,7 +86,9 @@ def _check_endpoints(data: AccountInput, allow_private: bool) -> None:
             check_host(endpoint["host"], endpoint["port"], allow_private=allow_private, field=f"{kind}.host")
 
 
-def _apply_endpoint(account: Account, kind: str, values: dict[str, Any], box: SecretBox, *, creating: bool) -> None:
+def _apply_endpoint(
+    account: Account, kind: str, values: dict[str, Any], box: SecretBox, *, creating: bool
+) -> None:
     for field in ENDPOINT_FIELDS:
         if field in values and values[field] is not None:
             setattr(account, f"{kind}_{field}", values[field])
@@ -106,7 +108,9 @@ def get_account(session: Session, account_id: str, principal: Principal) -> Acco
     return get_scoped(session, Account, account_id, principal, what="account")
 
 
-def list_accounts(session: Session, principal: Principal, *, limit: int, offset: int) -> tuple[list[Account], int]:
+def list_accounts(
+    session: Session, principal: Principal, *, limit: int, offset: int
+) -> tuple[list[Account], int]:
     query = scoped(Account, principal)
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = session.scalars(query.order_by(Account.created_at, Account.id).limit(limit).offset(offset))
@@ -139,7 +143,9 @@ def smtp_endpoint(account: Account, box: SecretBox) -> SmtpEndpoint:
     )
 
 
-def verify_account(account: Account, box: SecretBox, *, timeout: float, allow_private: bool) -> dict[str, Any]:
+def verify_account(
+    account: Account, box: SecretBox, *, timeout: float, allow_private: bool
+) -> dict[str, Any]:
     """Log in to IMAP and to SMTP for real; return both servers' capabilities.
 
     Raises the first failure, classified (bad login → permanent, network → transient)."""
@@ -212,9 +218,14 @@ def release_sync_lock(session: Session, account_id: str, task_id: str) -> None:
 
 def due_account_ids(session: Session, now: datetime) -> list[str]:
     """Accounts whose sync interval has passed since their last sync (all tenants: Beat)."""
-    accounts = session.scalars(unrestricted_unsafe(Account).where(Account.sync_task_id.is_(None) | (Account.sync_lock_until < now)))
+    accounts = session.scalars(
+        unrestricted_unsafe(Account).where(Account.sync_task_id.is_(None) | (Account.sync_lock_until < now))
+    )
     due = []
     for account in accounts:
-        if account.last_sync_at is None or account.last_sync_at + timedelta(seconds=account.sync_interval) <= now:
+        if (
+            account.last_sync_at is None
+            or account.last_sync_at + timedelta(seconds=account.sync_interval) <= now
+        ):
             due.append(account.id)
     return due

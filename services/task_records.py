@@ -73,7 +73,8 @@ def estimate_duration(session: Session, tenant_id: str, account_id: str | None, 
     rows = session.execute(recent).all()
     if not rows:
         return None
-    return round(sum((f - s).total_seconds() for s, f in rows) / len(rows), 3)
+    spans = [(f - s).total_seconds() for s, f in rows if s is not None and f is not None]
+    return round(sum(spans) / len(spans), 3) if spans else None
 
 
 def get_record(session: Session, task_id: str, principal: Principal) -> TaskRecord:
@@ -244,7 +245,9 @@ def in_flight_ids(session: Session, principal: Principal) -> list[str]:
 
 def counts_by_state(session: Session, tenant_id: str) -> dict[str, int]:
     rows = session.execute(
-        select(TaskRecord.state, func.count()).where(TaskRecord.tenant_id == tenant_id).group_by(TaskRecord.state)
+        select(TaskRecord.state, func.count())
+        .where(TaskRecord.tenant_id == tenant_id)
+        .group_by(TaskRecord.state)
     ).all()
     counts = {s.value: 0 for s in TaskState}
     counts.update({state: n for state, n in rows})
@@ -263,7 +266,8 @@ def average_durations(session: Session, tenant_id: str) -> dict[str, float]:
     ).all()
     sums: dict[str, list[float]] = {}
     for type_, started, finished in rows:
-        sums.setdefault(type_, []).append((finished - started).total_seconds())
+        if started is not None and finished is not None:
+            sums.setdefault(type_, []).append((finished - started).total_seconds())
     return {t: round(sum(v) / len(v), 3) for t, v in sums.items()}
 
 

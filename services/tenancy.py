@@ -148,10 +148,10 @@ def authenticate(session: Session, token: str) -> Principal:
 # --- the scoped path ---------------------------------------------------------------------
 
 
-def scoped(model: type[M], principal: Principal, *, owned: bool = True) -> Select[tuple[M]]:
+def scoped(model: type[M], principal: Principal, *, owned: bool = True) -> Select[M]:
     """A SELECT of ``model`` limited to the principal's tenant and, for members, to rows
     they own (admins see the whole tenant)."""
-    query: Select[tuple[M]] = select(model).where(model.tenant_id == principal.tenant_id)  # type: ignore[attr-defined]
+    query: Select[M] = select(model).where(model.tenant_id == principal.tenant_id)  # type: ignore[attr-defined]
     if owned and not principal.is_admin and hasattr(model, "user_id"):
         query = query.where(model.user_id == principal.user_id)  # type: ignore[attr-defined]
     return query
@@ -159,12 +159,13 @@ def scoped(model: type[M], principal: Principal, *, owned: bool = True) -> Selec
 
 def get_scoped(session: Session, model: type[M], ident: Any, principal: Principal, *, what: str) -> M:
     """One row the principal may see, or :class:`NotFound` (never a hint that it exists)."""
-    row = session.scalar(scoped(model, principal).where(model.id == str(ident)))  # type: ignore[attr-defined]
+    query = scoped(model, principal).where(model.id == str(ident))  # type: ignore[attr-defined]
+    row: M | None = session.scalar(query)  # type: ignore[arg-type]
     if row is None:
         raise NotFound(f"{what} not found")
     return row
 
 
-def unrestricted_unsafe(model: type[M]) -> Select[tuple[M]]:
+def unrestricted_unsafe(model: type[M]) -> Select[M]:
     """A SELECT across all tenants. Only Beat and operators' commands may use this."""
     return select(model)

@@ -13,8 +13,15 @@ from typing import Any
 from celery import Celery
 
 from services.settings import Settings, load_settings
-from tasks.queues import EXCHANGE, PERIODIC_TASKS, PRIORITY_STEPS, kombu_queues, logical_priority
-from tasks.queues import broker_priority, task_routes
+from tasks.queues import (
+    EXCHANGE,
+    PERIODIC_TASKS,
+    PRIORITY_STEPS,
+    broker_priority,
+    kombu_queues,
+    logical_priority,
+    task_routes,
+)
 
 TASK_MODULES = ["tasks.mail_tasks", "tasks.periodic"]
 
@@ -33,9 +40,7 @@ def make_celery(settings: Settings) -> Celery:
         broker_url=settings.broker_connection_url,
         result_backend=settings.result_backend_connection_url,
         broker_use_ssl=_ssl_options(settings.broker_tls, settings.broker_tls_verify),
-        redis_backend_use_ssl=_ssl_options(
-            settings.result_backend_tls, settings.result_backend_tls_verify
-        ),
+        redis_backend_use_ssl=_ssl_options(settings.result_backend_tls, settings.result_backend_tls_verify),
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             # Longer than the hard limit plus the longest retry delay, so a message still

@@ -11,7 +11,7 @@ from kombu.exceptions import ChannelError
 from sqlalchemy.orm import Session
 
 from services import task_records
-from services.models import TaskRecord, TaskState
+from services.models import TaskRecord
 from services.tenancy import Principal, scoped
 from tasks.queues import QUEUES
 

@@ -65,7 +65,9 @@ def cleanup_stale_results(self: Task) -> dict[str, int]:
     runtime = get_runtime(self.app)
     s = runtime.settings
     now = utcnow()
-    longest_attempt = timedelta(seconds=s.task_hard_time_limit + s.retry_max_seconds + s.stuck_task_grace_seconds)
+    longest_attempt = timedelta(
+        seconds=s.task_hard_time_limit + s.retry_max_seconds + s.stuck_task_grace_seconds
+    )
     with transaction(runtime.sessions) as session:
         stuck = task_records.fail_stuck(session, older_than=now - longest_attempt)
         lost = task_records.fail_undelivered(session, older_than=now - UNDELIVERED_AFTER)

@@ -84,9 +84,7 @@ def broker_priority(logical: int) -> int:
 
 
 def kombu_queues() -> list[Queue]:
-    return [
-        Queue(spec.name, EXCHANGE, routing_key=spec.name, durable=True) for spec in QUEUES.values()
-    ]
+    return [Queue(spec.name, EXCHANGE, routing_key=spec.name, durable=True) for spec in QUEUES.values()]
 
 
 def task_routes() -> dict[str, dict[str, str]]:

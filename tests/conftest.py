@@ -103,7 +103,9 @@ def secret_key() -> str:
 
 
 @pytest.fixture(scope="session")
-def base_values(postgres: PostgresServer, broker: RedisServer, result_redis: RedisServer, secret_key: str) -> dict[str, Any]:
+def base_values(
+    postgres: PostgresServer, broker: RedisServer, result_redis: RedisServer, secret_key: str
+) -> dict[str, Any]:
     """Setting values (by field name) for the shared database, broker and backend."""
     database_url = postgres.create_database("mailroom_" + uuid.uuid4().hex[:8])
     upgrade(make_engine(load_settings(database_url=database_url, secret_key=secret_key)))
@@ -127,7 +129,9 @@ def sessions(settings: Settings) -> sessionmaker[Session]:
 
 
 @pytest.fixture(scope="session")
-def workers(base_values: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, CeleryWorker]]:
+def workers(
+    base_values: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, CeleryWorker]]:
     """One real worker process per queue, each consuming only its own queue."""
     env = worker_env(env_for(base_values))
     started = {q: CeleryWorker([q], env=env, name=q, cwd=ROOT) for q in QUEUES}
@@ -169,19 +173,35 @@ def mailbox_user(dovecot: DovecotServer) -> tuple[str, str]:
     return name, "pw-" + name
 
 
-def account_body(dovecot: DovecotServer, smtp: SmtpServer, user: tuple[str, str], **overrides: Any) -> dict[str, Any]:
+def account_body(
+    dovecot: DovecotServer, smtp: SmtpServer, user: tuple[str, str], **overrides: Any
+) -> dict[str, Any]:
     body: dict[str, Any] = {
         "email": f"{user[0]}@example.test",
         "name": "Test mailbox",
-        "imap": {"host": "127.0.0.1", "port": dovecot.port, "tls": "none", "username": user[0], "password": user[1]},
-        "smtp": {"host": "127.0.0.1", "port": smtp.port, "tls": "none", "username": "smtpuser", "password": "smtppass"},
+        "imap": {
+            "host": "127.0.0.1",
+            "port": dovecot.port,
+            "tls": "none",
+            "username": user[0],
+            "password": user[1],
+        },
+        "smtp": {
+            "host": "127.0.0.1",
+            "port": smtp.port,
+            "tls": "none",
+            "username": "smtpuser",
+            "password": "smtppass",
+        },
     }
     body.update(overrides)
     return body
 
 
 @pytest.fixture
-def account(kit: TenantKit, dovecot: DovecotServer, smtp: SmtpServer, mailbox_user: tuple[str, str]) -> dict[str, Any]:
+def account(
+    kit: TenantKit, dovecot: DovecotServer, smtp: SmtpServer, mailbox_user: tuple[str, str]
+) -> dict[str, Any]:
     """An account of ``kit``'s admin pointing at a fresh Dovecot user and the SMTP server."""
     response = kit.admin.post("/api/accounts", json=account_body(dovecot, smtp, mailbox_user))
     assert response.status_code == 201, response.get_json()

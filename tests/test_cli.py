@@ -21,8 +21,14 @@ def cli(tmp_path: Path):
     env["MAILROOM_DATABASE_URL"] = f"sqlite:///{tmp_path}/m.db"
 
     def run(*args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([sys.executable, "-m", "mailroom.cli", *args], env=env, cwd=tmp_path,
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "mailroom.cli", *args],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == expect, (args, result.stdout, result.stderr)
         return result
 
@@ -35,9 +41,13 @@ def test_bootstrap_a_tenant_and_use_its_key(cli, tmp_path) -> None:
     assert "migrated: head" in out
     tenant = json.loads(cli("tenant", "create", "Acme Corp", "--json").stdout)
     assert tenant["slug"] == "acme-corp"
-    text = cli("user", "create", "--tenant", "acme-corp", "--email", "Boss@Acme.test", "--role", "admin").stdout
+    text = cli(
+        "user", "create", "--tenant", "acme-corp", "--email", "Boss@Acme.test", "--role", "admin"
+    ).stdout
     assert "email: boss@acme.test" in text and "role: admin" in text
-    key = json.loads(cli("key", "create", "--tenant", tenant["id"], "--user", "boss@acme.test", "--json").stdout)
+    key = json.loads(
+        cli("key", "create", "--tenant", tenant["id"], "--user", "boss@acme.test", "--json").stdout
+    )
     assert key["key"].startswith("mr_") and key["role"] == "admin"
 
     app = create_app(load_settings(database_url=cli.database_url))

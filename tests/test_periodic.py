@@ -45,8 +45,11 @@ class Isolated:
             who = tenancy.Principal(tenant.id, user.id, "admin")
             endpoint = {"host": "127.0.0.1", "port": 1, "tls": "none", "username": "u", "password": "p"}
             account = accounts.create_account(
-                session, who, AccountInput(email=f"u@{tag}.test", imap=endpoint, smtp=endpoint, sync_interval=interval),
-                SecretBox(self.settings.encryption_keys()), allow_private=True,
+                session,
+                who,
+                AccountInput(email=f"u@{tag}.test", imap=endpoint, smtp=endpoint, sync_interval=interval),
+                SecretBox(self.settings.encryption_keys()),
+                allow_private=True,
             )
             if last_sync_ago is not None:
                 account.last_sync_at = utcnow() - timedelta(seconds=last_sync_ago)
@@ -54,8 +57,11 @@ class Isolated:
 
     def syncs(self, account_id: str) -> list[TaskRecord]:
         with self.sessions() as session:
-            return list(session.scalars(select(TaskRecord).where(TaskRecord.account_id == account_id,
-                                                                 TaskRecord.type == "sync")))
+            return list(
+                session.scalars(
+                    select(TaskRecord).where(TaskRecord.account_id == account_id, TaskRecord.type == "sync")
+                )
+            )
 
     def run_periodic(self, name: str) -> Any:
         return self.celery.send_task(name, queue="periodic", routing_key="periodic").get(timeout=60)
@@ -66,7 +72,12 @@ def isolated(postgres, base_values) -> Iterator[Isolated]:
     broker = RedisServer()
     broker.start()
     database_url = postgres.create_database("periodic_" + uuid.uuid4().hex[:8])
-    values = {**base_values, "database_url": database_url, "broker_url": broker.url, "periodic_sync_seconds": "1"}
+    values = {
+        **base_values,
+        "database_url": database_url,
+        "broker_url": broker.url,
+        "periodic_sync_seconds": "1",
+    }
     iso = Isolated(values)
     upgrade(make_engine(iso.settings))
     yield iso
@@ -75,7 +86,9 @@ def isolated(postgres, base_values) -> Iterator[Isolated]:
 
 @pytest.fixture
 def periodic_worker(isolated: Isolated) -> Iterator[CeleryWorker]:
-    worker = CeleryWorker(["periodic"], env=isolated.env, name=f"periodic-{uuid.uuid4().hex[:6]}", concurrency=2)
+    worker = CeleryWorker(
+        ["periodic"], env=isolated.env, name=f"periodic-{uuid.uuid4().hex[:6]}", concurrency=2
+    )
     worker.start()
     yield worker
     worker.stop()
@@ -88,8 +101,15 @@ def test_periodic_sync_queues_only_due_accounts(isolated: Isolated, periodic_wor
     busy = isolated.make_account(last_sync_ago=None)
     with isolated.sessions() as session:
         owner = session.get(Account, busy)
-        held = dispatch(isolated.celery, isolated.sessions, type="sync", tenant_id=owner.tenant_id,
-                        user_id=owner.user_id, account_id=busy, params={})
+        held = dispatch(
+            isolated.celery,
+            isolated.sessions,
+            type="sync",
+            tenant_id=owner.tenant_id,
+            user_id=owner.user_id,
+            account_id=busy,
+            params={},
+        )
     summary = isolated.run_periodic("mailroom.periodic_sync")
     assert summary["queued"] == 2 and summary["due"] == 2
     for account_id in (never, overdue):
@@ -137,8 +157,15 @@ def test_cleanup_stale_results(isolated: Isolated, periodic_worker) -> None:
 
     def record(**values: Any) -> str:
         with transaction(isolated.sessions) as session:
-            row = TaskRecord(tenant_id=owner.tenant_id, user_id=owner.user_id, account_id=account_id,
-                             type="verify", queue="sync", params={}, **values)
+            row = TaskRecord(
+                tenant_id=owner.tenant_id,
+                user_id=owner.user_id,
+                account_id=account_id,
+                type="verify",
+                queue="sync",
+                params={},
+                **values,
+            )
             session.add(row)
             session.flush()
             return row.id
@@ -148,8 +175,11 @@ def test_cleanup_stale_results(isolated: Isolated, periodic_worker) -> None:
     old_done = record(state="succeeded")
     fresh = record(state="running")
     with transaction(isolated.sessions) as session:
-        session.execute(update(TaskRecord).where(TaskRecord.id.in_([stuck, lost, old_done]))
-                        .values(updated_at=long_ago, created_at=long_ago, finished_at=long_ago))
+        session.execute(
+            update(TaskRecord)
+            .where(TaskRecord.id.in_([stuck, lost, old_done]))
+            .values(updated_at=long_ago, created_at=long_ago, finished_at=long_ago)
+        )
         session.execute(update(TaskRecord).where(TaskRecord.id == old_done).values(finished_at=long_ago))
     summary = isolated.run_periodic("mailroom.cleanup_stale_results")
     assert summary == {"stuck_failed": 1, "undelivered_failed": 1, "history_deleted": 1}

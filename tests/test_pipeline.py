@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from services.db import transaction
 from services.models import TaskRecord
 from tasks.celery_app import make_celery
 from tasks.dispatch import dispatch
@@ -62,8 +61,15 @@ def test_each_task_type_runs_on_its_own_queue(app, kit, account, sessions, type,
     """send/delete/spam do their mail work in later releases; what is asserted here is that
     each travels on its own queue to that queue's worker, which validates and reports."""
     st = app.extensions["mailroom"]
-    result = dispatch(st.celery, sessions, type=type, tenant_id=kit.tenant_id, user_id=kit.admin_id,
-                      account_id=account["id"], params=params)
+    result = dispatch(
+        st.celery,
+        sessions,
+        type=type,
+        tenant_id=kit.tenant_id,
+        user_id=kit.admin_id,
+        account_id=account["id"],
+        params=params,
+    )
     task = kit.admin.wait_task(result.record.id)
     assert task["queue"] == queue and task["state"] == "failed"
     assert task["error"]["code"] == "not_implemented" and task["attempts"] == 1
@@ -73,8 +79,15 @@ def test_each_task_type_runs_on_its_own_queue(app, kit, account, sessions, type,
 
 def test_worker_validates_parameters_again(app, kit, account, sessions) -> None:
     st = app.extensions["mailroom"]
-    result = dispatch(st.celery, sessions, type="send", tenant_id=kit.tenant_id, user_id=kit.admin_id,
-                      account_id=account["id"], params={"to": [], "text": "x"})
+    result = dispatch(
+        st.celery,
+        sessions,
+        type="send",
+        tenant_id=kit.tenant_id,
+        user_id=kit.admin_id,
+        account_id=account["id"],
+        params={"to": [], "text": "x"},
+    )
     task = kit.admin.wait_task(result.record.id)
     assert task["state"] == "failed" and task["error"]["code"] == "validation_error" and task["attempts"] == 1
 
@@ -83,8 +96,15 @@ def test_worker_rechecks_ownership(kit, other_kit, account, app, sessions) -> No
     """A message naming another tenant's account (forged, or the account changed hands):
     the worker checks ownership itself and refuses to act."""
     st = app.extensions["mailroom"]
-    result = dispatch(st.celery, sessions, type="verify", tenant_id=other_kit.tenant_id, user_id=other_kit.admin_id,
-                      account_id=account["id"], params={})
+    result = dispatch(
+        st.celery,
+        sessions,
+        type="verify",
+        tenant_id=other_kit.tenant_id,
+        user_id=other_kit.admin_id,
+        account_id=account["id"],
+        params={},
+    )
     task = other_kit.admin.wait_task(result.record.id)
     assert task["state"] == "failed" and task["error"]["code"] == "not_found" and task["result"] is None
 
@@ -147,8 +167,13 @@ def test_spam_backlog_does_not_delay_sync(app, kit, account, sessions) -> None:
     celery = app.extensions["mailroom"].celery
     with celery.producer_pool.acquire(block=True) as producer:
         for _ in range(3000):
-            celery.send_task("mailroom.check_spam", kwargs={"tenant_id": kit.tenant_id, "params": {"folder": "x"}},
-                             queue="spam", routing_key="spam", producer=producer)
+            celery.send_task(
+                "mailroom.check_spam",
+                kwargs={"tenant_id": kit.tenant_id, "params": {"folder": "x"}},
+                queue="spam",
+                routing_key="spam",
+                producer=producer,
+            )
     task = kit.admin.wait_task(kit.admin.post(f"/api/accounts/{account['id']}/verify").get_json()["task_id"])
     assert task["state"] == "succeeded"
     assert get_queue_stats(celery)["spam"] > 1000
@@ -174,8 +199,9 @@ def test_broker_down_is_503_and_the_record_says_so(kit, account, settings, sessi
     response = api.post(f"/api/accounts/{account['id']}/sync")
     assert response.status_code == 503
     with sessions() as session:
-        queued = session.scalars(select(TaskRecord).where(TaskRecord.tenant_id == kit.tenant_id,
-                                                          TaskRecord.state == "queued")).all()
+        queued = session.scalars(
+            select(TaskRecord).where(TaskRecord.tenant_id == kit.tenant_id, TaskRecord.state == "queued")
+        ).all()
     assert queued == []
     assert kit.admin.get(f"/api/accounts/{account['id']}").get_json()["sync_task_id"] is None
 
@@ -193,14 +219,16 @@ def private_broker(base_values: dict[str, Any], tmp_path) -> Any:
 
 
 def _worker(values: dict[str, Any], queue: str) -> CeleryWorker:
-    return CeleryWorker([queue], env=worker_env(env_for(values)), name=f"private-{queue}-{uuid.uuid4().hex[:6]}")
+    return CeleryWorker(
+        [queue], env=worker_env(env_for(values)), name=f"private-{queue}-{uuid.uuid4().hex[:6]}"
+    )
 
 
 def test_cancelled_queued_task_never_runs(kit, account, private_broker, sessions) -> None:
     from mailroom.app import create_app
     from services.settings import load_settings
 
-    server, values = private_broker
+    _, values = private_broker
     api = Api(create_app(load_settings(**values)), kit.admin_key)
     task_id = api.post(f"/api/accounts/{account['id']}/verify").get_json()["task_id"]
     cancelled = api.post(f"/api/tasks/{task_id}/cancel")
@@ -224,10 +252,12 @@ def test_cancelled_queued_task_never_runs(kit, account, private_broker, sessions
 def test_user_triggered_runs_before_beat_triggered(kit, account, private_broker, sessions) -> None:
     from services.settings import load_settings
 
-    server, values = private_broker
+    _, values = private_broker
     celery = make_celery(load_settings(**values))
     common = {"tenant_id": kit.tenant_id, "user_id": kit.admin_id, "account_id": account["id"], "params": {}}
-    beat_ids = [dispatch(celery, sessions, type="verify", origin="beat", **common).record.id for _ in range(4)]
+    beat_ids = [
+        dispatch(celery, sessions, type="verify", origin="beat", **common).record.id for _ in range(4)
+    ]
     user_id = dispatch(celery, sessions, type="verify", **common).record.id
     worker = _worker(values, "sync")
     worker.start()
@@ -235,8 +265,14 @@ def test_user_triggered_runs_before_beat_triggered(kit, account, private_broker,
         for task_id in [*beat_ids, user_id]:
             kit.admin.wait_task(task_id)
         with sessions() as session:
-            started = {r.id: r.started_at for r in session.scalars(select(TaskRecord).where(TaskRecord.id.in_([*beat_ids, user_id])))}
-            priorities = {r.id: r.priority for r in session.scalars(select(TaskRecord).where(TaskRecord.id.in_([*beat_ids, user_id])))}
+            started = {
+                r.id: r.started_at
+                for r in session.scalars(select(TaskRecord).where(TaskRecord.id.in_([*beat_ids, user_id])))
+            }
+            priorities = {
+                r.id: r.priority
+                for r in session.scalars(select(TaskRecord).where(TaskRecord.id.in_([*beat_ids, user_id])))
+            }
         assert started[user_id] == min(started.values())
         assert priorities[user_id] == 10 and all(priorities[b] == 5 for b in beat_ids)
     finally:
@@ -263,7 +299,9 @@ def test_task_list_filters_and_pages(kit, account) -> None:
     for task_id in ids:
         kit.admin.wait_task(task_id)
     page = kit.admin.get("/api/tasks?limit=2").get_json()
-    assert [t["id"] for t in page["items"]] == ids[::-1][:2] and page["total"] == 3 and page["next_offset"] == 2
+    assert (
+        [t["id"] for t in page["items"]] == ids[::-1][:2] and page["total"] == 3 and page["next_offset"] == 2
+    )
     assert kit.admin.get("/api/tasks?state=succeeded&type=verify").get_json()["total"] == 3
     assert kit.admin.get("/api/tasks?state=failed").get_json()["total"] == 0
     assert kit.admin.get(f"/api/tasks?account_id={account['id']}").get_json()["total"] == 3

@@ -48,7 +48,10 @@ def test_bad_environment_stops_the_command_with_one_line(tmp_path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "mailroom.cli", "db", "upgrade"],
         env={"PATH": "/usr/bin:/bin", "MAILROOM_BROKER_URL": "ftp://nope", "HOME": str(tmp_path)},
-        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [

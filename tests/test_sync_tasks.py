@@ -23,11 +23,19 @@ from tests.support import Api
 pytestmark = pytest.mark.usefixtures("workers")
 
 
-def seed(dovecot, user: tuple[str, str], folder: str, count: int, *, size: int = 1500, start: int = 0) -> None:
+def seed(
+    dovecot, user: tuple[str, str], folder: str, count: int, *, size: int = 1500, start: int = 0
+) -> None:
     base = datetime(2026, 1, 1, tzinfo=UTC)
     messages = [
-        message(f"Message {start + i}", f"Hello number {start + i}", sender=f"Sender {i % 7} <s{i % 7}@example.test>",
-                to="owner@example.test", date=base + timedelta(minutes=start + i), size_hint=size)
+        message(
+            f"Message {start + i}",
+            f"Hello number {start + i}",
+            sender=f"Sender {i % 7} <s{i % 7}@example.test>",
+            to="owner@example.test",
+            date=base + timedelta(minutes=start + i),
+            size_hint=size,
+        )
         for i in range(count)
     ]
     dovecot.append_messages(*user, folder, messages)
@@ -35,7 +43,10 @@ def seed(dovecot, user: tuple[str, str], folder: str, count: int, *, size: int =
 
 def stored(sessions, account_id: str) -> int:
     with sessions() as session:
-        return session.scalar(select(func.count()).select_from(Message).where(Message.account_id == account_id)) or 0
+        return (
+            session.scalar(select(func.count()).select_from(Message).where(Message.account_id == account_id))
+            or 0
+        )
 
 
 def test_sync_then_read_folders_messages_and_a_body(kit, account, dovecot, mailbox_user) -> None:
@@ -47,7 +58,9 @@ def test_sync_then_read_folders_messages_and_a_body(kit, account, dovecot, mailb
     assert task["state"] == "succeeded", task
     assert task["progress"] == 100
 
-    folders = {f["name"]: f for f in kit.admin.get(f"/api/accounts/{account['id']}/folders").get_json()["items"]}
+    folders = {
+        f["name"]: f for f in kit.admin.get(f"/api/accounts/{account['id']}/folders").get_json()["items"]
+    }
     assert folders["INBOX"]["special_use"] == "inbox" and folders["INBOX"]["message_count"] == 120
     assert folders["Sent"]["special_use"] == "sent" and folders["Sent"]["message_count"] == 5
     assert {"Drafts", "Trash", "Junk"} <= set(folders)
@@ -63,7 +76,9 @@ def test_sync_then_read_folders_messages_and_a_body(kit, account, dovecot, mailb
             break
     assert seen == [f"Message {i}" for i in range(119, -1, -1)]  # newest first, each once
 
-    first = kit.admin.get(f"/api/accounts/{account['id']}/messages?limit=1&folder=INBOX").get_json()["items"][0]
+    first = kit.admin.get(f"/api/accounts/{account['id']}/messages?limit=1&folder=INBOX").get_json()["items"][
+        0
+    ]
     detail = kit.admin.get(f"/api/messages/{first['id']}?body=1").get_json()
     assert detail["subject"] == "Message 119" and "Hello number 119" in detail["body"]["text"]
     assert detail["from"] == "Sender 0 <s0@example.test>" or "s" in detail["from"]
@@ -79,8 +94,9 @@ def test_two_sync_requests_give_one_sync(kit, account, dovecot, mailbox_user, se
     assert second["task_id"] == first["task_id"] and second["deduplicated"] is True
     assert kit.admin.wait_task(first["task_id"])["state"] == "succeeded"
     with sessions() as session:
-        syncs = session.scalars(select(TaskRecord).where(TaskRecord.account_id == account["id"],
-                                                         TaskRecord.type == "sync")).all()
+        syncs = session.scalars(
+            select(TaskRecord).where(TaskRecord.account_id == account["id"], TaskRecord.type == "sync")
+        ).all()
     assert len(syncs) == 1
     assert stored(sessions, account["id"]) == 1500
     # once it is done, a new request queues a new sync
@@ -107,16 +123,22 @@ def test_cancel_a_running_sync(kit, account, dovecot, mailbox_user, sessions) ->
 
 
 @pytest.mark.slow
-def test_worker_killed_mid_sync_is_redelivered_and_finishes_once(kit, account, dovecot, mailbox_user, sessions,
-                                                                 base_values: dict[str, Any]) -> None:
+def test_worker_killed_mid_sync_is_redelivered_and_finishes_once(
+    kit, account, dovecot, mailbox_user, sessions, base_values: dict[str, Any]
+) -> None:
     """SIGKILL the whole sync worker (main process and pool child) mid-task. The message was
     never acknowledged (late ack), so the broker hands it to the next worker once its
     visibility timeout passes; the sync resumes from its committed batches and ends once."""
     seed(dovecot, mailbox_user, "INBOX", 6000, size=800)
     broker = RedisServer()
     broker.start()
-    values = {**base_values, "broker_url": broker.url, "task_soft_time_limit": "40",
-              "task_hard_time_limit": "45", "broker_visibility_timeout": "50"}
+    values = {
+        **base_values,
+        "broker_url": broker.url,
+        "task_soft_time_limit": "40",
+        "task_hard_time_limit": "45",
+        "broker_visibility_timeout": "50",
+    }
     values_short = {**values}
     api = Api(_app(values), kit.admin_key)
     first = CeleryWorker(["sync"], env=worker_env(env_for(values)), name=f"doomed-{uuid.uuid4().hex[:6]}")
@@ -129,7 +151,9 @@ def test_worker_killed_mid_sync_is_redelivered_and_finishes_once(kit, account, d
         assert first.processes() == []
         partial = stored(sessions, account["id"])
         assert partial < 6000
-        second = CeleryWorker(["sync"], env=worker_env(env_for(values_short)), name=f"heir-{uuid.uuid4().hex[:6]}")
+        second = CeleryWorker(
+            ["sync"], env=worker_env(env_for(values_short)), name=f"heir-{uuid.uuid4().hex[:6]}"
+        )
         second.start()
         task = api.wait_task(task_id, timeout=120)
         assert task["state"] == "succeeded" and task["attempts"] == 2

@@ -33,9 +33,7 @@ def check_host(host: str, port: int, *, allow_private: bool, field: str) -> None
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
-        raise ValidationFailed(
-            f"{field}: host {host!r} does not resolve", details={"field": field}
-        ) from None
+        raise ValidationFailed(f"{field}: host {host!r} does not resolve", details={"field": field}) from None
     for info in infos:
         if _is_internal(str(info[4][0])):
             raise ValidationFailed(

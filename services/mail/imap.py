@@ -70,7 +70,7 @@ def imap_session(
         if endpoint.tls == "starttls":
             client.starttls(_tls_context())
         client.login(endpoint.username, endpoint.password)
-    except Exception as exc:  # noqa: BLE001 - every fault is classified below
+    except Exception as exc:
         _close(client)
         raise classify_imap_error(exc, "login") from exc
     try:

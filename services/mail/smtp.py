@@ -46,7 +46,7 @@ def make_client(endpoint: SmtpEndpoint, *, timeout: float) -> aiosmtplib.SMTP:
         hostname=endpoint.host,
         port=endpoint.port,
         use_tls=endpoint.tls == "ssl",
-        start_tls=True if endpoint.tls == "starttls" else False,
+        start_tls=endpoint.tls == "starttls",
         timeout=timeout,
         tls_context=ssl.create_default_context() if endpoint.tls != "none" else None,
     )
@@ -74,5 +74,5 @@ def verify_smtp(endpoint: SmtpEndpoint, *, timeout: float, allow_private: bool) 
     check_host(endpoint.host, endpoint.port, allow_private=allow_private, field="smtp_host")
     try:
         return asyncio.run(_verify(endpoint, timeout))
-    except Exception as exc:  # noqa: BLE001 - classified
+    except Exception as exc:
         raise classify_smtp_error(exc, "SMTP login") from exc

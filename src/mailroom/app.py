@@ -6,22 +6,20 @@ import json
 import logging
 from typing import Any
 
-from flask import Response, jsonify, request
+from flask import Request, Response, jsonify, request
 from flask_openapi3 import Info, OpenAPI
 from flask_openapi3.models import Server  # noqa: F401 - re-exported for deployments
-from flask import Request
-
-from services.crypto import SecretBox
-from services.db import make_engine, make_sessionmaker
-from services.errors import InvalidRequest, UnsupportedMediaType
-from services.settings import Settings, load_settings
-from tasks.celery_app import make_celery
 
 from mailroom import __version__ as _version
 from mailroom.auth import authenticate_request
 from mailroom.context import AppState, install_request_session
 from mailroom.errors import register_error_handlers, validation_error_response
 from mailroom.metrics import install_metrics
+from services.crypto import SecretBox
+from services.db import make_engine, make_sessionmaker
+from services.errors import InvalidRequest, UnsupportedMediaType
+from services.settings import Settings, load_settings
+from tasks.celery_app import make_celery
 
 MAX_BODY_BYTES = 1024 * 1024
 BODY_METHODS = {"POST", "PUT", "PATCH"}
@@ -50,7 +48,9 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     app = OpenAPI(
         __name__,
         info=Info(title="Mailroom API", version=_version, description=DESCRIPTION),
-        security_schemes={"bearer": {"type": "http", "scheme": "bearer", "description": "A Mailroom API key"}},
+        security_schemes={
+            "bearer": {"type": "http", "scheme": "bearer", "description": "A Mailroom API key"}
+        },
         validation_error_status=422,
         validation_error_callback=validation_error_response,
         doc_prefix="/docs",

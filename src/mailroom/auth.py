@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from flask import g, request
 
+from mailroom.context import db_session
 from services import tenancy
 from services.errors import Forbidden, Unauthorized
 from services.tenancy import Principal
-
-from mailroom.context import db_session
 
 
 def authenticate_request() -> None:

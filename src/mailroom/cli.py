@@ -20,7 +20,7 @@ from services import tenancy
 from services.db import make_engine, make_sessionmaker, transaction
 from services.errors import MailroomError
 from services.migrate import upgrade
-from services.models import ApiKey, Tenant, User
+from services.models import ApiKey, Tenant
 from services.settings import Settings, SettingsError, load_settings
 
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
@@ -155,7 +155,14 @@ def key_create(tenant_ref: str, user_ref: str, name: str, as_json: bool) -> None
         u = tenancy.find_user(session, t.id, user_ref)
         k, plaintext = tenancy.create_api_key(session, u, name=name)
         emit(
-            {"id": k.id, "prefix": k.prefix, "user_id": u.id, "tenant_id": t.id, "role": u.role, "key": plaintext},
+            {
+                "id": k.id,
+                "prefix": k.prefix,
+                "user_id": u.id,
+                "tenant_id": t.id,
+                "role": u.role,
+                "key": plaintext,
+            },
             as_json,
         )
 
@@ -167,7 +174,14 @@ def key_revoke(ref: str, as_json: bool) -> None:
     """Revoke a key by id or prefix. Prints `id`, `prefix`, `revoked_at`."""
     with session_scope() as session:
         k = tenancy.revoke_api_key(session, ref)
-        emit({"id": k.id, "prefix": k.prefix, "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None}, as_json)
+        emit(
+            {
+                "id": k.id,
+                "prefix": k.prefix,
+                "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
+            },
+            as_json,
+        )
 
 
 @key.command("list")
@@ -179,14 +193,16 @@ def key_list(tenant_ref: str, as_json: bool) -> None:
         t = tenancy.find_tenant(session, tenant_ref)
         rows = list(
             session.scalars(
-                tenancy.unrestricted_unsafe(ApiKey).where(ApiKey.tenant_id == t.id).order_by(ApiKey.created_at)
+                tenancy.unrestricted_unsafe(ApiKey)
+                .where(ApiKey.tenant_id == t.id)
+                .order_by(ApiKey.created_at)
             )
         )
         items = [
             {
                 "id": k.id,
                 "prefix": k.prefix,
-                "user": session.get(User, k.user_id).email if session.get(User, k.user_id) else None,
+                "user": k.user.email,
                 "name": k.name,
                 "state": "revoked" if k.revoked_at else "active",
                 "last_used_at": k.last_used_at.isoformat() if k.last_used_at else None,

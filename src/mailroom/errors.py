@@ -54,7 +54,7 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:
         if exc.response is not None and exc.response.mimetype == "application/json":
-            return exc.response  # already in the error shape (validation callback)
+            return exc.response  # type: ignore[return-value]  # already in the error shape
         status = exc.code or 500
         return error_response(status, HTTP_CODES.get(status, "error"), exc.description or exc.name)
 

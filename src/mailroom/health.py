@@ -6,10 +6,9 @@ from typing import Any
 
 from sqlalchemy import text
 
+from mailroom.context import state
 from tasks.monitoring import ping_broker, ping_result_backend, workers_per_queue
 from tasks.queues import QUEUES
-
-from mailroom.context import state
 
 
 def _check(fn: Any) -> dict[str, Any]:

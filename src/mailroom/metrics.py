@@ -15,10 +15,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
+from mailroom.context import state
 from services.models import TaskRecord
 from tasks.monitoring import get_queue_stats
-
-from mailroom.context import state
 
 REQUESTS = Counter("mailroom_http_requests_total", "HTTP requests", ["method", "endpoint", "status"])
 LATENCY = Histogram(
@@ -45,10 +44,14 @@ class MailroomCollector(Collector):
             except Exception:  # noqa: BLE001 - a scrape must not fail with the broker
                 pass
             yield depth
-            tasks = GaugeMetricFamily("mailroom_tasks", "Task records per queue and state", labels=["queue", "state"])
+            tasks = GaugeMetricFamily(
+                "mailroom_tasks", "Task records per queue and state", labels=["queue", "state"]
+            )
             with st.sessions() as session:
                 rows = session.execute(
-                    select(TaskRecord.queue, TaskRecord.state, func.count()).group_by(TaskRecord.queue, TaskRecord.state)
+                    select(TaskRecord.queue, TaskRecord.state, func.count()).group_by(
+                        TaskRecord.queue, TaskRecord.state
+                    )
                 ).all()
             for queue, task_state, n in rows:
                 tasks.add_metric([queue, task_state], n)

@@ -70,7 +70,9 @@ class PageInfo(BaseModel):
 class EndpointIn(Strict):
     host: str = HostField
     port: int = Field(ge=1, le=65535)
-    tls: TlsModeField = Field(description="ssl = implicit TLS, starttls, or none (plain, local servers only).")
+    tls: TlsModeField = Field(
+        description="ssl = implicit TLS, starttls, or none (plain, local servers only)."
+    )
     username: str = Field(min_length=1, max_length=320)
     password: str = Field(min_length=1, max_length=4096, description="Write-only; stored encrypted.")
 
@@ -136,7 +138,8 @@ class TaskAccepted(BaseModel):
     queue: str
     status_url: str
     deduplicated: bool = Field(
-        default=False, description="True when an equivalent task was already in flight and is returned instead."
+        default=False,
+        description="True when an equivalent task was already in flight and is returned instead.",
     )
 
 

@@ -17,7 +17,12 @@ def test_create_returns_account_without_secrets(kit, dovecot, smtp, mailbox_user
     assert response.status_code == 201
     body = response.get_json()
     assert body["email"] == f"{mailbox_user[0]}@example.test"
-    assert body["imap"] == {"host": "127.0.0.1", "port": dovecot.port, "tls": "none", "username": mailbox_user[0]}
+    assert body["imap"] == {
+        "host": "127.0.0.1",
+        "port": dovecot.port,
+        "tls": "none",
+        "username": mailbox_user[0],
+    }
     assert "password" not in response.get_data(as_text=True)
     assert body["sync_interval"] == settings.default_sync_interval
     with sessions() as session:
@@ -41,7 +46,9 @@ def test_list_paginates(kit, dovecot, smtp, mailbox_user) -> None:
 
 
 def test_patch_merges_endpoint_fields(kit, account: dict[str, Any], sessions, settings) -> None:
-    response = kit.admin.patch(f"/api/accounts/{account['id']}", json={"imap": {"port": 1993}, "name": "Renamed"})
+    response = kit.admin.patch(
+        f"/api/accounts/{account['id']}", json={"imap": {"port": 1993}, "name": "Renamed"}
+    )
     assert response.status_code == 200
     body = response.get_json()
     assert body["imap"]["port"] == 1993 and body["imap"]["host"] == "127.0.0.1"

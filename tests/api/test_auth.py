@@ -32,7 +32,9 @@ def test_bad_keys_are_401(app, header, fragment) -> None:
 def test_revoked_key_is_401_and_last_used_recorded(app, kit, sessions) -> None:
     assert kit.member.get("/api/accounts").status_code == 200
     with sessions() as session:
-        key = session.scalar(tenancy.unrestricted_unsafe(ApiKey).where(ApiKey.key_hash == tenancy.hash_key(kit.member_key)))
+        key = session.scalar(
+            tenancy.unrestricted_unsafe(ApiKey).where(ApiKey.key_hash == tenancy.hash_key(kit.member_key))
+        )
         assert key.last_used_at is not None
     with transaction(sessions) as session:
         tenancy.revoke_api_key(session, key.prefix)
@@ -60,7 +62,9 @@ def test_every_route_with_another_tenants_id_is_404(app, kit, other_kit, account
             path = path.replace(f"<{name}>", ids[name])
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
             response = other_kit.admin.client.open(
-                path, method=method, json={} if method in {"POST", "PATCH"} else None,
+                path,
+                method=method,
+                json={} if method in {"POST", "PATCH"} else None,
                 headers={"Authorization": f"Bearer {other_kit.admin_key}"},
             )
             assert response.status_code == 404, (method, path, response.get_json())

@@ -55,8 +55,12 @@ def _body_operations(spec, account_id: str):
         ('"a string"', "application/json", 400, "invalid_json"),
         ("email=x", "application/x-www-form-urlencoded", 415, "unsupported_media_type"),
         (json.dumps({"unexpected": 1}), "application/json", 422, "validation_error"),
-        (json.dumps({"email": 5, "imap": "x", "folders": "INBOX", "full": "maybe", "sync_interval": -1}),
-         "application/json", 422, "validation_error"),
+        (
+            json.dumps({"email": 5, "imap": "x", "folders": "INBOX", "full": "maybe", "sync_interval": -1}),
+            "application/json",
+            422,
+            "validation_error",
+        ),
     ],
 )
 def test_bad_bodies_are_4xx_in_error_shape(kit, account, spec, payload, content_type, status, code) -> None:
@@ -64,7 +68,9 @@ def test_bad_bodies_are_4xx_in_error_shape(kit, account, spec, payload, content_
     assert len(operations) >= 3
     for method, path in operations:
         response = kit.admin.client.open(
-            path, method=method, data=payload,
+            path,
+            method=method,
+            data=payload,
             headers={"Authorization": f"Bearer {kit.admin_key}", "Content-Type": content_type},
         )
         assert response.status_code == status, (method, path, response.get_json())

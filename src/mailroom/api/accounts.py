@@ -7,12 +7,6 @@ from typing import Any
 from flask import Response, jsonify, url_for
 from flask_openapi3 import APIBlueprint, Tag
 
-from services import accounts
-from services.accounts import AccountInput, endpoint_view
-from services.models import Account
-from services.task_inputs import SyncParams
-from tasks.dispatch import Dispatched, dispatch
-
 from mailroom.api.common import ERRORS, SECURITY, page_info
 from mailroom.auth import principal
 from mailroom.context import commit, db_session, state
@@ -25,6 +19,11 @@ from mailroom.schemas import (
     PageQuery,
     TaskAccepted,
 )
+from services import accounts
+from services.accounts import AccountInput, endpoint_view
+from services.models import Account
+from services.task_inputs import SyncParams
+from tasks.dispatch import Dispatched, dispatch
 
 tag = Tag(name="accounts", description="Connected IMAP/SMTP mailboxes")
 bp = APIBlueprint("accounts", __name__, url_prefix="/api/accounts", abp_tags=[tag], abp_security=SECURITY)

@@ -5,16 +5,15 @@ from __future__ import annotations
 from flask import Response, jsonify
 from flask_openapi3 import APIBlueprint, Tag
 
-from services import task_records
-from services.errors import Conflict
-from tasks.monitoring import get_active_tasks, get_queue_stats, revoke_task
-
 from mailroom.api.common import ERRORS, SECURITY
 from mailroom.api.tasks import task_out
 from mailroom.auth import require_admin
 from mailroom.context import commit, db_session, state
 from mailroom.health import health_report
 from mailroom.schemas import ActiveTasksOut, CancelAllOut, HealthOut, StatsOut
+from services import task_records
+from services.errors import Conflict
+from tasks.monitoring import get_active_tasks, get_queue_stats, revoke_task
 from tasks.queues import QUEUES
 
 tag = Tag(name="admin", description="For tenant admins; each sees only their own tenant")
@@ -33,7 +32,9 @@ def stats() -> Response:
     session = db_session()
     return jsonify(
         {
-            "queues": {name: {"depth": depths.get(name), "priority": spec.priority} for name, spec in QUEUES.items()},
+            "queues": {
+                name: {"depth": depths.get(name), "priority": spec.priority} for name, spec in QUEUES.items()
+            },
             "tasks_by_state": task_records.counts_by_state(session, who.tenant_id),
             "average_duration_seconds": task_records.average_durations(session, who.tenant_id),
         }

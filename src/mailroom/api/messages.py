@@ -9,13 +9,12 @@ from flask import Response, jsonify
 from flask_openapi3 import APIBlueprint, Tag
 from pydantic import BaseModel, Field
 
-from services import mailbox
-from services.models import Folder, Message
-
 from mailroom.api.common import ERRORS, SECURITY
 from mailroom.auth import principal
 from mailroom.context import db_session, state
 from mailroom.schemas import AccountPath, Lenient, MessagePath
+from services import mailbox
+from services.models import Folder, Message
 
 tag = Tag(name="messages", description="Folders and messages stored by sync")
 bp = APIBlueprint("messages", __name__, url_prefix="/api", abp_tags=[tag], abp_security=SECURITY)
@@ -142,7 +141,9 @@ def list_messages(path: AccountPath, query: MessageQuery) -> Response:
         cursor=query.cursor,
     )
     names = {f.id: f.name for f in mailbox.list_folders(session, principal(), path.account_id)}
-    return jsonify({"items": [message_out(m, names.get(m.folder_id, "")) for m in rows], "next_cursor": next_cursor})
+    return jsonify(
+        {"items": [message_out(m, names.get(m.folder_id, "")) for m in rows], "next_cursor": next_cursor}
+    )
 
 
 @bp.get("/messages/<message_id>", responses={200: MessageOut, **ERRORS})

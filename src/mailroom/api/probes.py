@@ -7,13 +7,12 @@ import hmac
 from flask import Response, jsonify, redirect, request
 from flask_openapi3 import APIBlueprint, Tag
 
-from services.errors import Unauthorized
-
 from mailroom.context import state
 from mailroom.docs import render_docs
 from mailroom.health import check_database, health_report
 from mailroom.metrics import render_metrics
 from mailroom.schemas import ErrorResponse, ProbeOut
+from services.errors import Unauthorized
 
 tag = Tag(name="probes", description="Liveness, readiness, metrics and this document")
 bp = APIBlueprint("probes", __name__, abp_tags=[tag])

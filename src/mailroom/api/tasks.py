@@ -7,15 +7,14 @@ from typing import Any
 from flask import Response, jsonify
 from flask_openapi3 import APIBlueprint, Tag
 
-from services import task_records
-from services.models import TaskRecord
-from services.task_records import TaskFilter
-from tasks.monitoring import revoke_task
-
 from mailroom.api.common import ERRORS, SECURITY, page_info
 from mailroom.auth import principal
 from mailroom.context import commit, db_session, state
 from mailroom.schemas import TaskOut, TaskPage, TaskPath, TaskQuery
+from services import task_records
+from services.models import TaskRecord
+from services.task_records import TaskFilter
+from tasks.monitoring import revoke_task
 
 tag = Tag(name="tasks", description="Progress, results and cancellation of queued work")
 bp = APIBlueprint("tasks", __name__, url_prefix="/api/tasks", abp_tags=[tag], abp_security=SECURITY)
