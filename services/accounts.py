@@ -19,7 +19,7 @@ from services.mail.hosts import check_host
 from services.mail.imap import ImapEndpoint, capabilities, imap_session
 from services.mail.smtp import SmtpEndpoint, verify_smtp
 from services.models import Account, TaskRecord, TaskState, User, utcnow
-from services.tenancy import Principal, get_scoped, scoped, unrestricted_unsafe
+from services.tenancy import Principal, get_scoped, scoped
 
 ENDPOINT_FIELDS = ("host", "port", "tls", "username")
 IN_FLIGHT = [s.value for s in TaskState.in_flight()]
@@ -217,15 +217,21 @@ def release_sync_lock(session: Session, account_id: str, task_id: str) -> None:
 
 
 def due_account_ids(session: Session, now: datetime) -> list[str]:
-    """Accounts whose sync interval has passed since their last sync (all tenants: Beat)."""
-    accounts = session.scalars(
-        unrestricted_unsafe(Account).where(Account.sync_task_id.is_(None) | (Account.sync_lock_until < now))
+    """Accounts whose sync interval has passed since their last sync and whose sync lock is
+    free (all tenants: Beat). Interval arithmetic is done here, not in SQL, so it reads the
+    same on SQLite and PostgreSQL; only three columns per account are loaded."""
+    finished_holder = (
+        select(TaskRecord.id)
+        .where(TaskRecord.id == Account.sync_task_id, TaskRecord.state.not_in(IN_FLIGHT))
+        .exists()
     )
-    due = []
-    for account in accounts:
-        if (
-            account.last_sync_at is None
-            or account.last_sync_at + timedelta(seconds=account.sync_interval) <= now
-        ):
-            due.append(account.id)
-    return due
+    rows = session.execute(
+        select(Account.id, Account.last_sync_at, Account.sync_interval).where(
+            or_(Account.sync_task_id.is_(None), Account.sync_lock_until < now, finished_holder)
+        )
+    ).all()
+    return [
+        account_id
+        for account_id, last_sync_at, interval in rows
+        if last_sync_at is None or last_sync_at + timedelta(seconds=interval) <= now
+    ]

@@ -306,3 +306,26 @@ def test_task_list_filters_and_pages(kit, account) -> None:
     assert kit.admin.get("/api/tasks?state=failed").get_json()["total"] == 0
     assert kit.admin.get(f"/api/tasks?account_id={account['id']}").get_json()["total"] == 3
     assert kit.member.get("/api/tasks").get_json()["total"] == 0
+
+
+def test_cancel_all_stops_only_this_tenants_work(
+    kit, other_kit, account, private_broker, dovecot, smtp
+) -> None:
+    from mailroom.app import create_app
+    from services.settings import load_settings
+    from tests.conftest import account_body
+
+    _, values = private_broker
+    app = create_app(load_settings(**values))
+    mine, theirs = Api(app, kit.admin_key), Api(app, other_kit.admin_key)
+    my_tasks = [mine.post(f"/api/accounts/{account['id']}/verify").get_json()["task_id"] for _ in range(3)]
+    their_account = theirs.post("/api/accounts", json=account_body(dovecot, smtp, ("x", "y"))).get_json()
+    their_task = theirs.post(f"/api/accounts/{their_account['id']}/verify").get_json()["task_id"]
+    active = mine.get("/api/admin/active-tasks").get_json()["items"]
+    assert sorted(t["id"] for t in active) == sorted(my_tasks)
+    assert kit.member.post("/api/admin/cancel-all").status_code == 403
+    response = mine.post("/api/admin/cancel-all")
+    assert response.status_code == 202 and response.get_json() == {"cancelled": 3, "stopping": 0}
+    assert all(mine.task(t)["state"] == "cancelled" for t in my_tasks)
+    assert theirs.task(their_task)["state"] == "queued"
+    assert mine.get("/api/admin/active-tasks").get_json() == {"items": []}
