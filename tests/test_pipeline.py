@@ -329,3 +329,26 @@ def test_cancel_all_stops_only_this_tenants_work(
     assert all(mine.task(t)["state"] == "cancelled" for t in my_tasks)
     assert theirs.task(their_task)["state"] == "queued"
     assert mine.get("/api/admin/active-tasks").get_json() == {"items": []}
+
+
+def test_wrong_smtp_password_is_permanent(kit, dovecot, smtp, mailbox_user) -> None:
+    body = account_body(dovecot, smtp, mailbox_user)
+    body["smtp"]["password"] = "not-the-smtp-password"
+    account = kit.admin.post("/api/accounts", json=body).get_json()
+    task = kit.admin.wait_task(kit.admin.post(f"/api/accounts/{account['id']}/verify").get_json()["task_id"])
+    assert task["state"] == "failed" and task["attempts"] == 1
+    assert task["error"]["code"] == "mail_auth_failed" and "SMTP" in task["error"]["message"]
+
+
+def test_cancel_a_task_waiting_to_retry(kit, dovecot, smtp, mailbox_user) -> None:
+    body = account_body(dovecot, smtp, mailbox_user)
+    body["smtp"]["port"] = free_port()  # SMTP unreachable: transient, so it waits to retry
+    account = kit.admin.post("/api/accounts", json=body).get_json()
+    task_id = kit.admin.post(f"/api/accounts/{account['id']}/verify").get_json()["task_id"]
+    retrying = kit.admin.wait_task(task_id, states={"retrying"})
+    assert "SMTP connection failed" in retrying["error"]["message"]
+    response = kit.admin.post(f"/api/tasks/{task_id}/cancel")
+    assert response.status_code == 202 and response.get_json()["state"] == "cancelled"
+    time.sleep(2)  # past the next retry time: the retry message arrives and is dropped
+    task = kit.admin.task(task_id)
+    assert task["state"] == "cancelled" and task["attempts"] == retrying["attempts"]

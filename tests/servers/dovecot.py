@@ -286,6 +286,22 @@ class DovecotServer(ServerProcess):
                 os.chown(path, self.mail_uid, self.mail_gid)
         self._users[name] = password
         self._write_users()
+        if self.is_running():
+            self._wait_for_login(name, password)
+
+    def _wait_for_login(self, name: str, password: str, timeout: float = 5) -> None:
+        # Dovecot's auth process stats the passwd-file at most once per second, so a lookup
+        # in the same second as an earlier one still sees the old file: wait until the new
+        # user can log in rather than let a test's first login fail by chance.
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.client(name, password, timeout=5).logout()
+                return
+            except Exception:  # noqa: BLE001 - not visible yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def _write_users(self) -> None:
         lines = [
