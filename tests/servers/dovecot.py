@@ -298,7 +298,7 @@ class DovecotServer(ServerProcess):
             try:
                 self.client(name, password, timeout=5).logout()
                 return
-            except Exception:  # noqa: BLE001 - not visible yet
+            except Exception:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
