@@ -42,6 +42,8 @@ system-deps: ## Install the Debian packages the tests use (Redis, PostgreSQL, Do
 	[ -x /usr/sbin/dovecot ] || missing="$$missing dovecot-core"; \
 	[ -x /usr/lib/dovecot/imap ] || missing="$$missing dovecot-imapd"; \
 	$(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	if command -v docker >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1 \
+		&& ! command -v docker-compose >/dev/null 2>&1; then missing="$$missing docker-compose"; fi; \
 	if [ -z "$$missing" ]; then echo "system packages: all present"; exit 0; fi; \
 	if ! command -v apt-get >/dev/null 2>&1; then \
 		echo "missing:$$missing (no apt-get here: install them with your package manager)"; exit 1; \
@@ -64,6 +66,7 @@ lint: venv ## ruff check, ruff format --check, mypy
 bench: system-deps venv ## Run every bench/*.py (they print measured figures; not pass/fail)
 	@set -e; for script in bench/*.py; do \
 		[ -e "$$script" ] || continue; \
+		case "$$script" in bench/bench_*.py) ;; *) continue ;; esac; \
 		echo "== $$script"; $(BIN)/python "$$script"; \
 	done
 
