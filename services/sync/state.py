@@ -1,0 +1,364 @@
+"""Writing what sync learned: message rows, flag changes, removals and the folder's sync
+state. Every function here runs inside the caller's transaction and never commits, so a
+batch of messages and the state that describes it are committed together.
+
+Keeping Mailroom ids stable (ARCHITECTURE: an id survives syncs, moves and UIDVALIDITY
+changes wherever the message can be matched again) is done two ways:
+
+* A rebuilt folder (new UIDVALIDITY, or ``full``) keeps its old rows as *pending*: their
+  UIDs are made negative, which no IMAP UID can be, and every message fetched again is
+  first matched against them (Message-ID + Date + size); a match takes over the old row
+  and its id. Pending rows still unmatched when the folder's walk ends are deleted.
+  Because they live in the database, a rebuild interrupted by a crash or a cancel goes on
+  matching when it resumes.
+* A message moved between folders by another client shows up as removed in one folder
+  and new in another, in either order; :class:`MoveTracker` remembers both sides for the
+  length of one sync run and hands the removed row's id to the new one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, cast
+
+import psycopg
+from sqlalchemy import JSON, Table, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from services.models import Folder, Message, new_id, utcnow
+
+CHUNK = 1000
+UID_SPACE = 2**32  # IMAP UIDs are 32-bit; pending rows are pushed below -UID_SPACE * n
+MatchKey = tuple[Any, ...]
+
+
+def match_key(
+    message_id: str | None, date: datetime | None, size: int, subject: str, sender: str
+) -> MatchKey:
+    """What identifies a message across UIDVALIDITY changes and moves: Message-ID, Date
+    and size; without a Message-ID the subject and sender stand in for it."""
+    stamp = date.timestamp() if date is not None else None
+    if message_id:
+        return (message_id, stamp, size)
+    return ("", stamp, size, subject, sender)
+
+
+def row_key(row: dict[str, Any]) -> MatchKey:
+    return match_key(row["message_id_header"], row["date"], row["size"], row["subject"], row["from_addr"])
+
+
+_messages = cast(Table, Message.__table__)
+_KEY_COLUMNS = (Message.message_id_header, Message.date, Message.size, Message.subject, Message.from_addr)
+
+
+@dataclass
+class MoveTracker:
+    """Rows removed and rows inserted during one sync run, by match key."""
+
+    removed: dict[MatchKey, list[tuple[str, datetime]]] = field(default_factory=lambda: defaultdict(list))
+    inserted: dict[MatchKey, list[tuple[str, str, datetime]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+
+
+@dataclass(frozen=True)
+class FolderScope:
+    tenant_id: str
+    account_id: str
+    folder_id: str
+
+
+def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# --- folder state -----------------------------------------------------------------------
+
+
+def update_folder(session: Session, folder_id: str, **values: Any) -> None:
+    """Set sync-state columns of one folder (a plain UPDATE, no ORM load)."""
+    session.execute(
+        update(Folder)
+        .where(Folder.id == folder_id)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def refresh_counts(session: Session, folder_id: str) -> None:
+    """Recompute the folder's stored message and unread counts from its rows."""
+    total, unread = session.execute(
+        select(func.count(), func.count().filter(Message.seen.is_(False))).where(
+            Message.folder_id == folder_id
+        )
+    ).one()
+    update_folder(session, folder_id, message_count=int(total), unread_count=int(unread or 0))
+
+
+def has_pending(session: Session, folder_id: str) -> bool:
+    found = session.scalar(select(Message.id).where(Message.folder_id == folder_id, Message.uid < 0).limit(1))
+    return found is not None
+
+
+def begin_rebuild(session: Session, folder_id: str, **state: Any) -> bool:
+    """Turn the folder's rows into pending rows and reset its state to ``state``.
+
+    Rows left pending by an earlier, unfinished rebuild stay pending; the new ones are moved
+    below them, so the UPDATE never collides with the (folder, uid) unique constraint even
+    on a database that checks it row by row. Returns whether any rows are pending now."""
+    lowest = session.scalar(select(func.min(Message.uid)).where(Message.folder_id == folder_id)) or 0
+    offset = (-lowest // UID_SPACE + 1) * UID_SPACE if lowest < 0 else 0
+    session.execute(
+        update(Message)
+        .where(Message.folder_id == folder_id, Message.uid > 0)
+        .values(uid=-Message.uid - offset)
+        .execution_options(synchronize_session=False)
+    )
+    update_folder(session, folder_id, **state)
+    return has_pending(session, folder_id)
+
+
+# --- new messages -----------------------------------------------------------------------
+
+
+def stored_uids(session: Session, folder_id: str, uids: Sequence[int]) -> set[int]:
+    """Which of ``uids`` the folder already has (a redelivered or resumed batch).
+
+    Asked as one UID range, not ``IN (…500 values…)``: on a table whose statistics are
+    stale (any fresh database) PostgreSQL plans the long IN list as a sequential scan
+    comparing every row with every value, which cost 50 ms a batch."""
+    if not uids:
+        return set()
+    wanted = set(uids)
+    found = session.scalars(
+        select(Message.uid).where(Message.folder_id == folder_id, Message.uid.between(min(uids), max(uids)))
+    )
+    return wanted.intersection(found)
+
+
+def _insert_ignoring_duplicates(session: Session) -> Any:
+    """INSERT that skips a row whose (folder, UID) is stored already."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(_messages).on_conflict_do_nothing(index_elements=["folder_id", "uid"])
+    if dialect == "sqlite":
+        return sqlite.insert(_messages).on_conflict_do_nothing(index_elements=["folder_id", "uid"])
+    return insert(_messages)
+
+
+def _copy_into_messages(session: Session, records: list[dict[str, Any]]) -> bool:
+    """PostgreSQL COPY of complete message rows: measured at 60 % of the time and under
+    half the client CPU of an executemany INSERT, which matters on a first sync. Returns False, with the
+    transaction intact, when a row was stored meanwhile (a second sync racing this one
+    after its lock expired), so the caller can insert the rest one by one."""
+    columns = list(records[0])
+    json_columns = {c for c in columns if isinstance(_messages.c[c].type, JSON)}
+    statement = f"COPY messages ({', '.join(columns)}) FROM STDIN"
+    raw = session.connection().connection.driver_connection
+    assert raw is not None
+    try:
+        with session.begin_nested(), raw.cursor() as cursor, cursor.copy(statement) as copy:
+            for record in records:
+                copy.write_row([json.dumps(record[c]) if c in json_columns else record[c] for c in columns])
+    except psycopg.errors.UniqueViolation:
+        return False
+    return True
+
+
+def _store_new_rows(session: Session, records: list[dict[str, Any]]) -> None:
+    if session.get_bind().dialect.name == "postgresql" and _copy_into_messages(session, records):
+        return
+    # Core executemany (the ORM's bulk insert costs about 20 % more per row), skipping
+    # rows stored already, so a batch delivered twice can never fail the sync.
+    session.execute(_insert_ignoring_duplicates(session), records)
+
+
+def _pending_candidates(
+    session: Session, folder_id: str, rows: list[dict[str, Any]]
+) -> dict[MatchKey, list[Any]]:
+    ids = sorted({r["message_id_header"] for r in rows if r["message_id_header"]})
+    conditions = (
+        [Message.message_id_header.is_(None)] if any(not r["message_id_header"] for r in rows) else []
+    )
+    candidates: dict[MatchKey, list[Any]] = defaultdict(list)
+    for chunk in _chunks(ids) if ids else [[]]:
+        where = list(conditions) + ([Message.message_id_header.in_(chunk)] if chunk else [])
+        if not where:
+            continue
+        query = select(Message.id, Message.uid, *_KEY_COLUMNS).where(
+            Message.folder_id == folder_id, Message.uid < 0, or_(*where)
+        )
+        for found in session.execute(query):
+            candidates[
+                match_key(found.message_id_header, found.date, found.size, found.subject, found.from_addr)
+            ].append(found)
+        conditions = []  # the NULL Message-ID rows are fetched once
+    return candidates
+
+
+def insert_messages(
+    session: Session,
+    scope: FolderScope,
+    rows: list[dict[str, Any]],
+    *,
+    pending: bool,
+    moves: MoveTracker,
+    track_inserts: bool,
+) -> tuple[int, int]:
+    """Store fetched messages of one folder. UIDs already stored are skipped, so a batch
+    delivered twice changes nothing. A message matching a pending row of this folder takes
+    over that row; one matching a row removed elsewhere during this run gets its id.
+    Returns (messages stored, of which kept an earlier id)."""
+    if not rows:
+        return 0, 0
+    have = stored_uids(session, scope.folder_id, [r["uid"] for r in rows])
+    rows = [r for r in rows if r["uid"] not in have]
+    candidates = _pending_candidates(session, scope.folder_id, rows) if pending and rows else {}
+    now = utcnow()
+    takeovers: list[dict[str, Any]] = []
+    fresh: list[dict[str, Any]] = []
+    reused = 0
+    for row in rows:
+        key = row_key(row)
+        options = candidates.get(key)
+        if options:
+            # Prefer the row whose old UID equals the new one (a ``full`` rebuild of an
+            # unchanged UIDVALIDITY), so duplicates keep exactly their own ids.
+            pick = next((o for o in options if (-o.uid) % UID_SPACE == row["uid"]), options[0])
+            options.remove(pick)
+            takeovers.append({**row, "id": pick.id, "folder_id": scope.folder_id, "updated_at": now})
+            continue
+        earlier = moves.removed.get(key)
+        record = {
+            **row,
+            "tenant_id": scope.tenant_id,
+            "account_id": scope.account_id,
+            "folder_id": scope.folder_id,
+        }
+        if earlier:
+            record["id"], record["created_at"] = earlier.pop(0)
+            reused += 1
+        else:
+            record["id"], record["created_at"] = new_id(), now
+        record["updated_at"] = now
+        fresh.append(record)
+        if track_inserts:
+            moves.inserted[key].append((record["id"], scope.folder_id, record["created_at"]))
+    if takeovers:
+        session.execute(update(Message), takeovers)
+    if fresh:
+        _store_new_rows(session, fresh)
+    return len(takeovers) + len(fresh), len(takeovers) + reused
+
+
+# --- flags ------------------------------------------------------------------------------
+
+_flag_update = (
+    update(_messages)
+    .where(and_(_messages.c.folder_id == bindparam("b_folder"), _messages.c.uid == bindparam("b_uid")))
+    .values(
+        flags=bindparam("b_flags"),
+        seen=bindparam("b_seen"),
+        flagged=bindparam("b_flagged"),
+        modseq=bindparam("b_modseq"),
+        updated_at=bindparam("b_now"),
+    )
+)
+
+
+def apply_flags(session: Session, folder_id: str, changes: dict[int, tuple[list[str], int | None]]) -> int:
+    """Write the flags the server reported where they differ from the stored ones.
+    Returns how many messages changed."""
+    uids = sorted(changes)
+    now = utcnow()
+    params = []
+    for chunk in _chunks(uids):
+        stored = session.execute(
+            select(Message.uid, Message.flags).where(Message.folder_id == folder_id, Message.uid.in_(chunk))
+        )
+        for uid, flags in stored:
+            new_flags, modseq = changes[uid]
+            if sorted(flags or []) != new_flags:
+                params.append(
+                    {
+                        "b_folder": folder_id,
+                        "b_uid": uid,
+                        "b_flags": new_flags,
+                        "b_seen": "\\Seen" in new_flags,
+                        "b_flagged": "\\Flagged" in new_flags,
+                        "b_modseq": modseq,
+                        "b_now": now,
+                    }
+                )
+    if params:
+        session.execute(_flag_update, params)
+    return len(params)
+
+
+# --- removals ---------------------------------------------------------------------------
+
+
+def positive_uids(session: Session, folder_id: str, *, up_to: int) -> set[int]:
+    """Every stored UID of the folder up to ``up_to``."""
+    return set(
+        session.scalars(
+            select(Message.uid).where(Message.folder_id == folder_id, Message.uid.between(1, up_to))
+        )
+    )
+
+
+def uids_in_ranges(session: Session, folder_id: str, ranges: list[tuple[int, int]]) -> list[int]:
+    """The stored UIDs that fall in any of the UID ``ranges`` (a VANISHED answer)."""
+    found: list[int] = []
+    for chunk in _chunks(ranges, 200):
+        found.extend(
+            session.scalars(
+                select(Message.uid).where(
+                    Message.folder_id == folder_id, or_(*(Message.uid.between(lo, hi) for lo, hi in chunk))
+                )
+            )
+        )
+    return found
+
+
+def remove_messages(
+    session: Session, folder_id: str, *, uids: Sequence[int] = (), pending: bool = False, moves: MoveTracker
+) -> int:
+    """Delete the folder's rows with ``uids`` (or, with ``pending``, its unmatched pending
+    rows). A row whose message was already stored in another folder during this run hands
+    its id to that row; the others are remembered for later folders of the run."""
+    query = select(Message.id, Message.created_at, *_KEY_COLUMNS).where(Message.folder_id == folder_id)
+    batches = (
+        [query.where(Message.uid < 0)]
+        if pending
+        else [query.where(Message.uid.in_(c)) for c in _chunks(uids)]
+    )
+    removed = 0
+    for batch in batches:
+        rows = list(session.execute(batch))
+        if not rows:
+            continue
+        session.execute(delete(Message).where(Message.id.in_([r.id for r in rows])))
+        removed += len(rows)
+        for row in rows:
+            key = match_key(row.message_id_header, row.date, row.size, row.subject, row.from_addr)
+            moved = [entry for entry in moves.inserted.get(key, []) if entry[1] != folder_id]
+            if moved:
+                new_row_id = moved[0][0]
+                moves.inserted[key].remove(moved[0])
+                # The copy stored elsewhere takes over the removed row's identity.
+                session.execute(
+                    update(Message)
+                    .where(Message.id == new_row_id)
+                    .values(id=row.id, created_at=row.created_at)
+                    .execution_options(synchronize_session=False)
+                )
+            else:
+                moves.removed[key].append((row.id, row.created_at))
+    return removed
