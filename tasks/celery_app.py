@@ -72,7 +72,6 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         worker_max_tasks_per_child=settings.worker_max_tasks_per_child,
         worker_send_task_events=True,
-        task_send_sent_event=True,
         worker_hijack_root_logger=False,
         timezone="UTC",
         enable_utc=True,

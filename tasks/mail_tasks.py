@@ -3,6 +3,7 @@ service, report progress. The life around them (states, retries, cancel) is in l
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from services import accounts
@@ -20,6 +21,10 @@ class NotAvailableYet(MailroomError):
     status = 501
 
 
+#: How often a long sync pushes its lock's expiry further out.
+LOCK_RENEW_SECONDS = 30.0
+
+
 def sync_lock_ttl(ctx: TaskContext) -> float:
     s = ctx.settings
     return float(s.task_hard_time_limit + s.retry_max_seconds + 60)
@@ -29,10 +34,15 @@ def sync_lock_ttl(ctx: TaskContext) -> float:
 def sync_emails(ctx: TaskContext) -> dict[str, Any]:
     """Bring the account's stored folders and messages up to date with the IMAP server."""
 
+    lock_renewed = time.monotonic()
+
     def progress(percent: float, stage: str) -> None:
+        nonlocal lock_renewed
         ctx.progress(percent, stage)
-        with ctx.session() as session:
-            accounts.extend_sync_lock(session, ctx.account_id or "", ctx.task_id, ttl=sync_lock_ttl(ctx))
+        if time.monotonic() - lock_renewed > LOCK_RENEW_SECONDS:
+            lock_renewed = time.monotonic()
+            with ctx.session() as session:
+                accounts.extend_sync_lock(session, ctx.account_id or "", ctx.task_id, ttl=sync_lock_ttl(ctx))
 
     params: SyncParams = ctx.params
     summary = sync_account(
