@@ -352,3 +352,33 @@ def test_cancel_a_task_waiting_to_retry(kit, dovecot, smtp, mailbox_user) -> Non
     time.sleep(2)  # past the next retry time: the retry message arrives and is dropped
     task = kit.admin.task(task_id)
     assert task["state"] == "cancelled" and task["attempts"] == retrying["attempts"]
+
+
+def test_queue_helpers_see_a_waiting_task(kit, other_kit, account, private_broker, sessions) -> None:
+    from services.errors import NotFound
+    from services.settings import load_settings
+    from services.tenancy import Principal
+    from tasks import get_active_tasks, get_task_status, revoke_task
+
+    _, values = private_broker
+    celery = make_celery(load_settings(**values))
+    result = dispatch(
+        celery,
+        sessions,
+        type="verify",
+        tenant_id=kit.tenant_id,
+        user_id=kit.admin_id,
+        account_id=account["id"],
+        params={},
+    )
+    owner = Principal(kit.tenant_id, kit.admin_id, "admin")
+    with sessions() as session:
+        status = get_task_status(celery, session, result.record.id, owner)
+        assert status["record"].state == "queued" and status["celery_state"] == "PENDING"
+        assert [r.id for r in get_active_tasks(session, owner)] == [result.record.id]
+        with pytest.raises(NotFound):
+            get_task_status(
+                celery, session, result.record.id, Principal(other_kit.tenant_id, other_kit.admin_id, "admin")
+            )
+    assert get_queue_stats(celery)["sync"] == 1
+    revoke_task(celery, result.record.id)  # no worker listens: a broadcast, harmless
