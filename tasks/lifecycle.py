@@ -168,11 +168,22 @@ def run_attempt(
         _fail(runtime, task_id, "the task ran past its time limit", "time_limit")
         raise
     except Exception as exc:
+        deleted = account_id is not None and _account_gone(runtime, account_id)
+        if deleted and not isinstance(exc, MailroomError):
+            # The account was deleted while the task worked on it; whatever broke (a row
+            # it wrote to vanished) is a consequence, not a fault worth an internal error.
+            _fail(runtime, task_id, "the account was deleted while the task ran", "not_found")
+            return {"skipped": "account deleted"}
         _handle_error(task, runtime, task_id, exc)
         raise
     with ctx.session() as session:
         task_records.mark_succeeded(session, task_id, result)
     return result
+
+
+def _account_gone(runtime: Runtime, account_id: str) -> bool:
+    with transaction(runtime.sessions) as session:
+        return session.get(Account, account_id) is None
 
 
 def _fail(runtime: Runtime, task_id: str, message: str, code: str) -> None:

@@ -173,3 +173,14 @@ def _app(values: dict[str, Any]) -> Any:
     from mailroom.app import create_app
 
     return create_app(load_settings(**values))
+
+
+@pytest.mark.slow
+def test_deleting_the_account_mid_sync_ends_the_task_cleanly(kit, account, dovecot, mailbox_user, sessions) -> None:
+    seed(dovecot, mailbox_user, "INBOX", 6000, size=800)
+    task_id = kit.admin.post(f"/api/accounts/{account['id']}/sync").get_json()["task_id"]
+    kit.admin.wait_task(task_id, where=lambda t: t["state"] == "running" and t["progress"] > 0, timeout=60)
+    assert kit.admin.delete(f"/api/accounts/{account['id']}").status_code == 204
+    task = kit.admin.wait_task(task_id)
+    assert task["state"] == "failed" and task["error"]["code"] == "not_found", task
+    assert stored(sessions, account["id"]) == 0
