@@ -176,7 +176,9 @@ def _app(values: dict[str, Any]) -> Any:
 
 
 @pytest.mark.slow
-def test_deleting_the_account_mid_sync_ends_the_task_cleanly(kit, account, dovecot, mailbox_user, sessions) -> None:
+def test_deleting_the_account_mid_sync_ends_the_task_cleanly(
+    kit, account, dovecot, mailbox_user, sessions
+) -> None:
     seed(dovecot, mailbox_user, "INBOX", 6000, size=800)
     task_id = kit.admin.post(f"/api/accounts/{account['id']}/sync").get_json()["task_id"]
     kit.admin.wait_task(task_id, where=lambda t: t["state"] == "running" and t["progress"] > 0, timeout=60)
