@@ -28,6 +28,7 @@ from services.accounts import check_ownership
 from services.db import transaction
 from services.errors import MailroomError, TaskCancelled, ValidationFailed, is_transient
 from services.models import Account, TaskState
+from services.settings import Settings
 from tasks.runtime import Runtime, get_runtime
 
 log = logging.getLogger("mailroom.tasks")
@@ -61,7 +62,7 @@ class TaskContext:
     _last_progress: int = field(default=-1)
 
     @property
-    def settings(self):  # type: ignore[no-untyped-def]
+    def settings(self) -> Settings:
         return self.runtime.settings
 
     @contextmanager
@@ -78,6 +79,8 @@ class TaskContext:
         client cancelled meanwhile. Writes are throttled unless ``force``."""
         pct = int(percent)
         now = time.monotonic()
+        # An unchanged percentage is written at most every PROGRESS_INTERVAL, a changed one
+        # at most five times as often: smooth for a poller, cheap for the database.
         if not force and pct == self._last_progress and now - self._last_write < PROGRESS_INTERVAL:
             return
         if not force and now - self._last_write < PROGRESS_INTERVAL / 5:
