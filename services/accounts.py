@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import CursorResult, func, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from services.crypto import SecretBox
@@ -18,11 +18,12 @@ from services.errors import NotFound, ValidationFailed
 from services.mail.hosts import check_host
 from services.mail.imap import ImapEndpoint, capabilities, imap_session
 from services.mail.smtp import SmtpEndpoint, verify_smtp
-from services.models import Account, TaskRecord, TaskState, User, utcnow
+from services.models import Account, TaskRecord, User, utcnow
+from services.settings import Settings
+from services.task_records import IN_FLIGHT
 from services.tenancy import Principal, get_scoped, scoped
 
 ENDPOINT_FIELDS = ("host", "port", "tls", "username")
-IN_FLIGHT = [s.value for s in TaskState.in_flight()]
 
 
 @dataclass(frozen=True)
@@ -173,21 +174,29 @@ def check_ownership(session: Session, account_id: str | None, tenant_id: str, us
 # --- the sync lock ---------------------------------------------------------------------------
 
 
-def claim_sync_lock(session: Session, account_id: str, task_id: str, *, ttl: float) -> str | None:
-    """Make ``task_id`` the account's one sync. Returns None on success, or the id of the
-    sync in flight. The lock is free when unset, expired, or held by a finished task."""
-    now = utcnow()
+def sync_lock_ttl(settings: Settings) -> float:
+    """How long a sync lock lasts unrenewed: one attempt's hard limit plus the longest retry
+    delay plus a minute, so a sync waiting to retry keeps its account."""
+    return float(settings.task_hard_time_limit + settings.retry_max_seconds + 60)
+
+
+def _sync_lock_free(now: datetime) -> ColumnElement[bool]:
+    """The account's sync lock is unset, expired, or held by a task that has finished."""
     finished_holder = (
         select(TaskRecord.id)
         .where(TaskRecord.id == Account.sync_task_id, TaskRecord.state.not_in(IN_FLIGHT))
         .exists()
     )
+    return or_(Account.sync_task_id.is_(None), Account.sync_lock_until < now, finished_holder)
+
+
+def claim_sync_lock(session: Session, account_id: str, task_id: str, *, ttl: float) -> str | None:
+    """Make ``task_id`` the account's one sync. Returns None on success, or the id of the
+    sync in flight. The lock is free when unset, expired, or held by a finished task."""
+    now = utcnow()
     result = session.execute(
         update(Account)
-        .where(
-            Account.id == account_id,
-            or_(Account.sync_task_id.is_(None), Account.sync_lock_until < now, finished_holder),
-        )
+        .where(Account.id == account_id, _sync_lock_free(now))
         .values(sync_task_id=task_id, sync_lock_until=now + timedelta(seconds=ttl))
         .execution_options(synchronize_session=False)
     )
@@ -220,15 +229,8 @@ def due_account_ids(session: Session, now: datetime) -> list[str]:
     """Accounts whose sync interval has passed since their last sync and whose sync lock is
     free (all tenants: Beat). Interval arithmetic is done here, not in SQL, so it reads the
     same on SQLite and PostgreSQL; only three columns per account are loaded."""
-    finished_holder = (
-        select(TaskRecord.id)
-        .where(TaskRecord.id == Account.sync_task_id, TaskRecord.state.not_in(IN_FLIGHT))
-        .exists()
-    )
     rows = session.execute(
-        select(Account.id, Account.last_sync_at, Account.sync_interval).where(
-            or_(Account.sync_task_id.is_(None), Account.sync_lock_until < now, finished_holder)
-        )
+        select(Account.id, Account.last_sync_at, Account.sync_interval).where(_sync_lock_free(now))
     ).all()
     return [
         account_id

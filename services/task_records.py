@@ -238,11 +238,6 @@ def request_cancel(session: Session, record: TaskRecord) -> bool:
     return True
 
 
-def in_flight_ids(session: Session, principal: Principal) -> list[str]:
-    query = scoped(TaskRecord, principal).where(TaskRecord.state.in_(IN_FLIGHT))
-    return [r.id for r in session.scalars(query)]
-
-
 def counts_by_state(session: Session, tenant_id: str) -> dict[str, int]:
     rows = session.execute(
         select(TaskRecord.state, func.count())

@@ -64,7 +64,7 @@ def dispatch(
             default_estimate=kind.default_estimate,
         )
         if type == "sync" and account_id is not None:
-            ttl = settings.task_hard_time_limit + settings.retry_max_seconds + 60
+            ttl = accounts.sync_lock_ttl(settings)
             holder = accounts.claim_sync_lock(session, account_id, record.id, ttl=ttl)
             if holder is not None:
                 session.rollback()

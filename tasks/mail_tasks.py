@@ -25,11 +25,6 @@ class NotAvailableYet(MailroomError):
 LOCK_RENEW_SECONDS = 30.0
 
 
-def sync_lock_ttl(ctx: TaskContext) -> float:
-    s = ctx.settings
-    return float(s.task_hard_time_limit + s.retry_max_seconds + 60)
-
-
 @mailroom_task("mailroom.sync_emails", SyncParams, max_retries=QUEUES["sync"].max_retries)
 def sync_emails(ctx: TaskContext) -> dict[str, Any]:
     """Bring the account's stored folders and messages up to date with the IMAP server."""
@@ -42,7 +37,9 @@ def sync_emails(ctx: TaskContext) -> dict[str, Any]:
         if time.monotonic() - lock_renewed > LOCK_RENEW_SECONDS:
             lock_renewed = time.monotonic()
             with ctx.session() as session:
-                accounts.extend_sync_lock(session, ctx.account_id or "", ctx.task_id, ttl=sync_lock_ttl(ctx))
+                accounts.extend_sync_lock(
+                    session, ctx.account_id or "", ctx.task_id, ttl=accounts.sync_lock_ttl(ctx.settings)
+                )
 
     params: SyncParams = ctx.params
     summary = sync_account(

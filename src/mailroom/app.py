@@ -8,7 +8,6 @@ from typing import Any
 
 from flask import Request, Response, jsonify, request
 from flask_openapi3 import Info, OpenAPI
-from flask_openapi3.models import Server  # noqa: F401 - re-exported for deployments
 
 from mailroom import __version__ as _version
 from mailroom.auth import authenticate_request

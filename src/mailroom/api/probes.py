@@ -9,7 +9,7 @@ from flask_openapi3 import APIBlueprint, Tag
 
 from mailroom.context import state
 from mailroom.docs import render_docs
-from mailroom.health import check_database, health_report
+from mailroom.health import health_report
 from mailroom.metrics import render_metrics
 from mailroom.schemas import ErrorResponse, ProbeOut
 from services.errors import Unauthorized
@@ -54,6 +54,3 @@ def docs() -> Response:
 @bp.get("/", responses={302: None}, doc_ui=False)
 def root() -> Response:
     return redirect("/docs")  # type: ignore[return-value]
-
-
-__all__ = ["bp", "check_database"]
