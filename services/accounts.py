@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from services.crypto import SecretBox
 from services.errors import NotFound, ValidationFailed
-from services.mail.hosts import check_host
+from services.mail.hosts import resolve_host
 from services.mail.imap import ImapEndpoint, capabilities, imap_session
 from services.mail.smtp import SmtpEndpoint, verify_smtp
 from services.models import Account, TaskRecord, User, utcnow
@@ -24,6 +24,9 @@ from services.task_records import IN_FLIGHT
 from services.tenancy import Principal, get_scoped, scoped
 
 ENDPOINT_FIELDS = ("host", "port", "tls", "username")
+#: Changing any of these points the stored password at another server (or sends it in
+#: plain text), so a change must come with the password again.
+PASSWORD_BOUND_FIELDS = ("host", "port", "tls", "username")
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,13 @@ def create_account(
 def update_account(
     session: Session, account: Account, data: AccountInput, box: SecretBox, *, allow_private: bool
 ) -> Account:
-    """Change the given fields; endpoints are merged, so a PATCH may change just a port."""
+    """Change the given fields; endpoints are merged, so a PATCH may change just a port.
+
+    A change of an endpoint's host, port, TLS mode or username needs that endpoint's
+    password in the same request (422 naming ``imap.password`` / ``smtp.password``): the
+    stored password never goes to a server, or over a channel, it was not given for."""
+    for kind, patch in (("imap", data.imap), ("smtp", data.smtp)):
+        _require_password_for_moves(account, kind, patch or {})
     merged = AccountInput(
         imap={**endpoint_view(account, "imap"), **(data.imap or {})} if data.imap else None,
         smtp={**endpoint_view(account, "smtp"), **(data.smtp or {})} if data.smtp else None,
@@ -81,10 +90,32 @@ def update_account(
     return account
 
 
+def _require_password_for_moves(account: Account, kind: str, patch: dict[str, Any]) -> None:
+    if patch.get("password") is not None:
+        return
+    changed = [
+        field
+        for field in PASSWORD_BOUND_FIELDS
+        if patch.get(field) is not None and patch[field] != getattr(account, f"{kind}_{field}")
+    ]
+    if changed:
+        raise ValidationFailed(
+            f"{kind}.password is required when changing {', '.join(f'{kind}.{f}' for f in changed)}",
+            details={"field": f"{kind}.password"},
+        )
+
+
 def _check_endpoints(data: AccountInput, allow_private: bool) -> None:
+    """Host policy and the plain-text rule, through the same lookup the connection uses."""
     for kind, endpoint in (("imap", data.imap), ("smtp", data.smtp)):
         if endpoint:
-            check_host(endpoint["host"], endpoint["port"], allow_private=allow_private, field=f"{kind}.host")
+            resolve_host(
+                endpoint["host"],
+                endpoint["port"],
+                allow_private=allow_private,
+                field=f"{kind}.host",
+                tls=endpoint["tls"],
+            )
 
 
 def _apply_endpoint(

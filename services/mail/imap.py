@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import imaplib
 import socket
 import ssl
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ import imapclient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 
 from services.errors import AuthenticationFailed, MailError, PermanentMailError, TransientMailError
-from services.mail.hosts import check_host
+from services.mail.hosts import PinnedHost, connect_pinned, resolve_host
 
 
 @dataclass(frozen=True)
@@ -51,21 +52,72 @@ def _tls_context() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
+class _PinnedIMAP4(imaplib.IMAP4):
+    """imaplib's connection, made to a pinned address: ``self.host`` stays the name, so
+    implicit TLS here and imaplib's STARTTLS both check the certificate against the name
+    and send it as SNI."""
+
+    def __init__(self, pinned: PinnedHost, timeout: float | None, ssl_context: ssl.SSLContext | None) -> None:
+        self._pinned = pinned
+        self._connect_timeout = timeout
+        self._implicit_tls = ssl_context
+        super().__init__(pinned.name, pinned.port, timeout=timeout)
+
+    def _create_socket(self, timeout: float | None = None) -> socket.socket:
+        sock = connect_pinned(self._pinned, timeout if timeout is not None else self._connect_timeout)
+        if self._implicit_tls is None:
+            return sock
+        try:
+            return self._implicit_tls.wrap_socket(sock, server_hostname=self._pinned.name)
+        except BaseException:
+            sock.close()
+            raise
+
+
+class PinnedIMAPClient(imapclient.IMAPClient):
+    """An IMAPClient whose connection goes to a :class:`PinnedHost`'s addresses, never to a
+    second lookup of the name."""
+
+    def __init__(self, pinned: PinnedHost, *, ssl_context: ssl.SSLContext | None, timeout: float) -> None:
+        self._pinned = pinned
+        super().__init__(
+            pinned.name,
+            port=pinned.port,
+            ssl=ssl_context is not None,
+            ssl_context=ssl_context,
+            timeout=timeout,
+            use_uid=True,
+        )
+
+    def _create_IMAP4(self) -> imaplib.IMAP4:  # imapclient's hook for making the connection
+        connect_timeout = getattr(self._timeout, "connect", None)
+        return _PinnedIMAP4(self._pinned, connect_timeout, self.ssl_context if self.ssl else None)
+
+
 @contextmanager
 def imap_session(
     endpoint: ImapEndpoint, *, timeout: float, allow_private: bool
 ) -> Iterator[imapclient.IMAPClient]:
-    """A logged-in IMAP client; faults come out as transient or permanent Mailroom errors."""
-    check_host(endpoint.host, endpoint.port, allow_private=allow_private, field="imap_host")
+    """A logged-in IMAP client; faults come out as transient or permanent Mailroom errors.
+
+    The host is resolved once and checked (:func:`resolve_host`); the connection goes to
+    that answer, with the name kept for TLS."""
+    pinned = resolve_host(
+        endpoint.host, endpoint.port, allow_private=allow_private, field="imap.host", tls=endpoint.tls
+    )
+    with pinned_imap_session(pinned, endpoint, timeout=timeout) as client:
+        yield client
+
+
+@contextmanager
+def pinned_imap_session(
+    pinned: PinnedHost, endpoint: ImapEndpoint, *, timeout: float
+) -> Iterator[imapclient.IMAPClient]:
+    """:func:`imap_session` for an already checked :class:`PinnedHost`."""
     client: imapclient.IMAPClient | None = None
     try:
-        client = imapclient.IMAPClient(
-            endpoint.host,
-            port=endpoint.port,
-            ssl=endpoint.tls == "ssl",
-            ssl_context=_tls_context() if endpoint.tls == "ssl" else None,
-            timeout=timeout,
-            use_uid=True,
+        client = PinnedIMAPClient(
+            pinned, ssl_context=_tls_context() if endpoint.tls == "ssl" else None, timeout=timeout
         )
         if endpoint.tls == "starttls":
             client.starttls(_tls_context())

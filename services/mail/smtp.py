@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import aiosmtplib
 
 from services.errors import AuthenticationFailed, MailError, PermanentMailError, TransientMailError
-from services.mail.hosts import check_host
+from services.mail.hosts import PinnedHost, connect_pinned_async, resolve_host
 
 
 @dataclass(frozen=True)
@@ -41,20 +41,32 @@ def classify_smtp_error(exc: BaseException, what: str) -> MailError:
     return PermanentMailError(f"{what}: {type(exc).__name__}: {exc}")
 
 
-def make_client(endpoint: SmtpEndpoint, *, timeout: float) -> aiosmtplib.SMTP:
-    return aiosmtplib.SMTP(
-        hostname=endpoint.host,
-        port=endpoint.port,
+async def connect_smtp(pinned: PinnedHost, endpoint: SmtpEndpoint, *, timeout: float) -> aiosmtplib.SMTP:
+    """An SMTP client connected to a pinned address, TLS negotiated as configured.
+
+    aiosmtplib is handed a socket already connected to the pinned address (no lookup of its
+    own) and the host name: it uses ``hostname`` as ``server_hostname`` for implicit TLS
+    and for STARTTLS, so the certificate is checked against the name and SNI carries it."""
+    sock = await connect_pinned_async(pinned, timeout)
+    client = aiosmtplib.SMTP(
+        hostname=pinned.name,
+        sock=sock,
         use_tls=endpoint.tls == "ssl",
         start_tls=endpoint.tls == "starttls",
         timeout=timeout,
         tls_context=ssl.create_default_context() if endpoint.tls != "none" else None,
     )
+    try:
+        await client.connect()
+    except BaseException:
+        client.close()
+        sock.close()  # aiosmtplib owns the socket only once its transport exists
+        raise
+    return client
 
 
-async def _verify(endpoint: SmtpEndpoint, timeout: float) -> list[str]:
-    client = make_client(endpoint, timeout=timeout)
-    await client.connect()
+async def _verify(pinned: PinnedHost, endpoint: SmtpEndpoint, timeout: float) -> list[str]:
+    client = await connect_smtp(pinned, endpoint, timeout=timeout)
     try:
         if client.last_ehlo_response is None:  # connect() greets only when it negotiated TLS
             await client.ehlo()
@@ -70,9 +82,19 @@ async def _verify(endpoint: SmtpEndpoint, timeout: float) -> list[str]:
 
 
 def verify_smtp(endpoint: SmtpEndpoint, *, timeout: float, allow_private: bool) -> list[str]:
-    """Connect, negotiate TLS as configured, log in; return the server's ESMTP extensions."""
-    check_host(endpoint.host, endpoint.port, allow_private=allow_private, field="smtp_host")
+    """Connect, negotiate TLS as configured, log in; return the server's ESMTP extensions.
+
+    The host is resolved once and checked (:func:`resolve_host`); the connection goes to
+    that answer, with the name kept for TLS."""
+    pinned = resolve_host(
+        endpoint.host, endpoint.port, allow_private=allow_private, field="smtp.host", tls=endpoint.tls
+    )
+    return verify_pinned_smtp(pinned, endpoint, timeout=timeout)
+
+
+def verify_pinned_smtp(pinned: PinnedHost, endpoint: SmtpEndpoint, *, timeout: float) -> list[str]:
+    """:func:`verify_smtp` for an already checked :class:`PinnedHost`."""
     try:
-        return asyncio.run(_verify(endpoint, timeout))
+        return asyncio.run(_verify(pinned, endpoint, timeout))
     except Exception as exc:
         raise classify_smtp_error(exc, "SMTP login") from exc

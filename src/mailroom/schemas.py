@@ -71,7 +71,8 @@ class EndpointIn(Strict):
     host: str = HostField
     port: int = Field(ge=1, le=65535)
     tls: TlsModeField = Field(
-        description="ssl = implicit TLS, starttls, or none (plain, local servers only)."
+        description="ssl = implicit TLS, starttls, or none (plain text: refused unless every "
+        "address of the host is loopback or private)."
     )
     username: str = Field(min_length=1, max_length=320)
     password: str = Field(min_length=1, max_length=4096, description="Write-only; stored encrypted.")
@@ -82,7 +83,13 @@ class EndpointPatch(Strict):
     port: int | None = Field(default=None, ge=1, le=65535)
     tls: TlsModeField | None = None
     username: str | None = Field(default=None, min_length=1, max_length=320)
-    password: str | None = Field(default=None, min_length=1, max_length=4096)
+    password: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        description="Required when host, port, tls or username changes, so the stored password "
+        "is never sent to a server it was not given for.",
+    )
 
 
 class EndpointOut(BaseModel):
