@@ -21,6 +21,15 @@ class SmtpEndpoint:
     password: str
 
 
+def _cause_of_type(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    seen: BaseException | None = exc
+    for _ in range(5):  # a short chain: the wrapper and what it wraps
+        if seen is None or isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def classify_smtp_error(exc: BaseException, what: str) -> MailError:
     """SMTP 4xx, network faults and timeouts are transient; 5xx and bad logins are not."""
     if isinstance(exc, MailError):
@@ -30,8 +39,9 @@ def classify_smtp_error(exc: BaseException, what: str) -> MailError:
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         message = f"{what}: the SMTP server answered {exc.code} {exc.message}"
         return TransientMailError(message) if 400 <= exc.code < 500 else PermanentMailError(message)
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return PermanentMailError(f"{what}: the SMTP server's TLS certificate is not valid: {exc}")
+    cert_error = _cause_of_type(exc, ssl.SSLCertVerificationError)
+    if cert_error is not None:  # aiosmtplib wraps a failed implicit-TLS handshake in SMTPConnectError
+        return PermanentMailError(f"{what}: the SMTP server's TLS certificate is not valid: {cert_error}")
     if isinstance(exc, (aiosmtplib.SMTPTimeoutError, TimeoutError)):
         return TransientMailError(f"{what}: timed out talking to the SMTP server")
     if isinstance(exc, (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPServerDisconnected, OSError)):
