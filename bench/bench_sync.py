@@ -37,7 +37,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 from cryptography.fernet import Fernet  # noqa: E402
 
 from services.crypto import SecretBox  # noqa: E402
-from services.db import make_engine, make_sessionmaker  # noqa: E402
+from services.db import make_engine, make_sessionmaker, unrestricted_unsafe_sessions  # noqa: E402
 from services.migrate import upgrade  # noqa: E402
 from services.settings import load_settings  # noqa: E402
 from services.sync.fetch import HEADER_FIELDS, SNIPPET_BYTES  # noqa: E402
@@ -127,7 +127,7 @@ def _sync_in_child(database_url: str, key: str, account_id: str, batch: int, res
     settings = load_settings(
         database_url=database_url, secret_key=key, allow_private_hosts=True, sync_batch_size=batch
     )
-    sessions = make_sessionmaker(make_engine(settings))
+    sessions = unrestricted_unsafe_sessions(make_sessionmaker(make_engine(settings)))
     with peak_rss() as rss:
         summary = sync_account(
             sessions,
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         engine = make_engine(settings)
         upgrade(engine)
-        sessions = make_sessionmaker(engine)
+        sessions = unrestricted_unsafe_sessions(make_sessionmaker(engine))
         box = SecretBox(key)
 
         print(f"seeding {args.messages:,} + {args.small:,} messages of ~{args.size:,} bytes …", flush=True)

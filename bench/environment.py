@@ -36,7 +36,7 @@ sys.path[:0] = [path for path in (str(ROOT), str(ROOT / "src")) if path not in s
 from services import accounts, tenancy  # noqa: E402
 from services.accounts import AccountInput  # noqa: E402
 from services.crypto import SecretBox  # noqa: E402
-from services.db import make_engine, make_sessionmaker, transaction  # noqa: E402
+from services.db import make_engine, make_sessionmaker, transaction, unrestricted_unsafe_sessions  # noqa: E402
 from services.migrate import upgrade  # noqa: E402
 from services.settings import Settings, load_settings  # noqa: E402
 from services.tenancy import Principal  # noqa: E402
@@ -130,7 +130,7 @@ class BenchEnvironment:
         return load_settings(**self.values)
 
     def sessions(self) -> sessionmaker[Session]:
-        return make_sessionmaker(make_engine(self.settings))
+        return unrestricted_unsafe_sessions(make_sessionmaker(make_engine(self.settings)))
 
     def subprocess_env(self) -> dict[str, str]:
         """The environment of a Mailroom subprocess (gunicorn, a worker): ours without any

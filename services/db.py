@@ -1,17 +1,60 @@
 """Engines and sessions. One transaction per request and per task attempt, committed at the
-edge by :func:`transaction`; helpers in ``services`` flush but never commit."""
+edge by :func:`transaction`; helpers in ``services`` flush but never commit.
+
+Tenant scoping is a property of the session, not of each query. Every session made here is
+in one of three modes, kept in ``session.info``:
+
+* **bound to a tenant** (:func:`tenant_sessions`, :func:`bind_tenant`): every ORM SELECT,
+  relationship or attribute load, and ORM-enabled bulk ``update()``/``delete()`` gets
+  ``WHERE <model>.tenant_id = :tenant`` (``tenants.id`` for :class:`Tenant`) through
+  ``with_loader_criteria``, and ``session.get()`` never hands out another tenant's row even
+  when it is already in the identity map. The API binds the request's session right after
+  authentication; a worker binds each task attempt to its task's tenant.
+* **unrestricted** (:func:`unrestricted_unsafe_sessions`, or one statement through
+  ``execution_options(unrestricted_unsafe=True)``): reads across tenants, for Beat, cleanup,
+  metrics, operators' commands and the API-key lookup. Grep ``unrestricted_unsafe`` to find
+  every such place.
+* **unbound** (a plain :func:`make_sessionmaker` session): any ORM statement on a tenant
+  model raises :class:`UnscopedQuery`. Forgetting to choose is a loud error, never a silent
+  read of every tenant. Inserts and plain SQL (``text()``, Core statements on tables) are
+  not ORM entity reads and pass in every mode.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker, with_loader_criteria
 
+from services.models import Base, Tenant
 from services.settings import Settings
+
+#: ``session.info`` key holding the tenant a session is bound to.
+TENANT_KEY = "tenant_id"
+#: ``session.info`` key (or statement execution option) of the cross-tenant escape.
+UNRESTRICTED_KEY = "unrestricted_unsafe"
+
+
+class UnscopedQuery(RuntimeError):
+    """An ORM read of tenant data on a session that is neither bound to a tenant nor
+    explicitly unrestricted: a programming error, never a client's fault."""
+
+
+class MailroomSession(Session):
+    """A session whose ``get()`` respects the tenant it is bound to, identity map included."""
+
+    def get(self, entity: Any, ident: Any, *args: Any, **kwargs: Any) -> Any:
+        row = super().get(entity, ident, *args, **kwargs)
+        # An identity-map hit emits no SQL, so the loader criteria never see it: a row
+        # loaded earlier through an escape (or before binding) must not leak through get().
+        if row is not None and not visible(self, row):
+            return None
+        return row
 
 
 def make_engine(settings: Settings) -> Engine:
@@ -41,12 +84,124 @@ def make_engine(settings: Settings) -> Engine:
     )
 
 
-def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(bind=engine, expire_on_commit=False)
+def make_sessionmaker(engine: Engine) -> sessionmaker[MailroomSession]:
+    """Unbound sessions: bind them (:func:`bind_tenant`) or derive a factory from this one
+    (:func:`tenant_sessions`, :func:`unrestricted_unsafe_sessions`) before reading tenant data."""
+    return sessionmaker(bind=engine, class_=MailroomSession, expire_on_commit=False)
+
+
+class _DerivedSessionmaker(sessionmaker[Any]):
+    """``parent``'s factory with extra ``session.info``. It reuses the parent's session class
+    (``sessionmaker()`` would make a new class each time, and one is derived per request
+    and per task attempt)."""
+
+    def __init__(self, parent: sessionmaker[Any], info: dict[str, Any]) -> None:
+        base_info = {
+            k: v for k, v in parent.kw.get("info", {}).items() if k not in (TENANT_KEY, UNRESTRICTED_KEY)
+        }
+        self.kw = {**parent.kw, "info": {**base_info, **info}}
+        self.class_ = parent.class_
+
+
+def _derive(factory: sessionmaker[Any], info: dict[str, Any]) -> sessionmaker[Any]:
+    return _DerivedSessionmaker(factory, info)
+
+
+def tenant_sessions(factory: sessionmaker[Any], tenant_id: str) -> sessionmaker[Any]:
+    """A factory like ``factory`` whose sessions see only ``tenant_id``'s rows."""
+    if not tenant_id:
+        raise ValueError("a tenant-bound session needs a tenant id")
+    return _derive(factory, {TENANT_KEY: tenant_id})
+
+
+def unrestricted_unsafe_sessions(factory: sessionmaker[Any]) -> sessionmaker[Any]:
+    """A factory like ``factory`` whose sessions read across all tenants. Only Beat, cleanup,
+    metrics, operators' commands and tests may use this."""
+    return _derive(factory, {UNRESTRICTED_KEY: True})
+
+
+def bind_tenant(session: Session, tenant_id: str) -> None:
+    """Bind an unbound session to ``tenant_id`` from now on (the API does this right after
+    the key lookup). Rebinding to another tenant is refused: one session, one tenant."""
+    current = session.info.get(TENANT_KEY)
+    if current is not None and current != tenant_id:
+        raise UnscopedQuery("this session is bound to another tenant already")
+    session.info.pop(UNRESTRICTED_KEY, None)
+    session.info[TENANT_KEY] = tenant_id
+
+
+def bound_tenant(session: Session) -> str | None:
+    return session.info.get(TENANT_KEY)
+
+
+@cache
+def _tenant_models() -> tuple[type[Any], ...]:
+    return tuple(
+        m.class_
+        for m in Base.registry.mappers
+        if m.class_ is Tenant or "tenant_id" in m.columns  # type: ignore[operator]
+    )
+
+
+def _owner(row: Any) -> str | None:
+    if isinstance(row, Tenant):
+        return row.id
+    return getattr(row, "tenant_id", None) if isinstance(row, _tenant_models()) else None
+
+
+def visible(session: Session, row: Any) -> bool:
+    """Whether ``row`` may be handed out by ``session`` (any row in an unbound or
+    unrestricted session; in a bound one, only rows of its tenant)."""
+    tenant_id = session.info.get(TENANT_KEY)
+    if tenant_id is None or not isinstance(row, _tenant_models()):
+        return True
+    return _owner(row) == tenant_id
+
+
+def _criteria(tenant_id: str) -> list[Any]:
+    options: list[Any] = [with_loader_criteria(Tenant, lambda cls: cls.id == tenant_id, include_aliases=True)]
+    for model in _tenant_models():
+        if model is not Tenant:
+            options.append(
+                with_loader_criteria(model, lambda cls: cls.tenant_id == tenant_id, include_aliases=True)
+            )
+    return options
+
+
+@event.listens_for(MailroomSession, "do_orm_execute")
+def _scope_statement(state: ORMExecuteState) -> None:
+    if state.is_insert or state.execution_options.get(UNRESTRICTED_KEY):
+        return
+    info = state.session.info
+    if info.get(UNRESTRICTED_KEY):
+        return
+    tenant_id = info.get(TENANT_KEY)
+    if tenant_id is None:
+        touched = [m.class_.__name__ for m in state.all_mappers if issubclass(m.class_, _tenant_models())]
+        if touched:
+            raise UnscopedQuery(
+                f"ORM statement on {', '.join(sorted(set(touched)))} in a session bound to no tenant; "
+                "use tenant_sessions()/bind_tenant(), or unrestricted_unsafe_sessions() where "
+                "reading across tenants is intended"
+            )
+        return
+    if (state.is_update or state.is_delete) and state.is_executemany:
+        # ORM bulk UPDATE by primary key (a list of parameter sets) ignores loader criteria,
+        # so the tenant condition goes into its WHERE clause itself. SQLAlchemy cannot then
+        # synchronize objects already in the session; callers of bulk updates (the sync)
+        # work on column tuples, not loaded objects.
+        state.update_execution_options(synchronize_session=None)
+        for mapper in state.all_mappers:
+            model = mapper.class_
+            if issubclass(model, _tenant_models()):
+                column = model.id if model is Tenant else model.tenant_id
+                state.statement = state.statement.where(column == tenant_id)  # type: ignore[attr-defined]
+        return
+    state.statement = state.statement.options(*_criteria(tenant_id))
 
 
 @contextmanager
-def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
+def transaction(factory: sessionmaker[Any]) -> Iterator[Session]:
     """A session whose work is committed on success and rolled back on any error."""
     session = factory()
     try:

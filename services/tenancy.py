@@ -1,7 +1,11 @@
 """Tenants, users, API keys, and the tenant-scoped path every read and write goes through.
 
-Reaching across tenants is possible only through :func:`unrestricted_unsafe`, so each such
-place (Beat, operators' commands) can be found with one grep.
+The tenant rule is enforced by the session (see :mod:`services.db`): a session bound to a
+tenant sees only that tenant's rows whatever the query says, and an unbound one refuses
+tenant reads. On top of it :func:`scoped` adds the user rule (members see only what they
+own). Reaching across tenants is possible only through :func:`unrestricted_unsafe` (one
+statement) or ``services.db.unrestricted_unsafe_sessions`` (a factory), so each such place
+(Beat, operators' commands, the API-key lookup) can be found with one grep.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
+from services.db import UNRESTRICTED_KEY
 from services.errors import Conflict, NotFound, Unauthorized, ValidationFailed
 from services.models import ApiKey, Role, Tenant, User, utcnow
 
@@ -55,7 +60,7 @@ def create_tenant(session: Session, *, name: str, slug: str | None = None) -> Te
     slug = slug or re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:63] or "tenant"
     if not _SLUG_RE.match(slug):
         raise ValidationFailed("slug must be lowercase letters, digits and dashes")
-    if session.scalar(select(Tenant).where(Tenant.slug == slug)) is not None:
+    if session.scalar(unrestricted_unsafe(Tenant).where(Tenant.slug == slug)) is not None:
         raise Conflict(f"a tenant with slug {slug!r} exists already")
     tenant = Tenant(name=name, slug=slug)
     session.add(tenant)
@@ -80,7 +85,9 @@ def create_user(
         raise ValidationFailed(f"not an email address: {email!r}")
     if role not in {r.value for r in Role}:
         raise ValidationFailed("role must be 'member' or 'admin'")
-    existing = session.scalar(select(User).where(User.tenant_id == tenant_id, User.email == email))
+    existing = session.scalar(
+        unrestricted_unsafe(User).where(User.tenant_id == tenant_id, User.email == email)
+    )
     if existing is not None:
         raise Conflict(f"user {email} exists already in this tenant")
     user = User(tenant_id=tenant_id, email=email, name=name, role=role)
@@ -91,7 +98,9 @@ def create_user(
 
 def find_user(session: Session, tenant_id: str, ref: str) -> User:
     user = session.scalar(
-        select(User).where(User.tenant_id == tenant_id, (User.id == ref) | (User.email == ref.lower()))
+        unrestricted_unsafe(User).where(
+            User.tenant_id == tenant_id, (User.id == ref) | (User.email == ref.lower())
+        )
     )
     if user is None:
         raise NotFound(f"no user {ref!r} in this tenant")
@@ -134,7 +143,8 @@ def authenticate(session: Session, token: str) -> Principal:
     """The principal behind a bearer token; a malformed, unknown or revoked key is refused."""
     if not _KEY_RE.match(token):
         raise Unauthorized("malformed API key")
-    key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(token)))
+    # The one read that must run before any tenant is known: the key decides the tenant.
+    key = session.scalar(unrestricted_unsafe(ApiKey).where(ApiKey.key_hash == hash_key(token)))
     if key is None:
         raise Unauthorized("unknown API key")
     if key.revoked_at is not None:
@@ -167,5 +177,6 @@ def get_scoped(session: Session, model: type[M], ident: Any, principal: Principa
 
 
 def unrestricted_unsafe(model: type[M]) -> Select[M]:
-    """A SELECT across all tenants. Only Beat and operators' commands may use this."""
-    return select(model)
+    """A SELECT across all tenants, even in a tenant-bound session. Only the key lookup,
+    Beat, and operators' commands may use this."""
+    return select(model).execution_options(**{UNRESTRICTED_KEY: True})

@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from celery import Task, shared_task
@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from services import task_records
 from services.accounts import check_ownership
-from services.db import transaction
+from services.db import tenant_sessions, transaction
 from services.errors import MailroomError, TaskCancelled, ValidationFailed, is_transient
 from services.models import Account, TaskState
 from services.settings import Settings
@@ -130,7 +130,10 @@ def run_attempt(
     account_id: str | None,
     raw_params: dict[str, Any],
 ) -> dict[str, Any]:
-    runtime = get_runtime(task.app)
+    # Every session of this attempt (the task body's and the services' it calls) sees only
+    # the task's tenant: a message naming another tenant's record finds no record.
+    shared = get_runtime(task.app)
+    runtime = replace(shared, sessions=tenant_sessions(shared.sessions, tenant_id))
     task_id = task.request.id
     with transaction(runtime.sessions) as session:
         record = task_records.load_record(session, task_id)

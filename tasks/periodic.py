@@ -9,7 +9,7 @@ from typing import Any
 from celery import Task, shared_task
 
 from services import accounts, task_records
-from services.db import transaction
+from services.db import tenant_sessions, transaction, unrestricted_unsafe_sessions
 from services.errors import ServiceUnavailable
 from services.models import Account, utcnow
 from tasks.dispatch import dispatch
@@ -27,11 +27,13 @@ def periodic_sync(self: Task) -> dict[str, Any]:
     no sync in flight. Two Beats running at once cannot double a sync: each sync claims the
     account's lock with one conditional UPDATE, and only one claim wins."""
     runtime = get_runtime(self.app)
-    with transaction(runtime.sessions) as session:
+    # Beat reads across tenants on purpose; each dispatch then runs bound to its tenant.
+    everyone = unrestricted_unsafe_sessions(runtime.sessions)
+    with transaction(everyone) as session:
         due = accounts.due_account_ids(session, utcnow())
     queued, skipped = [], 0
     for account_id in due:
-        with transaction(runtime.sessions) as session:
+        with transaction(everyone) as session:
             account = session.get(Account, account_id)
             if account is None:
                 continue
@@ -39,7 +41,7 @@ def periodic_sync(self: Task) -> dict[str, Any]:
         try:
             result = dispatch(
                 self.app,
-                runtime.sessions,
+                tenant_sessions(runtime.sessions, tenant_id),
                 type="sync",
                 tenant_id=tenant_id,
                 user_id=user_id,
@@ -68,7 +70,7 @@ def cleanup_stale_results(self: Task) -> dict[str, int]:
     longest_attempt = timedelta(
         seconds=s.task_hard_time_limit + s.retry_max_seconds + s.stuck_task_grace_seconds
     )
-    with transaction(runtime.sessions) as session:
+    with transaction(unrestricted_unsafe_sessions(runtime.sessions)) as session:
         stuck = task_records.fail_stuck(session, older_than=now - longest_attempt)
         lost = task_records.fail_undelivered(session, older_than=now - UNDELIVERED_AFTER)
         forgotten = task_records.delete_history(session, older_than=now - timedelta(days=s.task_history_days))

@@ -19,7 +19,7 @@ import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.db import make_engine, make_sessionmaker, transaction
+from services.db import make_engine, make_sessionmaker, transaction, unrestricted_unsafe_sessions
 from services.migrate import upgrade
 from services.settings import Settings, load_settings
 from tests.servers.dovecot import DovecotServer
@@ -125,7 +125,8 @@ def settings(base_values: dict[str, Any]) -> Settings:
 
 @pytest.fixture(scope="session")
 def sessions(settings: Settings) -> sessionmaker[Session]:
-    return make_sessionmaker(make_engine(settings))
+    # Tests set up and inspect several tenants' rows: the explicit cross-tenant escape.
+    return unrestricted_unsafe_sessions(make_sessionmaker(make_engine(settings)))
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from sqlalchemy import select, update
 from services import accounts, tenancy
 from services.accounts import AccountInput
 from services.crypto import SecretBox
-from services.db import make_engine, make_sessionmaker, transaction
+from services.db import make_engine, make_sessionmaker, transaction, unrestricted_unsafe_sessions
 from services.migrate import upgrade
 from services.models import Account, TaskRecord, utcnow
 from services.settings import load_settings
@@ -33,7 +33,7 @@ class Isolated:
     def __init__(self, values: dict[str, Any]) -> None:
         self.values = values
         self.settings = load_settings(**values)
-        self.sessions = make_sessionmaker(make_engine(self.settings))
+        self.sessions = unrestricted_unsafe_sessions(make_sessionmaker(make_engine(self.settings)))
         self.celery = make_celery(self.settings)
         self.env = worker_env(env_for(values))
 

@@ -6,6 +6,7 @@ from flask import g, request
 
 from mailroom.context import db_session
 from services import tenancy
+from services.db import bind_tenant
 from services.errors import Forbidden, Unauthorized
 from services.tenancy import Principal
 
@@ -20,7 +21,11 @@ def authenticate_request() -> None:
         raise Unauthorized("missing Authorization header; send 'Authorization: Bearer <api key>'")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("malformed Authorization header; expected 'Bearer <api key>'")
-    g.principal = tenancy.authenticate(db_session(), token.strip())
+    session = db_session()
+    who = tenancy.authenticate(session, token.strip())
+    # From here on every read of this request's session is limited to the caller's tenant.
+    bind_tenant(session, who.tenant_id)
+    g.principal = who
 
 
 def principal() -> Principal:

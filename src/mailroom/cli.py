@@ -17,7 +17,7 @@ import click
 from sqlalchemy.orm import Session
 
 from services import tenancy
-from services.db import make_engine, make_sessionmaker, transaction
+from services.db import make_engine, make_sessionmaker, transaction, unrestricted_unsafe_sessions
 from services.errors import MailroomError
 from services.migrate import upgrade
 from services.models import ApiKey, Tenant
@@ -42,7 +42,8 @@ def settings_or_exit() -> Settings:
 def session_scope() -> Iterator[Session]:
     settings = settings_or_exit()
     try:
-        with transaction(make_sessionmaker(make_engine(settings))) as session:
+        # Operators' commands work across tenants.
+        with transaction(unrestricted_unsafe_sessions(make_sessionmaker(make_engine(settings)))) as session:
             yield session
     except MailroomError as exc:
         fail(exc.message)

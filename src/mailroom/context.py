@@ -1,7 +1,8 @@
 """Per-app and per-request state: the settings, the Celery app, the request's session.
 
 One database transaction per request: opened on first use, committed at the end of a
-successful request and rolled back otherwise."""
+successful request and rolled back otherwise. The request's session starts unbound (it
+refuses tenant reads) and is bound to the caller's tenant right after the key lookup."""
 
 from __future__ import annotations
 

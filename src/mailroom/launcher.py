@@ -29,7 +29,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from services import tenancy
-from services.db import make_engine, make_sessionmaker, transaction
+from services.db import make_engine, make_sessionmaker, transaction, unrestricted_unsafe_sessions
 from services.errors import NotFound, Unauthorized
 from services.migrate import upgrade
 from services.settings import Settings, SettingsError, load_settings
@@ -98,7 +98,7 @@ def ensure_bootstrap_admin(engine: Engine, key_path: Path) -> str:
     ``key_path`` (mode 0600) so later runs show the same one; a key that no longer works
     (revoked, or the database was reset) is replaced by a new one."""
     saved = key_path.read_text().strip() if key_path.exists() else ""
-    with transaction(make_sessionmaker(engine)) as session:
+    with transaction(unrestricted_unsafe_sessions(make_sessionmaker(engine))) as session:
         try:
             tenant = tenancy.find_tenant(session, BOOTSTRAP_TENANT)
         except NotFound:

@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from mailroom.context import state
+from services.db import unrestricted_unsafe_sessions
 from services.models import TaskRecord
 from tasks.monitoring import get_queue_stats
 
@@ -47,7 +48,8 @@ class MailroomCollector(Collector):
             tasks = GaugeMetricFamily(
                 "mailroom_tasks", "Task records per queue and state", labels=["queue", "state"]
             )
-            with st.sessions() as session:
+            # Counts across all tenants: the scrape is the operator's view.
+            with unrestricted_unsafe_sessions(st.sessions)() as session:
                 rows = session.execute(
                     select(TaskRecord.queue, TaskRecord.state, func.count()).group_by(
                         TaskRecord.queue, TaskRecord.state

@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.crypto import SecretBox
-from services.db import make_engine, make_sessionmaker
+from services.db import make_engine, make_sessionmaker, unrestricted_unsafe_sessions
 from services.migrate import upgrade
 from services.settings import Settings, load_settings
 from tests.servers.dovecot import DovecotServer
@@ -75,7 +75,7 @@ def sync_settings(db_engine: Engine, fernet_key: str) -> Settings:
 
 @pytest.fixture(scope="module")
 def db_sessions(db_engine: Engine) -> sessionmaker[Session]:
-    return make_sessionmaker(db_engine)
+    return unrestricted_unsafe_sessions(make_sessionmaker(db_engine))
 
 
 @pytest.fixture(scope="module")

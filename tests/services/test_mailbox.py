@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from services import mailbox as reads
 from services import tenancy
 from services.crypto import SecretBox
-from services.db import make_engine, make_sessionmaker, transaction
+from services.db import make_engine, make_sessionmaker, transaction, unrestricted_unsafe_sessions
 from services.errors import InvalidRequest, NotFound
 from services.migrate import upgrade
 from services.models import Message
@@ -42,7 +42,7 @@ def backend(
     settings = make_settings(f"sqlite:///{path}", fernet_key)
     engine = make_engine(settings)
     upgrade(engine)
-    yield make_sessionmaker(engine), settings
+    yield unrestricted_unsafe_sessions(make_sessionmaker(engine)), settings
     engine.dispose()
 
 
