@@ -3,11 +3,10 @@ service, report progress. The life around them (states, retries, cancel) is in l
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from services import accounts
-from services.errors import MailroomError
+from services.errors import MailroomError, Superseded
 from services.sync import SyncOptions, sync_account
 from services.task_inputs import DeleteParams, SendParams, SpamCheckParams, SyncParams, VerifyParams
 from tasks.lifecycle import TaskContext, mailroom_task
@@ -21,37 +20,31 @@ class NotAvailableYet(MailroomError):
     status = 501
 
 
-#: How often a long sync pushes its lock's expiry further out.
-LOCK_RENEW_SECONDS = 30.0
-
-
 @mailroom_task("mailroom.sync_emails", SyncParams, max_retries=QUEUES["sync"].max_retries)
 def sync_emails(ctx: TaskContext) -> dict[str, Any]:
     """Bring the account's stored folders and messages up to date with the IMAP server."""
-
-    lock_renewed = time.monotonic()
-
-    def progress(percent: float, stage: str) -> None:
-        nonlocal lock_renewed
-        ctx.progress(percent, stage)
-        if time.monotonic() - lock_renewed > LOCK_RENEW_SECONDS:
-            lock_renewed = time.monotonic()
-            with ctx.session() as session:
-                accounts.extend_sync_lock(
-                    session, ctx.account_id or "", ctx.task_id, ttl=accounts.sync_lock_ttl(ctx.settings)
-                )
-
+    account_id = ctx.account_id or ""
+    with ctx.session() as session:
+        # Confirm this task holds the account's sync lock (the API claimed it at dispatch).
+        # Another holder in flight means this one was given up as lost and replaced: it
+        # must not run beside the sync that replaced it.
+        holder = accounts.claim_sync_lock(session, account_id, ctx.task_id)
+    if holder is not None:
+        raise Superseded(
+            f"another sync of this account is in flight (task {holder}); this one stopped",
+            details={"sync_task_id": holder},
+        )
     params: SyncParams = ctx.params
     summary = sync_account(
         ctx.runtime.sessions,
-        ctx.account_id or "",
+        account_id,
         box=ctx.runtime.box,
         settings=ctx.settings,
         options=SyncOptions(folders=params.folders, full=params.full),
-        progress=progress,
+        progress=ctx.progress,
     )
     with ctx.session() as session:
-        accounts.release_sync_lock(session, ctx.account_id or "", ctx.task_id)
+        accounts.release_sync_lock(session, account_id, ctx.task_id)
     return summary
 
 

@@ -67,12 +67,19 @@ def cleanup_stale_results(self: Task) -> dict[str, int]:
     runtime = get_runtime(self.app)
     s = runtime.settings
     now = utcnow()
-    longest_attempt = timedelta(
-        seconds=s.task_hard_time_limit + s.retry_max_seconds + s.stuck_task_grace_seconds
-    )
+    # The windows, and which one decides. A worker that dies (SIGKILL, a lost pod) leaves
+    # its message unacknowledged; the broker hands it out again once the visibility timeout
+    # has passed since delivery, and the task resumes. So the broker's visibility timeout
+    # decides when a lost attempt is retried, and this sweep only gives a record up once
+    # that chance has passed: silent (no progress write, or past its retry time) for longer
+    # than the visibility timeout plus a grace period. The sync lock has no clock of its
+    # own: it is free once its holder's record is final. Settings check that the visibility
+    # timeout exceeds the hard time limit plus the longest retry delay, so a message that
+    # is still being worked on (or held for its retry) is never handed to a second worker.
+    silent_for = timedelta(seconds=s.broker_visibility_timeout + s.stuck_task_grace_seconds)
     with transaction(unrestricted_unsafe_sessions(runtime.sessions)) as session:
-        stuck = task_records.fail_stuck(session, older_than=now - longest_attempt)
-        lost = task_records.fail_undelivered(session, older_than=now - UNDELIVERED_AFTER)
+        stuck = task_records.fail_stuck(session, older_than=now - silent_for)
+        lost = task_records.fail_undelivered(session, older_than=now - max(UNDELIVERED_AFTER, silent_for))
         forgotten = task_records.delete_history(session, older_than=now - timedelta(days=s.task_history_days))
     log.info("cleanup: %d stuck, %d undelivered, %d forgotten", stuck, lost, forgotten)
     return {"stuck_failed": stuck, "undelivered_failed": lost, "history_deleted": forgotten}
