@@ -58,6 +58,18 @@ class Conflict(MailroomError):
     status = 409
 
 
+class TooManyRequests(MailroomError):
+    """Over a per-tenant limit. ``retry_after`` (whole seconds) is sent as ``Retry-After``
+    and in ``details``."""
+
+    code = "rate_limited"
+    status = 429
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message, details={"retry_after": retry_after})
+        self.retry_after = retry_after
+
+
 class ServiceUnavailable(MailroomError):
     code = "service_unavailable"
     status = 503

@@ -1,5 +1,5 @@
-"""The read side of what sync stored: folders, messages (filtered, cursor-paginated) and a
-message's full body, fetched from the IMAP server on demand.
+"""The read side of what sync stored: folders and messages (filtered, cursor-paginated).
+A message's full body is :mod:`services.bodies`.
 
 Every function takes the caller's :class:`Principal` and goes through the tenant-scoped
 path: an account or message of another tenant, or (for a member) of another user, is a
@@ -12,20 +12,13 @@ import base64
 import binascii
 import json
 from datetime import UTC, datetime
-from email import policy
-from email.message import EmailMessage
-from email.parser import BytesParser
 from typing import Any, cast
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import String, and_, literal, or_, select, true, tuple_
 from sqlalchemy.orm import Session
 
-from services.accounts import imap_endpoint
-from services.crypto import SecretBox
 from services.errors import InvalidRequest, NotFound
-from services.mail.imap import imap_session
-from services.models import Account, Folder, Message
-from services.settings import Settings
+from services.models import Account, Folder, Message, UTCDateTime
 from services.sync.folders import visit_key
 from services.tenancy import Principal, get_scoped, scoped
 
@@ -92,12 +85,51 @@ def list_messages(
 ) -> tuple[list[Message], str | None]:
     """One page of the account's stored messages, newest first (date, then id, both
     descending; undated messages last), and the cursor of the next page (None on the last).
+    Walking the cursors returns every message exactly once.
 
     Filters combine with AND: ``folder`` (name or id), ``unread``, ``flagged``, ``from_`` and
     ``subject`` (case-insensitive substrings), ``since`` (at or after) and ``until``
-    (before). A malformed cursor raises :class:`InvalidRequest`."""
+    (before). ``limit`` is clamped to 1..:data:`MAX_LIMIT`. A malformed cursor raises
+    :class:`InvalidRequest`."""
+    rows, next_cursor = list_messages_named(
+        session,
+        principal,
+        account_id,
+        folder=folder,
+        unread=unread,
+        flagged=flagged,
+        from_=from_,
+        subject=subject,
+        since=since,
+        until=until,
+        limit=limit,
+        cursor=cursor,
+    )
+    return [message for message, _name in rows], next_cursor
+
+
+def list_messages_named(
+    session: Session,
+    principal: Principal,
+    account_id: str,
+    *,
+    folder: str | None = None,
+    unread: bool | None = None,
+    flagged: bool | None = None,
+    from_: str | None = None,
+    subject: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> tuple[list[tuple[Message, str]], str | None]:
+    """:func:`list_messages` with each message's folder name, read in the same query."""
     account = _account(session, principal, account_id)
-    query = select(Message).where(Message.account_id == account.id, Message.tenant_id == principal.tenant_id)
+    query = (
+        select(Message, Folder.name)
+        .join(Folder, Folder.id == Message.folder_id)
+        .where(Message.account_id == account.id, Message.tenant_id == principal.tenant_id)
+    )
     if folder is not None:
         query = query.where(Message.folder_id == _folder(session, account, folder).id)
     if unread is not None:
@@ -112,24 +144,33 @@ def list_messages(
         query = query.where(Message.date >= since)
     if until is not None:
         query = query.where(Message.date < until)
-    if cursor:
+    limit = max(1, min(limit, MAX_LIMIT))
+
+    # The ORDER BY is exactly the index's column order — (folder_id | account_id, date DESC
+    # NULLS LAST, id DESC), see migration 0004 — so every query below is an index range scan
+    # that stops after limit + 1 rows: no Sort node, whatever the folder's size. A cursor
+    # is a row comparison, which the index answers as one range; "or undated" would turn
+    # it into a scan of the whole folder, so undated rows (last in the order) are a second
+    # query, run only when the dated ones run out.
+    def page(extra: Any, want: int) -> list[tuple[Message, str]]:
+        ordered = query.where(extra).order_by(Message.date.desc().nulls_last(), Message.id.desc())
+        return [(row[0], row[1]) for row in session.execute(ordered.limit(want))]
+
+    want = limit + 1
+    dated_only = since is not None or until is not None
+    if not cursor:
+        rows = page(true(), want)
+    else:
         after_date, after_id = _decode_cursor(cursor)
         if after_date is None:
-            query = query.where(Message.date.is_(None), Message.id < after_id)
+            rows = page(and_(Message.date.is_(None), Message.id < after_id), want)
         else:
-            query = query.where(
-                or_(
-                    Message.date < after_date,
-                    and_(Message.date == after_date, Message.id < after_id),
-                    Message.date.is_(None),
-                )
-            )
-    limit = max(1, min(limit, MAX_LIMIT))
-    rows = list(
-        session.scalars(query.order_by(Message.date.desc().nulls_last(), Message.id.desc()).limit(limit + 1))
-    )
+            after = tuple_(literal(after_date, UTCDateTime()), literal(after_id, String()))
+            rows = page(tuple_(Message.date, Message.id) < after, want)
+            if len(rows) < want and not dated_only:
+                rows += page(Message.date.is_(None), want - len(rows))
     if len(rows) > limit:
-        return rows[:limit], _encode_cursor(rows[limit - 1])
+        return rows[:limit], _encode_cursor(rows[limit - 1][0])
     return rows, None
 
 
@@ -146,73 +187,3 @@ def get_message(session: Session, principal: Principal, message_id: str) -> Mess
     except NotFound:
         raise NotFound("message not found") from None
     return message
-
-
-def fetch_body(
-    session: Session, principal: Principal, message_id: str, *, box: SecretBox, settings: Settings
-) -> dict[str, Any]:
-    """The message's full content, fetched from the IMAP server now (``BODY.PEEK[]``, so it
-    is not marked read): ``{"text", "html", "headers", "attachments"}``. A message the
-    server no longer has (or whose folder changed UIDVALIDITY since the last sync) is a
-    :class:`NotFound` saying so; connection faults come out as transient mail errors."""
-    message = get_message(session, principal, message_id)
-    account = _account(session, principal, message.account_id)
-    folder = session.get(Folder, message.folder_id)
-    if folder is None or message.uid <= 0:
-        raise NotFound("this message is being re-synchronised with the server; try again after the next sync")
-    endpoint = imap_endpoint(account, box)
-    with imap_session(
-        endpoint, timeout=settings.mail_timeout_seconds, allow_private=settings.allow_private_hosts
-    ) as client:
-        selected = client.select_folder(folder.name, readonly=True)
-        if folder.uidvalidity is not None and selected.get(b"UIDVALIDITY") != folder.uidvalidity:
-            raise NotFound("the folder changed on the server since the last sync; sync the account again")
-        data = client.fetch([message.uid], ["BODY.PEEK[]"]).get(message.uid, {})
-    raw = data.get(b"BODY[]")
-    if not isinstance(raw, bytes):
-        raise NotFound("the message is no longer on the server (deleted or moved since the last sync)")
-    return parse_body(raw)
-
-
-def parse_body(raw: bytes) -> dict[str, Any]:
-    """Text, HTML, headers and attachment list of a whole RFC 5322 message. Repeated
-    header fields (Received) are joined with newlines."""
-    parsed = BytesParser(policy=policy.default).parsebytes(raw)
-    assert isinstance(parsed, EmailMessage)
-    headers: dict[str, str] = {}
-    for name, value in parsed.items():
-        text = str(value)
-        headers[name] = f"{headers[name]}\n{text}" if name in headers else text
-    text_part = parsed.get_body(preferencelist=("plain",))
-    html_part = parsed.get_body(preferencelist=("html",))
-    attachments = []
-    for part in parsed.walk():
-        if part.is_multipart() or part is text_part or part is html_part:
-            continue
-        filename = part.get_filename()
-        if part.get_content_disposition() != "attachment" and not filename:
-            continue
-        payload = part.get_payload(decode=True)
-        attachments.append(
-            {
-                "filename": filename or "untitled",
-                "content_type": part.get_content_type(),
-                "size": len(payload) if isinstance(payload, bytes) else 0,
-            }
-        )
-    return {
-        "text": _content(text_part),
-        "html": _content(html_part),
-        "headers": headers,
-        "attachments": attachments,
-    }
-
-
-def _content(part: Any) -> str | None:
-    if part is None:
-        return None
-    try:
-        return str(part.get_content())
-    except (LookupError, UnicodeError, ValueError):
-        payload = part.get_payload(decode=True)  # an unknown or lying charset
-        return payload.decode("utf-8", "replace") if isinstance(payload, bytes) else None

@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    desc,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -194,12 +195,23 @@ class Folder(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+def _ordered_index(name: str, column: str) -> tuple[Index, Index]:
+    """``(column, date DESC NULLS LAST, id DESC)``: one DDL for PostgreSQL, one for SQLite."""
+    return (
+        Index(name, column, desc("date").nulls_last(), desc("id")).ddl_if(dialect="postgresql"),
+        Index(name, column, desc("date"), desc("id")).ddl_if(dialect="sqlite"),
+    )
+
+
 class Message(Base):
     __tablename__ = "messages"
     __table_args__ = (
         UniqueConstraint("folder_id", "uid"),
-        Index("ix_messages_account_date", "account_id", "date"),
-        Index("ix_messages_folder_date", "folder_id", "date"),
+        # The list's order (date DESC NULLS LAST, id DESC) so newest-first pages are index
+        # range scans (migration 0004). SQLite sorts NULL lowest, so its plain DESC index
+        # has the same order and it refuses NULLS LAST in an index.
+        *_ordered_index("ix_messages_account_order", "account_id"),
+        *_ordered_index("ix_messages_folder_order", "folder_id"),
         Index("ix_messages_match", "account_id", "message_id_header"),
     )
 
@@ -227,6 +239,28 @@ class Message(Base):
     spam_verdict: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+
+class BodyCacheEntry(Base):
+    """A message body fetched from IMAP for ``?body=1`` (services.bodies), as the API shows
+    it. Keyed by folder, UIDVALIDITY and UID, which name one immutable message content."""
+
+    __tablename__ = "body_cache"
+    __table_args__ = (
+        UniqueConstraint("folder_id", "uidvalidity", "uid", name="uq_body_cache_folder_id"),
+        Index("ix_body_cache_tenant_created", "tenant_id", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    folder_id: Mapped[str] = mapped_column(ForeignKey("folders.id", ondelete="CASCADE"))
+    uidvalidity: Mapped[int] = mapped_column(BigInteger)
+    uid: Mapped[int] = mapped_column(BigInteger)
+    content: Mapped[str] = mapped_column(Text)  # the body as JSON
+    size: Mapped[int] = mapped_column(Integer)  # bytes of content, for the per-tenant bound
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class OutboxEntry(Base):

@@ -77,6 +77,13 @@ class Settings(BaseSettings):
     sync_batch_size: int = Field(default=500, ge=1, le=5000)
     default_sync_interval: int = Field(default=900, ge=60)
 
+    # --- message bodies (GET /api/messages/{id}?body=1) ----------------------------------
+    body_max_bytes: int = Field(default=1024 * 1024, ge=1024)
+    body_fetch_timeout_seconds: float = Field(default=5.0, gt=0)
+    body_fetch_concurrency: int = Field(default=3, ge=1, le=100)
+    body_cache_ttl_seconds: int = Field(default=24 * 3600, ge=60)
+    body_cache_tenant_bytes: int = Field(default=50 * 1024 * 1024, ge=0)
+
     # --- observability -------------------------------------------------------------------
     flower_port: int = Field(default=5555, ge=1, le=65535)
     metrics_token: str | None = Field(

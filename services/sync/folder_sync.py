@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.db import transaction
 from services.models import Folder, utcnow
+from services.read_stats import analyze_after_first_walk
 from services.sync import state
 from services.sync.commands import (
     Capabilities,
@@ -238,6 +239,7 @@ def _finish_walk(session: Session, ctx: RunContext, folder: FolderSnapshot, *, p
     removed = state.remove_messages(session, folder.id, pending=True, moves=ctx.moves) if pending else 0
     state.update_folder(session, folder.id, backfill_below_uid=None)
     state.refresh_counts(session, folder.id)
+    analyze_after_first_walk(session, folder.id)  # planner statistics for the message list
     return removed
 
 

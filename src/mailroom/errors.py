@@ -49,7 +49,11 @@ def register_error_handlers(app: Flask) -> None:
     def _domain(exc: MailroomError) -> Response:
         if exc.status >= 500:
             log.warning("%s: %s", exc.code, exc.message)
-        return error_response(exc.status, exc.code, exc.message, exc.details)
+        response = error_response(exc.status, exc.code, exc.message, exc.details)
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            response.headers["Retry-After"] = str(retry_after)
+        return response
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:

@@ -5,23 +5,26 @@ from __future__ import annotations
 import base64
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import event, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from services import bodies, read_stats, tenancy
 from services import mailbox as reads
-from services import tenancy
 from services.crypto import SecretBox
 from services.db import make_engine, make_sessionmaker, transaction, unrestricted_unsafe_sessions
 from services.errors import InvalidRequest, NotFound
 from services.migrate import upgrade
-from services.models import Message
+from services.models import Folder, Message
 from services.settings import Settings
 from services.tenancy import Principal
 from tests.servers import mailgen
 from tests.servers.dovecot import DovecotServer
+from tests.servers.redis import RedisServer
 from tests.services.conftest import make_settings
 from tests.services.mailboxes import BASE_DATE, Mailbox, make_messages, new_mailbox
 
@@ -32,14 +35,16 @@ def backend(
     db_sessions: sessionmaker[Session],
     sync_settings: Settings,
     fernet_key: str,
+    broker: RedisServer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[sessionmaker[Session], Settings]]:
-    """The module's PostgreSQL database, or a migrated SQLite file."""
+    """The module's PostgreSQL database, or a migrated SQLite file; body fetches count
+    their concurrency in the session's broker Redis."""
     if request.param == "postgresql":
-        yield db_sessions, sync_settings
+        yield db_sessions, make_settings(sync_settings.database_url, fernet_key, broker_url=broker.url)
         return
     path: Path = tmp_path_factory.mktemp("sqlite") / "mailroom.db"
-    settings = make_settings(f"sqlite:///{path}", fernet_key)
+    settings = make_settings(f"sqlite:///{path}", fernet_key, broker_url=broker.url)
     engine = make_engine(settings)
     upgrade(engine)
     yield unrestricted_unsafe_sessions(make_sessionmaker(engine)), settings
@@ -195,7 +200,7 @@ def test_fetch_body(synced: Mailbox) -> None:
     with transaction(synced.sessions) as session:
         rich = next(m for m in _all_pages(synced, session, limit=50) if m.message_id_header == "<rich@test>")
         assert rich.snippet == "Plain café text" and rich.attachments == ["data.csv"]
-        body = reads.fetch_body(session, synced.principal, rich.id, box=synced.box, settings=synced.settings)
+        body = bodies.fetch_body(session, synced.principal, rich.id, box=synced.box, settings=synced.settings)
     assert body["text"].strip() == "Plain café text"
     assert "<b>café</b>" in body["html"]
     assert body["headers"]["Subject"] == "rich text"
@@ -211,4 +216,154 @@ def test_fetch_body_of_a_message_gone_from_the_server(synced: Mailbox) -> None:
         sent = reads.list_messages(session, synced.principal, synced.account_id, folder="Sent", limit=1)[0][0]
         synced.server.expunge(synced.user, synced.password, "Sent", [sent.uid])
         with pytest.raises(NotFound, match="no longer on the server"):
-            reads.fetch_body(session, synced.principal, sent.id, box=synced.box, settings=synced.settings)
+            bodies.fetch_body(session, synced.principal, sent.id, box=synced.box, settings=synced.settings)
+
+
+# --- the order and the cursor: ties, undated messages, the index ---------------------------
+
+
+def _seed_folder(mb: Mailbox, name: str, dates: list[datetime | None]) -> str:
+    """A folder of ``mb``'s account holding one message per entry of ``dates``, inserted
+    directly (sync never stores an undated message: it falls back to INTERNALDATE)."""
+    with transaction(mb.sessions) as session:
+        folder = Folder(tenant_id=mb.principal.tenant_id, account_id=mb.account_id, name=name, flags=[])
+        session.add(folder)
+        session.flush()
+        session.add_all(
+            Message(
+                tenant_id=mb.principal.tenant_id,
+                account_id=mb.account_id,
+                folder_id=folder.id,
+                uid=n + 1,
+                date=date,
+                subject=f"{name} {n}",
+            )
+            for n, date in enumerate(dates)
+        )
+        return folder.id
+
+
+def _newest_first(rows: list[Message]) -> list[str]:
+    """The promised order, computed here: date descending, undated last, then id descending."""
+    floor = datetime.min.replace(tzinfo=UTC)
+    return [
+        r.id for r in sorted(rows, key=lambda r: (r.date is not None, r.date or floor, r.id), reverse=True)
+    ]
+
+
+@pytest.fixture(scope="module")
+def seeded(synced: Mailbox) -> str:
+    """Folder "Seeded": 15 messages sharing one date, 12 undated, 18 with dates of their own
+    (some older, some newer than the shared one), interleaved."""
+    shared = BASE_DATE + timedelta(days=3)
+    dates: list[datetime | None] = []
+    for n in range(45):
+        if n % 3 == 0:
+            dates.append(shared)
+        elif n % 15 in (1, 4, 7, 10):
+            dates.append(None)
+        else:
+            dates.append(shared + timedelta(hours=n - 20))
+    return _seed_folder(synced, "Seeded", dates)
+
+
+@pytest.mark.parametrize("limit", [1, 4, 15, 44, 45, 500])
+def test_cursor_walk_ties_and_undated_each_once(synced: Mailbox, seeded: str, limit: int) -> None:
+    with transaction(synced.sessions) as session:
+        walked = _all_pages(synced, session, limit=limit, folder="Seeded")
+        assert len(walked) == 45 and sum(m.date is None for m in walked) == 12
+        assert [m.id for m in walked] == _newest_first(walked)
+        everything = _all_pages(synced, session, limit=limit)
+        assert len({m.id for m in everything}) == len(everything) == 45 + 34
+        assert [m.id for m in everything] == _newest_first(everything)
+        # Undated messages come last, and a date filter leaves them out.
+        assert all(m.date is None for m in everything[-12:])
+        dated = _all_pages(synced, session, limit=limit, since=BASE_DATE - timedelta(days=1))
+        assert len(dated) == 45 + 34 - 12 and [m.id for m in dated] == _newest_first(dated)
+
+
+def test_page_names_each_message_folder(synced: Mailbox, seeded: str) -> None:
+    with transaction(synced.sessions) as session:
+        rows, _ = reads.list_messages_named(session, synced.principal, synced.account_id, limit=500)
+        names = {f.id: f.name for f in reads.list_folders(session, synced.principal, synced.account_id)}
+        assert len(rows) == 79 and all(name == names[m.folder_id] for m, name in rows)
+        assert {name for _, name in rows} == {"INBOX", "Sent", "Seeded"}
+
+
+@pytest.fixture(scope="module")
+def big_folder(synced: Mailbox) -> str:
+    """5,000 messages in one folder, analysed as sync does after a large first walk."""
+    folder_id = _seed_folder(
+        synced, "Big", [BASE_DATE + timedelta(seconds=n // 2) if n % 97 else None for n in range(5000)]
+    )
+    with transaction(synced.sessions) as session:
+        session.execute(update(Folder).where(Folder.id == folder_id).values(message_count=5000))
+        assert read_stats.analyze_after_first_walk(session, folder_id)
+    return folder_id
+
+
+def _plan_of_list(mb: Mailbox, **kwargs: Any) -> list[str]:
+    """The database's plan for the SELECT that list_messages really runs."""
+    engine = mb.sessions.kw["bind"]
+    seen: list[tuple[str, Any]] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "FROM messages" in statement:
+            seen.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        with transaction(mb.sessions) as session:
+            reads.list_messages(session, mb.principal, mb.account_id, **kwargs)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    statement, parameters = seen[-1]
+    explain = "EXPLAIN QUERY PLAN " if engine.dialect.name == "sqlite" else "EXPLAIN "
+    with engine.connect() as connection:
+        rows = connection.exec_driver_sql(explain + statement, parameters).all()
+    return [str(row[-1]) for row in rows]
+
+
+@pytest.mark.parametrize("cursor_page", [False, True])
+def test_newest_page_is_an_index_range_scan(synced: Mailbox, big_folder: str, cursor_page: bool) -> None:
+    cursor = None
+    if cursor_page:
+        with transaction(synced.sessions) as session:
+            _, cursor = reads.list_messages(
+                session, synced.principal, synced.account_id, folder="Big", limit=20
+            )
+    plan = "\n".join(_plan_of_list(synced, folder="Big", limit=20, cursor=cursor))
+    if synced.sessions.kw["bind"].dialect.name == "sqlite":
+        assert "USING INDEX ix_messages_folder_order" in plan and "TEMP B-TREE" not in plan, plan
+    else:
+        assert "Index Scan using ix_messages_folder_order" in plan and "Sort" not in plan, plan
+    account_plan = "\n".join(_plan_of_list(synced, limit=20, cursor=cursor))
+    assert "ix_messages_account_order" in account_plan, account_plan
+    assert "Sort" not in account_plan and "TEMP B-TREE" not in account_plan, account_plan
+
+
+def test_first_sync_of_a_large_folder_analyses(synced: Mailbox, backend: Any) -> None:
+    sessions, settings = backend
+    mb = new_mailbox(synced.server, sessions, settings, synced.box)
+    mb.append("INBOX", make_messages(read_stats.ANALYZE_MIN_ROWS, size_hint=300))
+    engine = sessions.kw["bind"]
+
+    def analysed() -> Any:
+        with engine.connect() as connection:
+            if engine.dialect.name == "sqlite":
+                return connection.exec_driver_sql(
+                    "SELECT count(*) FROM sqlite_stat1 WHERE tbl = 'messages'"
+                ).scalar()
+            # last_analyze is set by a manual ANALYZE only, never by autovacuum.
+            return connection.exec_driver_sql(
+                "SELECT last_analyze FROM pg_stat_user_tables WHERE relname = 'messages'"
+            ).scalar()
+
+    if engine.dialect.name == "sqlite":
+        with engine.begin() as connection:  # forget earlier statistics
+            connection.exec_driver_sql("DELETE FROM sqlite_stat1 WHERE tbl = 'messages'")
+    before = analysed()
+    mb.sync()
+    assert mb.folder("INBOX").message_count == read_stats.ANALYZE_MIN_ROWS
+    after = analysed()
+    assert after and after != before

@@ -13,7 +13,7 @@ from mailroom.api.common import ERRORS, SECURITY
 from mailroom.auth import principal
 from mailroom.context import db_session, state
 from mailroom.schemas import AccountPath, Lenient, MessagePath
-from services import mailbox
+from services import bodies, mailbox
 from services.models import Folder, Message
 
 tag = Tag(name="messages", description="Folders and messages stored by sync")
@@ -77,12 +77,15 @@ class MessageQuery(Lenient):
     subject: str | None = Field(default=None, max_length=998, description="Substring of the subject.")
     since: datetime | None = Field(default=None, description="Messages dated at or after (ISO 8601).")
     until: datetime | None = Field(default=None, description="Messages dated before (ISO 8601).")
-    limit: int = Field(default=50, ge=1, le=200)
+    limit: int = Field(default=50, ge=1, le=mailbox.MAX_LIMIT)
     cursor: str | None = Field(default=None, max_length=500)
 
 
 class BodyQuery(Lenient):
-    body: bool = Field(default=False, description="Fetch the full body from the IMAP server.")
+    body: bool = Field(
+        default=False,
+        description="Fetch the body from the IMAP server (cached; large messages are truncated).",
+    )
 
 
 def folder_out(folder: Folder) -> dict[str, Any]:
@@ -126,7 +129,8 @@ def list_folders(path: AccountPath) -> Response:
 def list_messages(path: AccountPath, query: MessageQuery) -> Response:
     """Stored messages, newest first, filtered; cursor-paginated."""
     session = db_session()
-    rows, next_cursor = mailbox.list_messages(
+    # The folder names come with the page (a join), not from a read of every folder.
+    rows, next_cursor = mailbox.list_messages_named(
         session,
         principal(),
         path.account_id,
@@ -140,21 +144,20 @@ def list_messages(path: AccountPath, query: MessageQuery) -> Response:
         limit=query.limit,
         cursor=query.cursor,
     )
-    names = {f.id: f.name for f in mailbox.list_folders(session, principal(), path.account_id)}
-    return jsonify(
-        {"items": [message_out(m, names.get(m.folder_id, "")) for m in rows], "next_cursor": next_cursor}
-    )
+    return jsonify({"items": [message_out(m, name) for m, name in rows], "next_cursor": next_cursor})
 
 
 @bp.get("/messages/<message_id>", responses={200: MessageOut, **ERRORS})
 def get_message(path: MessagePath, query: BodyQuery) -> Response:
-    """One message's headers and snippet; with ``?body=1`` its full text and HTML, fetched
-    from the IMAP server on demand."""
+    """One message's headers and snippet; with ``?body=1`` its text, HTML, headers and
+    attachments, fetched from the IMAP server on demand (or from the body cache). A message
+    larger than the configured cap answers with its parts and `truncated: true`; more
+    concurrent body fetches than the tenant may run answer 429 with Retry-After."""
     session = db_session()
     message = mailbox.get_message(session, principal(), path.message_id)
     folder = session.get(Folder, message.folder_id)
     out = message_out(message, folder.name if folder else "")
     if query.body:
         st = state()
-        out["body"] = mailbox.fetch_body(session, principal(), message.id, box=st.box, settings=st.settings)
+        out["body"] = bodies.fetch_body(session, principal(), message.id, box=st.box, settings=st.settings)
     return jsonify(out)
