@@ -84,10 +84,11 @@ def make_engine(settings: Settings) -> Engine:
     )
 
 
-def make_sessionmaker(engine: Engine) -> sessionmaker[MailroomSession]:
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     """Unbound sessions: bind them (:func:`bind_tenant`) or derive a factory from this one
     (:func:`tenant_sessions`, :func:`unrestricted_unsafe_sessions`) before reading tenant data."""
-    return sessionmaker(bind=engine, class_=MailroomSession, expire_on_commit=False)
+    # Typed as plain Session factories: callers need nothing MailroomSession adds.
+    return sessionmaker(bind=engine, class_=MailroomSession, expire_on_commit=False)  # type: ignore[return-value]
 
 
 class _DerivedSessionmaker(sessionmaker[Any]):

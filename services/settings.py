@@ -84,6 +84,17 @@ class Settings(BaseSettings):
     body_cache_ttl_seconds: int = Field(default=24 * 3600, ge=60)
     body_cache_tenant_bytes: int = Field(default=50 * 1024 * 1024, ge=0)
 
+    # --- API rate limits (per tenant; per client address before authentication) ---------
+    rate_limit_enabled: bool = True
+    rate_limit_per_second: int = Field(default=20, ge=1, description="Burst: requests per second.")
+    rate_limit_per_minute: int = Field(default=600, ge=1, description="Sustained: requests per minute.")
+    rate_limit_queue_per_minute: int = Field(
+        default=60, ge=1, description="Requests per minute to routes that queue work (verify, sync)."
+    )
+    rate_limit_storage_url: str | None = Field(
+        default=None, description="Redis for the counters; the broker's Redis when unset."
+    )
+
     # --- observability -------------------------------------------------------------------
     flower_port: int = Field(default=5555, ge=1, le=65535)
     metrics_token: str | None = Field(
@@ -106,6 +117,13 @@ class Settings(BaseSettings):
         if not value.startswith(("redis://", "rediss://", "redis+socket://")):
             raise ValueError("must be a redis://, rediss:// or redis+socket:// URL")
         return value
+
+    @field_validator("rate_limit_storage_url")
+    @classmethod
+    def _rate_limit_storage_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("redis://", "rediss://")):
+            raise ValueError("must be a redis:// or rediss:// URL")
+        return value or None
 
     @field_validator("secret_key")
     @classmethod
@@ -146,6 +164,13 @@ class Settings(BaseSettings):
     def result_backend_connection_url(self) -> str:
         """The result backend URL with the password and TLS settings folded in."""
         return _redis_url(self.result_backend_url, self.result_backend_password, self.result_backend_tls)
+
+    @property
+    def rate_limit_storage(self) -> str:
+        """Where the API's rate-limit counters live: their own Redis, else the broker's."""
+        url = self.rate_limit_storage_url or self.broker_connection_url
+        # The limits library names a unix socket redis+unix://, Celery redis+socket://.
+        return url.replace("redis+socket://", "redis+unix://", 1)
 
     @property
     def is_sqlite(self) -> bool:

@@ -41,6 +41,11 @@ TEST_SETTINGS: dict[str, str] = {
     "mail_timeout_seconds": "5",
     "sync_batch_size": "100",
     "log_level": "INFO",
+    # Tests fire requests far faster than a client would, many from one address; the
+    # limits themselves are tested with their own low values (tests/api/test_ratelimit.py).
+    "rate_limit_per_second": "100000",
+    "rate_limit_per_minute": "1000000",
+    "rate_limit_queue_per_minute": "1000000",
 }
 
 

@@ -14,6 +14,7 @@ from mailroom.auth import authenticate_request
 from mailroom.context import AppState, install_request_session
 from mailroom.errors import register_error_handlers, validation_error_response
 from mailroom.metrics import install_metrics
+from mailroom.ratelimit import install_rate_limits
 from services.crypto import SecretBox
 from services.db import make_engine, make_sessionmaker
 from services.errors import InvalidRequest, UnsupportedMediaType
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     install_metrics(app)
     app.before_request(_check_body)
     app.before_request(authenticate_request)
+    install_rate_limits(app, settings)  # after authentication: it counts per tenant
     install_request_session(app)
     register_error_handlers(app)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import g, request
 
 from mailroom.context import db_session
+from mailroom.ratelimit import count_unauthenticated
 from services import tenancy
 from services.db import bind_tenant
 from services.errors import Forbidden, Unauthorized
@@ -18,11 +19,17 @@ def authenticate_request() -> None:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if not header:
+        count_unauthenticated()
         raise Unauthorized("missing Authorization header; send 'Authorization: Bearer <api key>'")
     if scheme.lower() != "bearer" or not token.strip():
+        count_unauthenticated()
         raise Unauthorized("malformed Authorization header; expected 'Bearer <api key>'")
     session = db_session()
-    who = tenancy.authenticate(session, token.strip())
+    try:
+        who = tenancy.authenticate(session, token.strip())
+    except Unauthorized:
+        count_unauthenticated()
+        raise
     # From here on every read of this request's session is limited to the caller's tenant.
     bind_tenant(session, who.tenant_id)
     g.principal = who

@@ -89,7 +89,13 @@ def two(engine: Engine) -> tuple[sessionmaker[Any], dict[str, str], dict[str, st
     return factory, mine, theirs
 
 
-MODELS = {"account": Account, "folder": Folder, "task": TaskRecord, "user": User, "key": ApiKey}
+MODELS: dict[str, Any] = {
+    "account": Account,
+    "folder": Folder,
+    "task": TaskRecord,
+    "user": User,
+    "key": ApiKey,
+}
 
 
 def test_select_and_fresh_get_see_only_the_bound_tenant(two: Any) -> None:
@@ -104,7 +110,9 @@ def test_select_and_fresh_get_see_only_the_bound_tenant(two: Any) -> None:
         # Column and aggregate queries are limited too, not only entity loads.
         ids = set(session.scalars(select(Account.id)))
         assert theirs["account"] not in ids and mine["account"] in ids
-        count = session.scalar(select(func.count()).select_from(Account).where(Account.id == theirs["account"]))
+        count = session.scalar(
+            select(func.count()).select_from(Account).where(Account.id == theirs["account"])
+        )
         assert count == 0
 
 
@@ -127,7 +135,9 @@ def test_relationship_load_is_scoped(two: Any) -> None:
     factory, mine, theirs = two
     with transaction(unrestricted_unsafe_sessions(factory)) as session:
         # A key of my tenant that (wrongly) points at a user of theirs.
-        crooked = ApiKey(tenant_id=mine["tenant"], user_id=theirs["user"], prefix="x", key_hash=uuid.uuid4().hex)
+        crooked = ApiKey(
+            tenant_id=mine["tenant"], user_id=theirs["user"], prefix="x", key_hash=uuid.uuid4().hex
+        )
         session.add(crooked)
         session.flush()
         crooked_id = crooked.id
