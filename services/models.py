@@ -317,3 +317,47 @@ class TaskRecord(Base):
     @property
     def is_final(self) -> bool:
         return self.state in TaskState.final()
+
+
+# --- dispatch and statistics (read on every dispatch and scrape, so each read is O(1)) ----
+
+
+class TaskDuration(Base):
+    """How long an account's tasks of one type take: kept up to date as each task succeeds,
+    so neither dispatch (the estimate) nor the admin stats read the task history."""
+
+    __tablename__ = "task_durations"
+
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True)
+    type: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    queue: Mapped[str] = mapped_column(String(32))
+    #: Successful runs counted, and their summed duration (s): the all-time mean and count.
+    runs: Mapped[int] = mapped_column(BigInteger, default=0)
+    total_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    #: A running mean weighted like the last ~20 runs: what the next run will likely take.
+    recent_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+
+_IN_FLIGHT_STATES = "state IN ('queued', 'running', 'retrying')"
+_ENDED_BADLY_STATES = "state IN ('failed', 'cancelled')"
+
+# The cap on tasks in flight counts a tenant's in-flight rows of one queue on every dispatch;
+# a partial index holds only in-flight rows, so it stays small however long the history grows.
+Index(
+    "ix_tasks_in_flight",
+    TaskRecord.tenant_id,
+    TaskRecord.queue,
+    TaskRecord.state,
+    postgresql_where=_IN_FLIGHT_STATES,
+    sqlite_where=_IN_FLIGHT_STATES,
+)
+# Recent failures and cancellations for the stats and the scrape: a range of this index.
+Index(
+    "ix_tasks_ended_badly",
+    TaskRecord.finished_at,
+    TaskRecord.tenant_id,
+    postgresql_where=_ENDED_BADLY_STATES,
+    sqlite_where=_ENDED_BADLY_STATES,
+)

@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     task_history_days: int = Field(default=30, ge=1)
     stuck_task_grace_seconds: int = Field(default=600, ge=1)
     worker_max_tasks_per_child: int = Field(default=1000, ge=1)
+    max_tasks_in_flight_per_queue: int = Field(
+        default=1000,
+        ge=1,
+        description="Queued + running + retrying tasks one tenant may have on one queue; more is a 429.",
+    )
     periodic_sync_seconds: float = Field(default=300.0, gt=0)
     cleanup_seconds: float = Field(default=3600.0, gt=0)
 

@@ -14,8 +14,9 @@ from typing import Any
 from sqlalchemy import CursorResult, delete, func, select, update
 from sqlalchemy.orm import Session
 
+from services import task_stats
 from services.errors import Conflict, NotFound
-from services.models import TaskRecord, TaskState, utcnow
+from services.models import TaskRecord, TaskState, new_id, utcnow
 from services.tenancy import Principal, get_scoped, scoped
 
 FINAL = [s.value for s in TaskState.final()]
@@ -35,9 +36,12 @@ def create_record(
     max_retries: int,
     origin: str = "api",
     default_estimate: float | None = None,
+    record_id: str | None = None,
 ) -> TaskRecord:
-    """Write a ``queued`` record (flushed, not committed) with a duration estimate."""
+    """Write a ``queued`` record (flushed, not committed) with a duration estimate;
+    ``record_id`` when the caller chose the id already (it names the sync lock's holder)."""
     record = TaskRecord(
+        id=record_id or new_id(),
         tenant_id=tenant_id,
         user_id=user_id,
         account_id=account_id,
@@ -56,25 +60,9 @@ def create_record(
 
 
 def estimate_duration(session: Session, tenant_id: str, account_id: str | None, type: str) -> float | None:
-    """Mean duration (s) of the last 20 successful tasks of this type for this account."""
-    recent = (
-        select(TaskRecord.started_at, TaskRecord.finished_at)
-        .where(
-            TaskRecord.tenant_id == tenant_id,
-            TaskRecord.account_id == account_id,
-            TaskRecord.type == type,
-            TaskRecord.state == TaskState.SUCCEEDED.value,
-            TaskRecord.started_at.is_not(None),
-            TaskRecord.finished_at.is_not(None),
-        )
-        .order_by(TaskRecord.created_at.desc())
-        .limit(20)
-    )
-    rows = session.execute(recent).all()
-    if not rows:
-        return None
-    spans = [(f - s).total_seconds() for s, f in rows if s is not None and f is not None]
-    return round(sum(spans) / len(spans), 3) if spans else None
+    """Likely duration (s) of this account's next ``type`` task: a running mean kept as
+    tasks succeed, read by primary key (``services.task_stats``), never the history."""
+    return task_stats.estimate(session, account_id, type)
 
 
 def get_record(session: Session, task_id: str, principal: Principal) -> TaskRecord:
@@ -239,31 +227,14 @@ def request_cancel(session: Session, record: TaskRecord) -> bool:
 
 
 def counts_by_state(session: Session, tenant_id: str) -> dict[str, int]:
-    rows = session.execute(
-        select(TaskRecord.state, func.count())
-        .where(TaskRecord.tenant_id == tenant_id)
-        .group_by(TaskRecord.state)
-    ).all()
-    counts = {s.value: 0 for s in TaskState}
-    counts.update({state: n for state, n in rows})
-    return counts
+    """The tenant's tasks per state, from indexes and running totals, never the history
+    (see ``services.task_stats.counts_by_state`` for what each final state counts)."""
+    return task_stats.counts_by_state(session, tenant_id)
 
 
 def average_durations(session: Session, tenant_id: str) -> dict[str, float]:
-    """Mean run time (s) of successful tasks per type, over the kept history."""
-    rows = session.execute(
-        select(TaskRecord.type, TaskRecord.started_at, TaskRecord.finished_at).where(
-            TaskRecord.tenant_id == tenant_id,
-            TaskRecord.state == TaskState.SUCCEEDED.value,
-            TaskRecord.started_at.is_not(None),
-            TaskRecord.finished_at.is_not(None),
-        )
-    ).all()
-    sums: dict[str, list[float]] = {}
-    for type_, started, finished in rows:
-        if started is not None and finished is not None:
-            sums.setdefault(type_, []).append((finished - started).total_seconds())
-    return {t: round(sum(v) / len(v), 3) for t, v in sums.items()}
+    """Mean run time (s) of the tenant's successful tasks per type, from running totals."""
+    return task_stats.average_durations(session, tenant_id)
 
 
 def fail_stuck(session: Session, *, older_than: datetime) -> int:

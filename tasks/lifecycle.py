@@ -23,7 +23,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 
-from services import task_records
+from services import task_records, task_stats
 from services.accounts import check_ownership
 from services.db import tenant_sessions, transaction
 from services.errors import MailroomError, TaskCancelled, ValidationFailed, is_transient
@@ -184,6 +184,8 @@ def run_attempt(
         raise
     with ctx.session() as session:
         task_records.mark_succeeded(session, task_id, result)
+        # The running duration statistics dispatch estimates from (O(1) to read there).
+        task_stats.record_success(session, task_id)
     return result
 
 

@@ -10,14 +10,13 @@ from collections.abc import Iterator
 
 from flask import Flask, Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 
 from mailroom.context import state
+from services import task_stats
 from services.db import unrestricted_unsafe_sessions
-from services.models import TaskRecord
 from tasks.monitoring import get_queue_stats
 
 REQUESTS = Counter("mailroom_http_requests_total", "HTTP requests", ["method", "endpoint", "status"])
@@ -30,12 +29,13 @@ LATENCY = Histogram(
 
 
 class MailroomCollector(Collector):
-    """Queue depths from the broker and task records by queue and state (all tenants)."""
+    """Queue depths from the broker, and task counts by queue and state (all tenants): in
+    flight exactly, successes as a counter, failures and cancellations of the last hour."""
 
     def __init__(self, app: Flask) -> None:
         self.app = app
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         with self.app.app_context():
             st = state()
             depth = GaugeMetricFamily("mailroom_queue_depth", "Messages waiting per queue", labels=["queue"])
@@ -45,19 +45,31 @@ class MailroomCollector(Collector):
             except Exception:  # noqa: BLE001 - a scrape must not fail with the broker
                 pass
             yield depth
-            tasks = GaugeMetricFamily(
-                "mailroom_tasks", "Task records per queue and state", labels=["queue", "state"]
-            )
-            # Counts across all tenants: the scrape is the operator's view.
+            # Counts across all tenants: the scrape is the operator's view. Never the whole
+            # task history: in-flight rows through their partial index, successes from the
+            # running totals, failures of the last hour through theirs.
             with unrestricted_unsafe_sessions(st.sessions)() as session:
-                rows = session.execute(
-                    select(TaskRecord.queue, TaskRecord.state, func.count()).group_by(
-                        TaskRecord.queue, TaskRecord.state
-                    )
-                ).all()
-            for queue, task_state, n in rows:
+                in_flight, succeeded, ended = task_stats.scrape_counts(session)
+            tasks = GaugeMetricFamily(
+                "mailroom_tasks", "Task records in flight per queue and state", labels=["queue", "state"]
+            )
+            for queue, task_state, n in in_flight:
                 tasks.add_metric([queue, task_state], n)
             yield tasks
+            done = CounterMetricFamily(
+                "mailroom_tasks_succeeded", "Tasks that succeeded, per queue", labels=["queue"]
+            )
+            for queue, n in succeeded.items():
+                done.add_metric([queue], n)
+            yield done
+            recent = GaugeMetricFamily(
+                "mailroom_tasks_ended_recently",
+                f"Tasks failed or cancelled in the last {int(task_stats.RECENT.total_seconds())} s",
+                labels=["queue", "state"],
+            )
+            for queue, task_state, n in ended:
+                recent.add_metric([queue, task_state], n)
+            yield recent
 
 
 def install_metrics(app: Flask) -> None:

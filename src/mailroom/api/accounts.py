@@ -9,7 +9,8 @@ from flask_openapi3 import APIBlueprint, Tag
 
 from mailroom.api.common import ERRORS, SECURITY, page_info
 from mailroom.auth import principal
-from mailroom.context import commit, db_session, state
+from mailroom.context import db_session, state
+from mailroom.errors import error_response
 from mailroom.schemas import (
     AccountCreate,
     AccountOut,
@@ -23,7 +24,7 @@ from services import accounts
 from services.accounts import AccountInput, endpoint_view
 from services.models import Account
 from services.task_inputs import SyncParams
-from tasks.dispatch import Dispatched, dispatch
+from tasks.dispatch import Dispatched, TooManyTasksInFlight, dispatch
 
 tag = Tag(name="accounts", description="Connected IMAP/SMTP mailboxes")
 bp = APIBlueprint("accounts", __name__, url_prefix="/api/accounts", abp_tags=[tag], abp_security=SECURITY)
@@ -124,20 +125,27 @@ def accepted(result: Dispatched) -> tuple[Response, int]:
 
 
 def queue_task(account_id: str, type: str, params: dict[str, Any]) -> tuple[Response, int]:
-    """Check the account is the caller's, commit, then record and publish the task."""
+    """Check the account is the caller's, then record the task, commit and publish: one
+    transaction on the request's session (one connection), the publish after the commit.
+    Over the tenant's cap of tasks in flight on the queue: 429 with ``Retry-After``."""
     who = principal()
-    accounts.get_account(db_session(), account_id, who)
-    commit()
+    session = db_session()
+    accounts.get_account(session, account_id, who)
     st = state()
-    result = dispatch(
-        st.celery,
-        st.sessions,
-        type=type,
-        tenant_id=who.tenant_id,
-        user_id=who.user_id,
-        account_id=account_id,
-        params=params,
-    )
+    try:
+        result = dispatch(
+            st.celery,
+            session,
+            type=type,
+            tenant_id=who.tenant_id,
+            user_id=who.user_id,
+            account_id=account_id,
+            params=params,
+        )
+    except TooManyTasksInFlight as exc:
+        response = error_response(exc.status, exc.code, exc.message, exc.details)
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response, exc.status
     return accepted(result)
 
 

@@ -1,0 +1,171 @@
+"""Task statistics that stay cheap however long the task history grows.
+
+Dispatch reads a duration estimate and counts a tenant's tasks in flight; the admin stats and
+the metrics scrape read counts and mean durations. None of these reads the task history:
+
+* durations are kept in ``task_durations`` (one row per account and task type), updated by
+  :func:`record_success` when a task succeeds, and read by primary key or by tenant;
+* tasks in flight are counted through the partial index ``ix_tasks_in_flight``, which holds
+  only queued, running and retrying rows, and the cap's count stops at ``cap + 1`` rows;
+* failures and cancellations are counted over the last :data:`RECENT` only, through the
+  partial index ``ix_tasks_ended_badly`` (they are the rare outcome, so that range is small);
+  successes, the common outcome, come from the running totals in ``task_durations``.
+
+Statements here are Core statements on the tables, each filtered by tenant explicitly (or,
+for the scrape, deliberately across tenants), so they behave the same in any session.
+"""
+
+from __future__ import annotations
+
+import typing
+from datetime import datetime, timedelta
+
+from sqlalchemy import Float, Table, case, cast, func, literal, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from services.models import TaskDuration, TaskRecord, TaskState, utcnow
+
+#: How many recent runs the running mean behaves like (its weight is 1/min(runs, WINDOW)).
+WINDOW = 20
+#: How far back failed and cancelled tasks are counted.
+RECENT = timedelta(hours=1)
+
+# The predicates exactly as the partial indexes spell them, as SQL literals rather than bound
+# parameters: PostgreSQL can only use a partial index when it can prove the query's predicate
+# implies the index's, which it cannot do for a parameter once psycopg prepares the statement.
+IN_FLIGHT_SQL = "state IN ('queued', 'running', 'retrying')"
+ENDED_BADLY_SQL = "state IN ('failed', 'cancelled')"
+
+tasks = typing.cast(Table, TaskRecord.__table__)
+durations = typing.cast(Table, TaskDuration.__table__)
+
+
+def record_success(session: Session, task_id: str) -> None:
+    """Fold the run time of the succeeded task ``task_id`` into its account's statistics
+    (one upsert; a task with no account, or not succeeded, changes nothing)."""
+    row = session.execute(
+        select(
+            tasks.c.tenant_id,
+            tasks.c.account_id,
+            tasks.c.type,
+            tasks.c.queue,
+            tasks.c.started_at,
+            tasks.c.finished_at,
+        ).where(tasks.c.id == task_id, tasks.c.state == TaskState.SUCCEEDED.value)
+    ).first()
+    if row is None or row.account_id is None or row.started_at is None or row.finished_at is None:
+        return
+    seconds = max(0.0, (row.finished_at - row.started_at).total_seconds())
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    now = utcnow()
+    statement = insert(durations).values(
+        account_id=row.account_id,
+        type=row.type,
+        tenant_id=row.tenant_id,
+        queue=row.queue,
+        runs=1,
+        total_seconds=seconds,
+        recent_seconds=seconds,
+        updated_at=now,
+    )
+    weight = case((durations.c.runs + 1 < WINDOW, durations.c.runs + 1), else_=WINDOW)
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[durations.c.account_id, durations.c.type],
+            set_={
+                "runs": durations.c.runs + 1,
+                "total_seconds": durations.c.total_seconds + seconds,
+                "recent_seconds": durations.c.recent_seconds
+                + (literal(seconds) - durations.c.recent_seconds) / cast(weight, Float),
+                "updated_at": now,
+            },
+        )
+    )
+
+
+def estimate(session: Session, account_id: str | None, type: str) -> float | None:
+    """Seconds the next ``type`` task of this account will likely run (one primary-key read);
+    None before its first success."""
+    if account_id is None:
+        return None
+    value = session.scalar(
+        select(durations.c.recent_seconds).where(
+            durations.c.account_id == account_id, durations.c.type == type
+        )
+    )
+    return round(value, 3) if value is not None else None
+
+
+def average_durations(session: Session, tenant_id: str) -> dict[str, float]:
+    """Mean run time (s) of the tenant's successful tasks per type, over every success
+    counted (a few rows per account, never the task history)."""
+    rows = session.execute(
+        select(durations.c.type, func.sum(durations.c.total_seconds), func.sum(durations.c.runs))
+        .where(durations.c.tenant_id == tenant_id)
+        .group_by(durations.c.type)
+    ).all()
+    return {type_: round(float(total) / int(runs), 3) for type_, total, runs in rows if runs}
+
+
+def in_flight(session: Session, tenant_id: str, queue: str, *, up_to: int) -> int:
+    """The tenant's queued, running and retrying tasks on ``queue``, counted up to ``up_to``
+    (at most ``up_to`` entries of the partial index are read)."""
+    bounded = (
+        select(literal(1))
+        .select_from(tasks)
+        .where(tasks.c.tenant_id == tenant_id, tasks.c.queue == queue, text(IN_FLIGHT_SQL))
+        .limit(up_to)
+        .subquery()
+    )
+    return int(session.scalar(select(func.count()).select_from(bounded)) or 0)
+
+
+def counts_by_state(session: Session, tenant_id: str, *, now: datetime | None = None) -> dict[str, int]:
+    """The tenant's tasks per state: in flight exactly; ``succeeded`` every success counted;
+    ``failed`` and ``cancelled`` those that ended in the last :data:`RECENT`."""
+    counts = {s.value: 0 for s in TaskState}
+    in_flight_rows = session.execute(
+        select(tasks.c.state, func.count())
+        .where(tasks.c.tenant_id == tenant_id, text(IN_FLIGHT_SQL))
+        .group_by(tasks.c.state)
+    ).all()
+    counts.update({state: n for state, n in in_flight_rows})
+    since = (now or utcnow()) - RECENT
+    ended_rows = session.execute(
+        select(tasks.c.state, func.count())
+        .where(tasks.c.finished_at >= since, tasks.c.tenant_id == tenant_id, text(ENDED_BADLY_SQL))
+        .group_by(tasks.c.state)
+    ).all()
+    counts.update({state: n for state, n in ended_rows})
+    counts[TaskState.SUCCEEDED.value] = int(
+        session.scalar(select(func.sum(durations.c.runs)).where(durations.c.tenant_id == tenant_id)) or 0
+    )
+    return counts
+
+
+def scrape_counts(
+    session: Session, *, now: datetime | None = None
+) -> tuple[list[tuple[str, str, int]], dict[str, int], list[tuple[str, str, int]]]:
+    """For the metrics scrape, across all tenants: tasks in flight per (queue, state),
+    successes counted per queue, and failures/cancellations in the last :data:`RECENT` per
+    (queue, state)."""
+    in_flight_rows = session.execute(
+        select(tasks.c.queue, tasks.c.state, func.count())
+        .where(text(IN_FLIGHT_SQL))
+        .group_by(tasks.c.queue, tasks.c.state)
+    ).all()
+    succeeded = session.execute(
+        select(durations.c.queue, func.sum(durations.c.runs)).group_by(durations.c.queue)
+    )
+    since = (now or utcnow()) - RECENT
+    ended_rows = session.execute(
+        select(tasks.c.queue, tasks.c.state, func.count())
+        .where(tasks.c.finished_at >= since, text(ENDED_BADLY_SQL))
+        .group_by(tasks.c.queue, tasks.c.state)
+    ).all()
+    return (
+        [(q, s, int(n)) for q, s, n in in_flight_rows],
+        {q: int(n or 0) for q, n in succeeded},
+        [(q, s, int(n)) for q, s, n in ended_rows],
+    )
