@@ -207,7 +207,10 @@ def test_a_message_that_kills_every_worker_fails_as_worker_lost(stack_values, do
     finally:
         worker.stop()
     assert kills >= limit
-    assert record.state == "failed" and record.error_code == "worker_lost", (record.error_code, record.last_error)
+    assert record.state == "failed" and record.error_code == "worker_lost", (
+        record.error_code,
+        record.last_error,
+    )
     assert record.attempts == limit
     # the lock went with the task: the account can be synced again
     with stack.sessions() as session:
