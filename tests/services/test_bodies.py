@@ -3,20 +3,22 @@ broker Redis and PostgreSQL: the size cap, the cache, the per-tenant concurrency
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 import uuid
 from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from services import bodies
 from services.crypto import SecretBox
 from services.db import transaction
-from services.errors import TooManyRequests
-from services.models import BodyCacheEntry
+from services.errors import TooManyRequests, TransientMailError
+from services.models import Account, BodyCacheEntry
 from services.settings import Settings
 from services.tenant_slots import TenantSlots
 from tests.servers import mailgen
@@ -194,3 +196,29 @@ def test_cache_is_bounded_per_tenant(mb: Mailbox, body_settings: Settings) -> No
             select(BodyCacheEntry.size).where(BodyCacheEntry.tenant_id == mb.principal.tenant_id)
         ).all()
     assert sum(sizes) <= 6000 and len(sizes) >= 1
+
+
+def test_a_server_that_does_not_answer_times_out(mb: Mailbox, body_settings: Settings) -> None:
+    """A server that accepts the connection and then says nothing: the fetch gives up after
+    body_fetch_timeout_seconds with a transient mail error (502), and frees its slot."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True).start()
+    silent = body_settings.model_copy(update={"body_fetch_timeout_seconds": 0.5})
+    message = next(m for m in mb.messages("INBOX") if m.subject == "long text")
+    with transaction(mb.sessions) as session:
+        account = session.get(Account, mb.account_id)
+        assert account is not None
+        real_port, account.imap_port = account.imap_port, listener.getsockname()[1]
+    try:
+        with transaction(mb.sessions) as session:
+            session.execute(delete(BodyCacheEntry).where(BodyCacheEntry.uid == message.uid))
+            with pytest.raises(TransientMailError, match="timed out"):
+                bodies.fetch_body(session, mb.principal, message.id, box=mb.box, settings=silent)
+        assert bodies.body_slots(silent).holders(mb.principal.tenant_id) == 0
+    finally:
+        with transaction(mb.sessions) as session:
+            session.execute(update(Account).where(Account.id == mb.account_id).values(imap_port=real_port))
+        listener.close()
+        for connection in accepted:
+            connection.close()
