@@ -37,9 +37,14 @@ def create_record(
     origin: str = "api",
     default_estimate: float | None = None,
     record_id: str | None = None,
+    estimate: float | None = None,
+    look_up_estimate: bool = True,
 ) -> TaskRecord:
-    """Write a ``queued`` record (flushed, not committed) with a duration estimate;
+    """Write a ``queued`` record (flushed, not committed) with a duration estimate (looked
+    up here unless the caller read it already: ``estimate`` with ``look_up_estimate=False``);
     ``record_id`` when the caller chose the id already (it names the sync lock's holder)."""
+    if look_up_estimate:
+        estimate = estimate_duration(session, tenant_id, account_id, type)
     record = TaskRecord(
         id=record_id or new_id(),
         tenant_id=tenant_id,
@@ -52,7 +57,7 @@ def create_record(
         max_retries=max_retries,
         origin=origin,
         state=TaskState.QUEUED.value,
-        estimated_duration=estimate_duration(session, tenant_id, account_id, type) or default_estimate,
+        estimated_duration=estimate or default_estimate,
     )
     session.add(record)
     session.flush()

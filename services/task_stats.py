@@ -18,11 +18,14 @@ for the scrape, deliberately across tenants), so they behave the same in any ses
 from __future__ import annotations
 
 import typing
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Float, Table, case, cast, func, literal, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.selectable import ScalarSelect
 
 from services.models import TaskDuration, TaskRecord, TaskState, utcnow
 
@@ -95,6 +98,59 @@ def estimate(session: Session, account_id: str | None, type: str) -> float | Non
         )
     )
     return round(value, 3) if value is not None else None
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What dispatch needs to know before it writes, read in one round trip."""
+
+    #: Whether the caller may see the account (True when not asked).
+    visible: bool
+    #: The tenant's tasks in flight on the queue, counted up to the cap (0 when not asked).
+    in_flight: int
+    #: :func:`estimate` for the task about to be queued.
+    estimate: float | None
+
+
+def preflight(
+    session: Session,
+    *,
+    tenant_id: str,
+    queue: str,
+    account_id: str | None,
+    type: str,
+    cap: int | None,
+    visible: ScalarSelect[Any] | None = None,
+) -> Preflight:
+    """One SELECT of scalar subqueries: the account check (``visible``, a scalar subquery
+    that yields a row only when the caller may see the account), the bounded in-flight
+    count when ``cap`` is given, and the duration estimate. Each is an index lookup."""
+    columns: list[Any] = [literal(1).label("one")]
+    if account_id is not None:
+        columns.append(
+            select(durations.c.recent_seconds)
+            .where(durations.c.account_id == account_id, durations.c.type == type)
+            .scalar_subquery()
+            .label("estimate")
+        )
+    if cap is not None:
+        bounded = (
+            select(literal(1))
+            .select_from(tasks)
+            .where(tasks.c.tenant_id == tenant_id, tasks.c.queue == queue, text(IN_FLIGHT_SQL))
+            .limit(cap)
+            .subquery()
+        )
+        columns.append(select(func.count()).select_from(bounded).scalar_subquery().label("in_flight"))
+    if visible is not None:
+        columns.append(visible.label("visible"))
+    row = session.execute(select(*columns)).one()._mapping
+    estimate_value = row.get("estimate")
+    return Preflight(
+        visible=visible is None or row["visible"] is not None,
+        in_flight=int(row.get("in_flight") or 0),
+        estimate=round(estimate_value, 3) if estimate_value is not None else None,
+    )
 
 
 def average_durations(session: Session, tenant_id: str) -> dict[str, float]:

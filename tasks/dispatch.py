@@ -25,8 +25,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services import accounts, task_records, task_stats
 from services.db import transaction
-from services.errors import MailroomError, ServiceUnavailable
-from services.models import TaskRecord, new_id
+from services.errors import MailroomError, NotFound, ServiceUnavailable
+from services.models import Account, TaskRecord, new_id
+from services.tenancy import Principal, scoped
 from tasks.queues import TASK_TYPES, broker_priority, logical_priority
 
 log = logging.getLogger("mailroom.dispatch")
@@ -68,6 +69,7 @@ def dispatch(
     account_id: str | None,
     params: dict[str, Any],
     origin: str = "api",
+    visible_to: Principal | None = None,
 ) -> Dispatched:
     """Record and queue one task. A sync of an account that already has one in flight
     returns that task instead of queueing a second.
@@ -76,11 +78,13 @@ def dispatch(
     did in it, is committed here before the publish) or a sessionmaker, of which one
     session is used and closed. A client's dispatch beyond the tenant's cap of tasks in
     flight on the queue raises :class:`TooManyTasksInFlight` (Beat's syncs are not capped:
-    the sync lock already bounds them to one per account)."""
+    the sync lock already bounds them to one per account). With ``visible_to``, the account
+    must be one that principal may see (else :class:`NotFound`), checked in the same round
+    trip as the cap and the estimate."""
     if isinstance(sessions, Session):
-        return _dispatch(app, sessions, type, tenant_id, user_id, account_id, params, origin)
+        return _dispatch(app, sessions, type, tenant_id, user_id, account_id, params, origin, visible_to)
     with transaction(sessions) as session:
-        return _dispatch(app, session, type, tenant_id, user_id, account_id, params, origin)
+        return _dispatch(app, session, type, tenant_id, user_id, account_id, params, origin, visible_to)
 
 
 def _dispatch(
@@ -92,13 +96,29 @@ def _dispatch(
     account_id: str | None,
     params: dict[str, Any],
     origin: str,
+    visible_to: Principal | None,
 ) -> Dispatched:
     kind = TASK_TYPES[type]
     from_beat = origin == "beat"
     priority = logical_priority(kind.queue, from_beat=from_beat)
     settings = app.conf.mailroom_settings
-    if not from_beat:
-        _check_cap(session, tenant_id, kind.queue, settings.max_tasks_in_flight_per_queue, account_id, type)
+    cap = None if from_beat else settings.max_tasks_in_flight_per_queue
+    visible = None
+    if visible_to is not None and account_id is not None:
+        visible = scoped(Account, visible_to).with_only_columns(Account.id).where(Account.id == account_id)
+    checked = task_stats.preflight(
+        session,
+        tenant_id=tenant_id,
+        queue=kind.queue,
+        account_id=account_id,
+        type=type,
+        cap=cap,
+        visible=visible.scalar_subquery() if visible is not None else None,
+    )
+    if not checked.visible:
+        raise NotFound("account not found")
+    if cap is not None and checked.in_flight >= cap:
+        raise _over_cap(kind.queue, cap, checked.estimate or kind.default_estimate)
     record_id = new_id()
     if type == "sync" and account_id is not None:
         # The lock first, with the record's id chosen up front: when another sync holds it,
@@ -122,6 +142,8 @@ def _dispatch(
         origin=origin,
         default_estimate=kind.default_estimate,
         record_id=record_id,
+        estimate=checked.estimate,
+        look_up_estimate=False,
     )
     session.commit()
     try:
@@ -149,19 +171,13 @@ def _dispatch(
     return Dispatched(record, created=True)
 
 
-def _check_cap(
-    session: Session, tenant_id: str, queue: str, cap: int, account_id: str | None, type: str
-) -> None:
-    """Refuse the dispatch when the tenant has ``cap`` tasks in flight on ``queue``.
-
-    One bounded count on a partial index (at most ``cap`` entries), no lock: two dispatches
-    racing at ``cap - 1`` may both pass, so the cap can be overshot by at most the number of
-    dispatches running at that instant (the API's threads), never more."""
-    if task_stats.in_flight(session, tenant_id, queue, up_to=cap) < cap:
-        return
-    typical = task_stats.estimate(session, account_id, type) or TASK_TYPES[type].default_estimate
+def _over_cap(queue: str, cap: int, typical: float) -> TooManyTasksInFlight:
+    """The refusal of a dispatch beyond the cap. The cap is checked without a lock (one
+    bounded count on a partial index): two dispatches racing at ``cap - 1`` may both pass,
+    so it can be overshot by at most the number of dispatches running at that instant (the
+    API's threads), never more."""
     retry_after = min(RETRY_AFTER_MAX, max(RETRY_AFTER_MIN, math.ceil(typical)))
-    raise TooManyTasksInFlight(
+    return TooManyTasksInFlight(
         f"this tenant already has {cap} tasks in flight on the {queue} queue; try again later",
         retry_after=retry_after,
         details={"queue": queue, "limit": cap, "retry_after": retry_after},

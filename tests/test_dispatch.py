@@ -44,8 +44,8 @@ def watch_engine(app: Any) -> Iterator[dict[str, list[Any]]]:
 
 
 def test_dispatch_is_one_transaction_on_one_connection(app, kit, account, sessions) -> None:
-    """Key lookup, account check, cap count, estimate, insert: one connection, one commit,
-    and no statement reads the task history for the estimate."""
+    """Key lookup; account check, cap count and estimate in one SELECT; insert: one
+    connection, one commit, and no statement reads the task history for the estimate."""
     path = f"/api/accounts/{account['id']}/verify"
     kit.admin.post(path)  # the key's last_used_at is written at most once a minute
     with watch_engine(app) as seen:
@@ -53,13 +53,23 @@ def test_dispatch_is_one_transaction_on_one_connection(app, kit, account, sessio
     assert response.status_code == 202, response.get_json()
     assert len(seen["checkouts"]) == 1, seen
     statements = seen["statements"]
-    assert len(statements) <= 5, statements
+    assert len(statements) == 3, statements
     assert not [s for s in statements if s.startswith("UPDATE api_keys")], statements
     history_reads = [s for s in statements if re.search(r"FROM tasks\b", s) and "state IN ('queued'" not in s]
     assert history_reads == [], history_reads
     with sessions() as session:
         record = session.get(TaskRecord, response.get_json()["task_id"])
         assert record is not None and record.state in {"queued", "running", "succeeded"}
+
+
+def test_dispatch_on_an_account_the_caller_cannot_see_is_404(kit, other_kit, account, sessions) -> None:
+    path = f"/api/accounts/{account['id']}/verify"
+    for api in (other_kit.admin, kit.member):  # another tenant; a member, not the owner
+        response = api.post(path)
+        assert response.status_code == 404 and error_of(response)["code"] == "not_found"
+    with sessions() as session:
+        written = session.scalars(select(TaskRecord.id).where(TaskRecord.account_id == account["id"])).all()
+    assert written == []
 
 
 @pytest.mark.usefixtures("workers")

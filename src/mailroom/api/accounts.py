@@ -127,20 +127,20 @@ def accepted(result: Dispatched) -> tuple[Response, int]:
 def queue_task(account_id: str, type: str, params: dict[str, Any]) -> tuple[Response, int]:
     """Check the account is the caller's, then record the task, commit and publish: one
     transaction on the request's session (one connection), the publish after the commit.
-    Over the tenant's cap of tasks in flight on the queue: 429 with ``Retry-After``."""
+    Another's account is a 404; over the tenant's cap of tasks in flight on the queue, a
+    429 with ``Retry-After``."""
     who = principal()
-    session = db_session()
-    accounts.get_account(session, account_id, who)
     st = state()
     try:
         result = dispatch(
             st.celery,
-            session,
+            db_session(),
             type=type,
             tenant_id=who.tenant_id,
             user_id=who.user_id,
             account_id=account_id,
             params=params,
+            visible_to=who,  # the account check, in the same round trip as the cap
         )
     except TooManyTasksInFlight as exc:
         response = error_response(exc.status, exc.code, exc.message, exc.details)
