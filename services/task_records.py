@@ -7,12 +7,13 @@ racing on the same record cannot both win.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import CursorResult, delete, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import CursorResult, Table, delete, func, insert, select, update
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from services import task_stats
 from services.errors import Conflict, NotFound
@@ -21,6 +22,10 @@ from services.tenancy import Principal, get_scoped, scoped
 
 FINAL = [s.value for s in TaskState.final()]
 IN_FLIGHT = [s.value for s in TaskState.in_flight()]
+
+
+_TASKS = typing.cast(Table, TaskRecord.__table__)
+_INSERT_RECORD = insert(_TASKS)
 
 
 def create_record(
@@ -40,28 +45,48 @@ def create_record(
     estimate: float | None = None,
     look_up_estimate: bool = True,
 ) -> TaskRecord:
-    """Write a ``queued`` record (flushed, not committed) with a duration estimate (looked
+    """Write a ``queued`` record (inserted, not committed) with a duration estimate (looked
     up here unless the caller read it already: ``estimate`` with ``look_up_estimate=False``);
-    ``record_id`` when the caller chose the id already (it names the sync lock's holder)."""
+    ``record_id`` when the caller chose the id already (it names the sync lock's holder).
+
+    One Core INSERT rather than a unit-of-work flush (a third of dispatch's CPU went to
+    the flush); the returned record is attached to the session as if it had been loaded."""
     if look_up_estimate:
         estimate = estimate_duration(session, tenant_id, account_id, type)
-    record = TaskRecord(
-        id=record_id or new_id(),
-        tenant_id=tenant_id,
-        user_id=user_id,
-        account_id=account_id,
-        type=type,
-        queue=queue,
-        priority=priority,
-        params=params,
-        max_retries=max_retries,
-        origin=origin,
-        state=TaskState.QUEUED.value,
-        estimated_duration=estimate or default_estimate,
+    result = session.execute(
+        _INSERT_RECORD,
+        {
+            "id": record_id or new_id(),
+            "tenant_id": tenant_id,
+            "user_id": user_id,
+            "account_id": account_id,
+            "type": type,
+            "queue": queue,
+            "priority": priority,
+            "params": params,
+            "max_retries": max_retries,
+            "origin": origin,
+            "state": TaskState.QUEUED.value,
+            "estimated_duration": estimate or default_estimate,
+        },
     )
+    assert isinstance(result, CursorResult)
+    # Every column as the row now holds it (Python-side defaults included; the rest NULL).
+    values = {column.key: None for column in _TASKS.columns}
+    inserted = result.last_inserted_params()
+    assert isinstance(inserted, dict)  # one row, so one mapping
+    values.update(inserted)
+    record = TaskRecord(**values)
+    make_transient_to_detached(record)
     session.add(record)
-    session.flush()
     return record
+
+
+def discard_record(session: Session, record: TaskRecord) -> None:
+    """Take back a record :func:`create_record` wrote in this transaction (a sync that
+    turned out to be a duplicate), without rolling back the rest of the transaction."""
+    session.execute(delete(_TASKS).where(_TASKS.c.id == record.id))
+    session.expunge(record)
 
 
 def estimate_duration(session: Session, tenant_id: str, account_id: str | None, type: str) -> float | None:

@@ -22,12 +22,27 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Float, Table, case, cast, func, literal, select, text
+from sqlalchemy import (
+    Boolean,
+    Float,
+    Integer,
+    Select,
+    Table,
+    bindparam,
+    case,
+    cast,
+    func,
+    literal,
+    literal_column,
+    or_,
+    select,
+    text,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.selectable import ScalarSelect
 
-from services.models import TaskDuration, TaskRecord, TaskState, utcnow
+from services.models import Account, TaskDuration, TaskRecord, TaskState, utcnow
+from services.tenancy import Principal
 
 #: How many recent runs the running mean behaves like (its weight is 1/min(runs, WINDOW)).
 WINDOW = 20
@@ -42,6 +57,7 @@ ENDED_BADLY_SQL = "state IN ('failed', 'cancelled')"
 
 tasks = typing.cast(Table, TaskRecord.__table__)
 durations = typing.cast(Table, TaskDuration.__table__)
+accounts = typing.cast(Table, Account.__table__)
 
 
 def record_success(session: Session, task_id: str) -> None:
@@ -112,6 +128,51 @@ class Preflight:
     estimate: float | None
 
 
+def _preflight_statement(capped: bool, checked: bool) -> Select[Any]:
+    """The preflight SELECT, built once per shape: building and cache-keying it on every
+    dispatch cost more CPU than running it."""
+    columns: list[Any] = [
+        select(durations.c.recent_seconds)
+        .where(durations.c.account_id == bindparam("account_id"), durations.c.type == bindparam("type"))
+        .scalar_subquery()
+        .label("estimate")
+    ]
+    if capped:
+        bounded = (
+            select(literal_column("1"))
+            .select_from(tasks)
+            .where(
+                tasks.c.tenant_id == bindparam("tenant_id"),
+                tasks.c.queue == bindparam("queue"),
+                text(IN_FLIGHT_SQL),
+            )
+            .limit(bindparam("cap", type_=Integer))
+            .subquery()
+        )
+        columns.append(select(func.count()).select_from(bounded).scalar_subquery().label("in_flight"))
+    if checked:
+        # The rule of services.tenancy.scoped: the caller's tenant, and for a member only
+        # the accounts they own (an admin sees the whole tenant's).
+        columns.append(
+            select(accounts.c.id)
+            .where(
+                accounts.c.id == bindparam("account_id"),
+                accounts.c.tenant_id == bindparam("tenant_id"),
+                or_(bindparam("is_admin", type_=Boolean), accounts.c.user_id == bindparam("user_id")),
+            )
+            .scalar_subquery()
+            .label("visible")
+        )
+    return select(*columns)
+
+
+_PREFLIGHT = {
+    (capped, checked): _preflight_statement(capped, checked)
+    for capped in (True, False)
+    for checked in (True, False)
+}
+
+
 def preflight(
     session: Session,
     *,
@@ -120,34 +181,31 @@ def preflight(
     account_id: str | None,
     type: str,
     cap: int | None,
-    visible: ScalarSelect[Any] | None = None,
+    visible_to: Principal | None = None,
 ) -> Preflight:
-    """One SELECT of scalar subqueries: the account check (``visible``, a scalar subquery
-    that yields a row only when the caller may see the account), the bounded in-flight
-    count when ``cap`` is given, and the duration estimate. Each is an index lookup."""
-    columns: list[Any] = [literal(1).label("one")]
-    if account_id is not None:
-        columns.append(
-            select(durations.c.recent_seconds)
-            .where(durations.c.account_id == account_id, durations.c.type == type)
-            .scalar_subquery()
-            .label("estimate")
+    """One SELECT of scalar subqueries, each an index lookup: whether ``visible_to`` may see
+    the account (when given), the tenant's in-flight count on ``queue`` up to ``cap`` (when
+    given), and the duration estimate."""
+    checked = visible_to is not None and account_id is not None
+    row = (
+        session.execute(
+            _PREFLIGHT[(cap is not None, checked)],
+            {
+                "account_id": account_id,
+                "type": type,
+                "tenant_id": tenant_id,
+                "queue": queue,
+                "cap": cap or 0,
+                "is_admin": bool(visible_to and visible_to.is_admin),
+                "user_id": visible_to.user_id if visible_to else None,
+            },
         )
-    if cap is not None:
-        bounded = (
-            select(literal(1))
-            .select_from(tasks)
-            .where(tasks.c.tenant_id == tenant_id, tasks.c.queue == queue, text(IN_FLIGHT_SQL))
-            .limit(cap)
-            .subquery()
-        )
-        columns.append(select(func.count()).select_from(bounded).scalar_subquery().label("in_flight"))
-    if visible is not None:
-        columns.append(visible.label("visible"))
-    row = session.execute(select(*columns)).one()._mapping
-    estimate_value = row.get("estimate")
+        .one()
+        ._mapping
+    )
+    estimate_value = row["estimate"]
     return Preflight(
-        visible=visible is None or row["visible"] is not None,
+        visible=not checked or row["visible"] is not None,
         in_flight=int(row.get("in_flight") or 0),
         estimate=round(estimate_value, 3) if estimate_value is not None else None,
     )

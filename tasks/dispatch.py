@@ -15,23 +15,28 @@ from __future__ import annotations
 
 import logging
 import math
+import typing
 from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
 from kombu.exceptions import KombuError, OperationalError
 from redis.exceptions import RedisError
+from sqlalchemy import Table, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from services import accounts, task_records, task_stats
 from services.db import transaction
 from services.errors import MailroomError, NotFound, ServiceUnavailable
-from services.models import Account, TaskRecord, new_id
-from services.tenancy import Principal, scoped
+from services.models import Account, TaskRecord
+from services.tenancy import Principal
 from tasks.queues import TASK_TYPES, broker_priority, logical_priority
 
 log = logging.getLogger("mailroom.dispatch")
 
+ACCOUNTS = typing.cast(Table, Account.__table__)
+#: Longest kwargs text a message carries for logs and Flower.
+KWARGSREPR_MAX = 1024
 #: Bounds of the Retry-After a tenant over its cap is told (seconds).
 RETRY_AFTER_MIN, RETRY_AFTER_MAX = 1, 60
 
@@ -103,9 +108,6 @@ def _dispatch(
     priority = logical_priority(kind.queue, from_beat=from_beat)
     settings = app.conf.mailroom_settings
     cap = None if from_beat else settings.max_tasks_in_flight_per_queue
-    visible = None
-    if visible_to is not None and account_id is not None:
-        visible = scoped(Account, visible_to).with_only_columns(Account.id).where(Account.id == account_id)
     checked = task_stats.preflight(
         session,
         tenant_id=tenant_id,
@@ -113,22 +115,12 @@ def _dispatch(
         account_id=account_id,
         type=type,
         cap=cap,
-        visible=visible.scalar_subquery() if visible is not None else None,
+        visible_to=visible_to,
     )
     if not checked.visible:
         raise NotFound("account not found")
     if cap is not None and checked.in_flight >= cap:
         raise _over_cap(kind.queue, cap, checked.estimate or kind.default_estimate)
-    record_id = new_id()
-    if type == "sync" and account_id is not None:
-        # The lock first, with the record's id chosen up front: when another sync holds it,
-        # nothing was written and nothing needs rolling back.
-        ttl = accounts.sync_lock_ttl(settings)
-        holder = accounts.claim_sync_lock(session, account_id, record_id, ttl=ttl)
-        if holder is not None:
-            existing = task_records.require_record(session, holder)
-            session.commit()
-            return Dispatched(existing, created=False)
     record = task_records.create_record(
         session,
         tenant_id=tenant_id,
@@ -141,15 +133,36 @@ def _dispatch(
         max_retries=kind.spec.max_retries,
         origin=origin,
         default_estimate=kind.default_estimate,
-        record_id=record_id,
         estimate=checked.estimate,
         look_up_estimate=False,
     )
+    if type == "sync" and account_id is not None:
+        # Lock the account row first, in a statement of its own. A claim that had to wait
+        # for another dispatch's lock would otherwise decide, under READ COMMITTED, with the
+        # snapshot its UPDATE started with, in which the winner's record is not yet visible
+        # ("the holder is not in flight"), and claim the account a second time. After this
+        # wait, the claim below is a new statement and sees the winner's committed record.
+        # FOR NO KEY UPDATE, the lock the claim's UPDATE takes anyway: it does not conflict
+        # with the KEY SHARE lock another dispatch's task INSERT holds through its foreign
+        # key, so two dispatches cannot deadlock on it.
+        session.execute(
+            select(ACCOUNTS.c.id).where(ACCOUNTS.c.id == account_id).with_for_update(key_share=True)
+        )
+        ttl = accounts.sync_lock_ttl(settings)
+        holder = accounts.claim_sync_lock(session, account_id, record.id, ttl=ttl)
+        if holder is not None:
+            task_records.discard_record(session, record)
+            existing = task_records.require_record(session, holder)
+            session.commit()
+            return Dispatched(existing, created=False)
     session.commit()
+    kwargs = {"tenant_id": tenant_id, "user_id": user_id, "account_id": account_id, "params": params}
     try:
         app.send_task(
             kind.task_name,
-            kwargs={"tenant_id": tenant_id, "user_id": user_id, "account_id": account_id, "params": params},
+            kwargs=kwargs,
+            # What logs and Flower show; Celery's own saferepr of it cost a fifth of a publish.
+            kwargsrepr=repr(kwargs)[:KWARGSREPR_MAX],
             task_id=record.id,
             queue=kind.queue,
             routing_key=kind.queue,

@@ -5,17 +5,21 @@ and metrics that never read the task history. Real PostgreSQL, Redis and workers
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select, text
+from sqlalchemy import event, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from services import task_stats
 from services.models import TaskDuration, TaskRecord
 from services.settings import load_settings
+from tasks.celery_app import make_celery
+from tasks.dispatch import dispatch
 from tests.conftest import account_body, env_for, worker_env
 from tests.servers.redis import RedisServer
 from tests.servers.workers import CeleryWorker
@@ -243,3 +247,38 @@ def test_stats_and_metrics_read_no_task_history(app, kit, account, sessions) -> 
     assert reads, seen["statements"]
     bounded = [s for s in reads if "state IN ('queued'" in s or "state IN ('failed'" in s]
     assert bounded == reads, reads
+
+
+def test_concurrent_sync_dispatches_queue_one_sync(kit, account, private_servers, sessions) -> None:
+    """Eight dispatches of a sync of one account at once: one is queued, the others get its
+    record. Each claim waits on the account row's lock and then decides on what the winner
+    committed, not on its own stale snapshot."""
+    _, _, values = private_servers
+    celery = make_celery(load_settings(**values))
+    start = threading.Barrier(8)
+
+    def one() -> Any:
+        start.wait()
+        return dispatch(
+            celery,
+            sessions,
+            type="sync",
+            tenant_id=kit.tenant_id,
+            user_id=kit.admin_id,
+            account_id=account["id"],
+            params={},
+        )
+
+    for _ in range(3):
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda _: one(), range(8)))
+        assert sum(r.created for r in results) == 1
+        assert len({r.record.id for r in results}) == 1
+        with sessions() as session:
+            session.execute(
+                update(TaskRecord)
+                .where(TaskRecord.account_id == account["id"])
+                .values(state="cancelled")
+                .execution_options(synchronize_session=False)
+            )
+            session.commit()
