@@ -13,11 +13,12 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import typing
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from services.db import UNRESTRICTED_KEY
@@ -139,20 +140,40 @@ def revoke_api_key(session: Session, ref: str, *, tenant_id: str | None = None) 
     return key
 
 
+# The key lookup runs on every request: built once, reading plain columns (no ORM entities
+# to build), and across tenants on purpose: the one read that must run before any tenant is
+# known, since the key decides the tenant.
+_KEYS = typing.cast(Table, ApiKey.__table__)
+_USERS = typing.cast(Table, User.__table__)
+_KEY_LOOKUP = (
+    select(
+        _KEYS.c.id,
+        _KEYS.c.tenant_id,
+        _KEYS.c.user_id,
+        _KEYS.c.revoked_at,
+        _KEYS.c.last_used_at,
+        _USERS.c.role,
+    )
+    .join(_USERS, _USERS.c.id == _KEYS.c.user_id)
+    .where(_KEYS.c.key_hash == bindparam("key_hash"))
+    .execution_options(**{UNRESTRICTED_KEY: True})
+)
+
+
 def authenticate(session: Session, token: str) -> Principal:
-    """The principal behind a bearer token; a malformed, unknown or revoked key is refused."""
+    """The principal behind a bearer token; a malformed, unknown or revoked key is refused.
+    One indexed query; ``last_used_at`` is written at most once a minute."""
     if not _KEY_RE.match(token):
         raise Unauthorized("malformed API key")
-    # The one read that must run before any tenant is known: the key decides the tenant.
-    key = session.scalar(unrestricted_unsafe(ApiKey).where(ApiKey.key_hash == hash_key(token)))
+    key = session.execute(_KEY_LOOKUP, {"key_hash": hash_key(token)}).first()
     if key is None:
         raise Unauthorized("unknown API key")
     if key.revoked_at is not None:
         raise Unauthorized("this API key has been revoked")
     now = utcnow()
     if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
-        key.last_used_at = now
-    return Principal(tenant_id=key.tenant_id, user_id=key.user_id, role=key.user.role, key_id=key.id)
+        session.execute(update(_KEYS).where(_KEYS.c.id == key.id).values(last_used_at=now))
+    return Principal(tenant_id=key.tenant_id, user_id=key.user_id, role=key.role, key_id=key.id)
 
 
 # --- the scoped path ---------------------------------------------------------------------
