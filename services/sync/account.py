@@ -32,6 +32,7 @@ from services.sync.folder_sync import (
 )
 from services.sync.folders import is_selectable, list_remote_folders, store_folders
 from services.sync.progress import ProgressTracker
+from services.sync.state import MoveTracker, drop_folders, offer_vanished, update_folder
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +85,16 @@ def sync_account(
                 # Every IMAP account has an INBOX. A listing without one is a server in
                 # trouble, and taking it at its word would delete every stored folder.
                 raise TransientMailError("the IMAP server listed no INBOX; not touching stored folders")
+            moves = MoveTracker()
             with transaction(sessions) as session:
-                folders, deleted = store_folders(
+                folders, gone = store_folders(
                     session, tenant_id=tenant_id, account_id=account_id, remote=remote
                 )
                 _set_account(session, account_id, capabilities=raw_caps)
                 snapshots = _snapshots(session, account_id, folders)
+                # A folder gone from the server may have been renamed: its messages are
+                # matched like moved ones while the other folders sync (see state.py).
+                offer_vanished(session, [f.id for f in gone], moves)
             ctx = RunContext(
                 sessions=sessions,
                 client=client,
@@ -99,9 +104,16 @@ def sync_account(
                 batch_size=settings.sync_batch_size,
                 full=options.full,
                 tracker=tracker,
+                moves=moves,
             )
             unselectable = {f.name for f in folders if not is_selectable(f)}
             summary = _sync_folders(ctx, snapshots, options, unselectable=unselectable)
+            deleted = []
+            if gone and options.folders is None and not summary["failed_folders"]:
+                # Every folder had its chance to take over the vanished folders' messages.
+                with transaction(sessions) as session:
+                    drop_folders(session, [f.id for f in gone])
+                deleted = [f.name for f in gone]
     except (MailError, IMAPClientError, OSError) as exc:
         error = classify_imap_error(exc, "sync")
         with transaction(sessions) as session:
@@ -134,13 +146,24 @@ def _set_account(session: Session, account_id: str, **values: Any) -> None:
 
 
 def _snapshots(session: Session, account_id: str, folders: list[Folder]) -> list[FolderSnapshot]:
+    """Each selectable folder's stored state. The same scan also repairs a folder whose
+    counts disagree with its rows (written before counts moved with every batch)."""
     query = (
-        select(Message.folder_id, func.count())
-        .where(Message.account_id == account_id, Message.uid > 0)
+        select(
+            Message.folder_id,
+            func.count(),
+            func.count().filter(Message.uid > 0),
+            func.count().filter(Message.seen.is_(False)),
+        )
+        .where(Message.account_id == account_id)
         .group_by(Message.folder_id)
     )
-    counts = {folder_id: int(count) for folder_id, count in session.execute(query)}
-    return [FolderSnapshot.of(f, counts.get(f.id, 0)) for f in folders if is_selectable(f)]
+    counts = {row[0]: (int(row[1]), int(row[2]), int(row[3])) for row in session.execute(query)}
+    for folder in folders:
+        total, _, unread = counts.get(folder.id, (0, 0, 0))
+        if (folder.message_count, folder.unread_count) != (total, unread):
+            update_folder(session, folder.id, message_count=total, unread_count=unread)
+    return [FolderSnapshot.of(f, counts.get(f.id, (0, 0, 0))[1]) for f in folders if is_selectable(f)]
 
 
 def _folder_error(exc: BaseException, name: str) -> MailError | None:

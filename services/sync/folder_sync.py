@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import imapclient
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.db import transaction
-from services.models import Folder, utcnow
+from services.models import Folder, Message, utcnow
 from services.read_stats import analyze_after_first_walk
 from services.sync import state
 from services.sync.commands import (
@@ -114,13 +115,20 @@ def needs_rebuild(folder: FolderSnapshot, uidvalidity: int | None, *, full: bool
 
 def is_unchanged(folder: FolderSnapshot, status: dict[str, int], caps: Capabilities, *, full: bool) -> bool:
     """True when STATUS proves there is nothing to do, so the folder is not even selected.
-    Without CONDSTORE flag changes are invisible to STATUS, so that is never proof."""
+    Without CONDSTORE flag changes are invisible to STATUS, so that is never proof.
+
+    The proof: UIDNEXT unchanged means no message arrived, so the server's UIDs are a
+    subset of those stored; MESSAGES equal to the number of stored rows means the subset
+    is all of them. Comparing MESSAGES only with the last pass's EXISTS is not enough
+    without QRESYNC, where an expunge need not raise HIGHESTMODSEQ: an expunge the last
+    pass missed would then be hidden for good."""
     if full or not caps.condstore or folder.backfill_below_uid is not None:
         return False
     return (
         folder.uidvalidity == status.get("UIDVALIDITY")
         and folder.uidnext == status.get("UIDNEXT")
         and folder.server_message_count == status.get("MESSAGES")
+        and folder.stored == status.get("MESSAGES")
         and folder.highestmodseq is not None
         and folder.highestmodseq == status.get("HIGHESTMODSEQ")
     )
@@ -238,7 +246,6 @@ def _walk(ctx: RunContext, folder: FolderSnapshot, out: FolderOutcome, *, pendin
 def _finish_walk(session: Session, ctx: RunContext, folder: FolderSnapshot, *, pending: bool) -> int:
     removed = state.remove_messages(session, folder.id, pending=True, moves=ctx.moves) if pending else 0
     state.update_folder(session, folder.id, backfill_below_uid=None)
-    state.refresh_counts(session, folder.id)
     analyze_after_first_walk(session, folder.id)  # planner statistics for the message list
     return removed
 
@@ -247,7 +254,6 @@ def _incremental(ctx: RunContext, folder: FolderSnapshot, selected: Selected, ou
     """New mail above ``last_seen_uid`` (ascending, so a crash leaves no gap below it), then
     flag changes and expunges of the UIDs already stored, then the new state."""
     last = folder.last_seen_uid or 0
-    scope = _scope(ctx, folder)
     newest = last
     if selected.uidnext is None or selected.uidnext > last + 1:
         newest = _fetch_new(ctx, folder, selected, out, last)
@@ -267,8 +273,10 @@ def _incremental(ctx: RunContext, folder: FolderSnapshot, selected: Selected, ou
                 }
                 if ctx.caps.qresync:
                     vanished = take_vanished(ctx.client)
-                else:
-                    present = set(uid_search(ctx.client, f"1:{last}"))
+            if not ctx.caps.qresync:
+                # Without QRESYNC an expunge need not raise HIGHESTMODSEQ (RFC 7162 asks
+                # that only of QRESYNC servers): compare UID sets on every pass.
+                present = set(uid_search(ctx.client, f"1:{last}"))
         else:
             # No mod-sequences: read every stored UID's flags; the answer also tells which
             # UIDs still exist.
@@ -286,6 +294,13 @@ def _incremental(ctx: RunContext, folder: FolderSnapshot, selected: Selected, ou
             gone = sorted(state.positive_uids(session, folder.id, up_to=last) - present)
         if gone:
             out.removed += state.remove_messages(session, folder.id, uids=gone, moves=ctx.moves)
+        if present is None and last > 0 and _stored_differs(session, folder.id, selected, newest):
+            # The stored rows do not add up to EXISTS although VANISHED named nothing
+            # more (or mod-sequences said nothing changed): compare UID sets.
+            present = set(uid_search(ctx.client, f"1:{last}"))
+            gone = sorted(state.positive_uids(session, folder.id, up_to=last) - present)
+            if gone:
+                out.removed += state.remove_messages(session, folder.id, uids=gone, moves=ctx.moves)
         state.update_folder(
             session,
             folder.id,
@@ -297,7 +312,18 @@ def _incremental(ctx: RunContext, folder: FolderSnapshot, selected: Selected, ou
             last_synced_at=utcnow(),
             last_error=None,
         )
-        state.refresh_counts(session, scope.folder_id)
+
+
+def _stored_differs(session: Session, folder_id: str, selected: Selected, newest: int) -> bool:
+    """Whether the folder's stored rows below UIDNEXT (as of SELECT) differ in number from
+    EXISTS. Cheap: the exact message_count less the few rows outside that range, never a
+    count of the whole folder."""
+    limit = selected.uidnext or newest + 1
+    total = session.scalar(select(Folder.message_count).where(Folder.id == folder_id)) or 0
+    outside = session.scalar(
+        select(func.count()).where(Message.folder_id == folder_id, or_(Message.uid < 1, Message.uid >= limit))
+    )
+    return total - int(outside or 0) != selected.exists
 
 
 def _fetch_new(

@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import imapclient
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from services.models import Folder, Message
+from services.models import Folder
 
 # RFC 6154 attributes → Folder.special_use.
 SPECIAL_USE = {
@@ -78,19 +78,14 @@ def list_remote_folders(client: imapclient.IMAPClient) -> list[RemoteFolder]:
 
 def store_folders(
     session: Session, *, tenant_id: str, account_id: str, remote: list[RemoteFolder]
-) -> tuple[list[Folder], list[str]]:
+) -> tuple[list[Folder], list[Folder]]:
     """Make the account's Folder rows match ``remote``: new ones created, attributes
-    refreshed, folders gone from the server deleted with their messages. Returns the rows
-    (in visiting order) and the names of the deleted folders."""
+    refreshed. Returns the rows (in visiting order) and the folders gone from the server,
+    which are left in place: their messages may have been renamed or moved elsewhere, and
+    the caller deletes them once the other folders had their chance to match them."""
     rows = {f.name: f for f in session.scalars(select(Folder).where(Folder.account_id == account_id))}
     wanted = {f.name: f for f in remote}
     gone = [rows[name] for name in rows if name not in wanted]
-    if gone:
-        ids = [f.id for f in gone]
-        # Delete the messages explicitly: SQLite enforces ON DELETE CASCADE only when the
-        # connection has foreign keys on, and a bulk delete should not depend on that.
-        session.execute(delete(Message).where(Message.folder_id.in_(ids)))
-        session.execute(delete(Folder).where(Folder.id.in_(ids)))
     for name, info in wanted.items():
         row = rows.get(name)
         if row is None:
@@ -104,7 +99,7 @@ def store_folders(
         row.special_use = info.special_use
     session.flush()
     kept = [rows[name] for name in wanted]
-    return sorted(kept, key=visit_key), [f.name for f in gone]
+    return sorted(kept, key=visit_key), gone
 
 
 def visit_key(folder: Folder) -> tuple[int, str]:

@@ -13,7 +13,15 @@ changes wherever the message can be matched again) is done two ways:
   matching when it resumes.
 * A message moved between folders by another client shows up as removed in one folder
   and new in another, in either order; :class:`MoveTracker` remembers both sides for the
-  length of one sync run and hands the removed row's id to the new one.
+  length of one sync run and hands the removed row's id to the new one. The rows of a
+  folder that vanished from the server (deleted, or renamed: a rename looks like a delete
+  plus a create) are offered the same way, but stay stored until a message takes over
+  their id, so a rename interrupted half-way goes on matching in the next run.
+
+Folder counts (``message_count``, ``unread_count``: every stored row of the folder, as the
+message list shows them) move with each change, in the same transaction, by the exact
+number of rows inserted, deleted or whose ``seen`` changed: a batch commits its rows and
+the counts describing them together, and no batch counts the whole folder.
 """
 
 from __future__ import annotations
@@ -89,6 +97,17 @@ def update_folder(session: Session, folder_id: str, **values: Any) -> None:
         .values(**values)
         .execution_options(synchronize_session=False)
     )
+
+
+def bump_counts(session: Session, folder_id: str, total: int, unread: int) -> None:
+    """Move the folder's counts by what the caller just changed in its rows."""
+    if total or unread:
+        update_folder(
+            session,
+            folder_id,
+            message_count=Folder.message_count + total,
+            unread_count=Folder.unread_count + unread,
+        )
 
 
 def refresh_counts(session: Session, folder_id: str) -> None:
@@ -171,12 +190,33 @@ def _copy_into_messages(session: Session, records: list[dict[str, Any]]) -> bool
     return True
 
 
-def _store_new_rows(session: Session, records: list[dict[str, Any]]) -> None:
+def _store_new_rows(session: Session, records: list[dict[str, Any]]) -> tuple[int, int]:
+    """Insert ``records``; returns (rows inserted, of which unread)."""
     if session.get_bind().dialect.name == "postgresql" and _copy_into_messages(session, records):
-        return
+        return len(records), sum(1 for r in records if not r["seen"])
     # Core executemany (the ORM's bulk insert costs about 20 % more per row), skipping
-    # rows stored already, so a batch delivered twice can never fail the sync.
-    session.execute(_insert_ignoring_duplicates(session), records)
+    # rows stored already, so a batch delivered twice can never fail the sync. RETURNING
+    # says which rows went in, so the counts move by exactly those.
+    inserted = session.execute(
+        _insert_ignoring_duplicates(session).returning(_messages.c.seen), records
+    ).scalars()
+    seen = list(inserted)
+    return len(seen), sum(1 for s in seen if not s)
+
+
+def _release_ids(session: Session, ids: list[str]) -> None:
+    """Delete the rows (of a vanished folder) whose ids a new row takes over now; rows
+    removed earlier in the run are gone already and match nothing."""
+    for chunk in _chunks(ids):
+        released = session.execute(
+            delete(Message).where(Message.id.in_(chunk)).returning(Message.folder_id, Message.seen)
+        )
+        per_folder: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for folder_id, seen in released:
+            per_folder[folder_id][0] -= 1
+            per_folder[folder_id][1] -= 0 if seen else 1
+        for folder_id, (total, unread) in per_folder.items():
+            bump_counts(session, folder_id, total, unread)
 
 
 def _pending_candidates(
@@ -191,7 +231,7 @@ def _pending_candidates(
         where = list(conditions) + ([Message.message_id_header.in_(chunk)] if chunk else [])
         if not where:
             continue
-        query = select(Message.id, Message.uid, *_KEY_COLUMNS).where(
+        query = select(Message.id, Message.uid, Message.seen, *_KEY_COLUMNS).where(
             Message.folder_id == folder_id, Message.uid < 0, or_(*where)
         )
         for found in session.execute(query):
@@ -223,7 +263,9 @@ def insert_messages(
     now = utcnow()
     takeovers: list[dict[str, Any]] = []
     fresh: list[dict[str, Any]] = []
+    released: list[str] = []
     reused = 0
+    unread_change = 0
     for row in rows:
         key = row_key(row)
         options = candidates.get(key)
@@ -232,6 +274,7 @@ def insert_messages(
             # unchanged UIDVALIDITY), so duplicates keep exactly their own ids.
             pick = next((o for o in options if (-o.uid) % UID_SPACE == row["uid"]), options[0])
             options.remove(pick)
+            unread_change += int(pick.seen) - int(bool(row["seen"]))
             takeovers.append({**row, "id": pick.id, "folder_id": scope.folder_id, "updated_at": now})
             continue
         earlier = moves.removed.get(key)
@@ -243,6 +286,7 @@ def insert_messages(
         }
         if earlier:
             record["id"], record["created_at"] = earlier.pop(0)
+            released.append(record["id"])
             reused += 1
         else:
             record["id"], record["created_at"] = new_id(), now
@@ -252,8 +296,12 @@ def insert_messages(
             moves.inserted[key].append((record["id"], scope.folder_id, record["created_at"]))
     if takeovers:
         session.execute(update(Message), takeovers)
+    if released:
+        _release_ids(session, released)
+    total = unread = 0
     if fresh:
-        _store_new_rows(session, fresh)
+        total, unread = _store_new_rows(session, fresh)
+    bump_counts(session, scope.folder_id, total, unread + unread_change)
     return len(takeovers) + len(fresh), len(takeovers) + reused
 
 
@@ -278,13 +326,17 @@ def apply_flags(session: Session, folder_id: str, changes: dict[int, tuple[list[
     uids = sorted(changes)
     now = utcnow()
     params = []
+    unread_change = 0
     for chunk in _chunks(uids):
         stored = session.execute(
-            select(Message.uid, Message.flags).where(Message.folder_id == folder_id, Message.uid.in_(chunk))
+            select(Message.uid, Message.flags, Message.seen).where(
+                Message.folder_id == folder_id, Message.uid.in_(chunk)
+            )
         )
-        for uid, flags in stored:
+        for uid, flags, seen in stored:
             new_flags, modseq = changes[uid]
             if sorted(flags or []) != new_flags:
+                unread_change += int(bool(seen)) - int("\\Seen" in new_flags)
                 params.append(
                     {
                         "b_folder": folder_id,
@@ -298,6 +350,7 @@ def apply_flags(session: Session, folder_id: str, changes: dict[int, tuple[list[
                 )
     if params:
         session.execute(_flag_update, params)
+        bump_counts(session, folder_id, 0, unread_change)
     return len(params)
 
 
@@ -333,7 +386,9 @@ def remove_messages(
     """Delete the folder's rows with ``uids`` (or, with ``pending``, its unmatched pending
     rows). A row whose message was already stored in another folder during this run hands
     its id to that row; the others are remembered for later folders of the run."""
-    query = select(Message.id, Message.created_at, *_KEY_COLUMNS).where(Message.folder_id == folder_id)
+    query = select(Message.id, Message.created_at, Message.seen, *_KEY_COLUMNS).where(
+        Message.folder_id == folder_id
+    )
     batches = (
         [query.where(Message.uid < 0)]
         if pending
@@ -345,6 +400,7 @@ def remove_messages(
         if not rows:
             continue
         session.execute(delete(Message).where(Message.id.in_([r.id for r in rows])))
+        bump_counts(session, folder_id, -len(rows), -sum(1 for r in rows if not r.seen))
         removed += len(rows)
         for row in rows:
             key = match_key(row.message_id_header, row.date, row.size, row.subject, row.from_addr)
@@ -362,3 +418,31 @@ def remove_messages(
             else:
                 moves.removed[key].append((row.id, row.created_at))
     return removed
+
+
+# --- folders gone from the server -------------------------------------------------------
+
+
+def offer_vanished(session: Session, folder_ids: Sequence[str], moves: MoveTracker) -> int:
+    """Offer every row of folders the server no longer lists to the run's move matching:
+    a message stored again anywhere (the renamed folder's walk) takes over its id and the
+    old row goes in the same transaction. Returns how many rows were offered."""
+    offered = 0
+    for chunk in _chunks(list(folder_ids)):
+        query = select(Message.id, Message.created_at, *_KEY_COLUMNS).where(Message.folder_id.in_(chunk))
+        for row in session.execute(query.order_by(Message.folder_id, Message.uid)):
+            key = match_key(row.message_id_header, row.date, row.size, row.subject, row.from_addr)
+            moves.removed[key].append((row.id, row.created_at))
+            offered += 1
+    return offered
+
+
+def drop_folders(session: Session, folder_ids: Sequence[str]) -> None:
+    """Delete folders (and whatever rows nothing took over) once the run that could match
+    them has visited every folder."""
+    if not folder_ids:
+        return
+    # Delete the messages explicitly: SQLite enforces ON DELETE CASCADE only when the
+    # connection has foreign keys on, and a bulk delete should not depend on that.
+    session.execute(delete(Message).where(Message.folder_id.in_(folder_ids)))
+    session.execute(delete(Folder).where(Folder.id.in_(folder_ids)))

@@ -45,6 +45,10 @@ SPECIAL_USE_FOLDERS = {
 # Hierarchy separator clients see. On disk the Maildir++ layout still uses ".":
 # folder "Projects/2024" is the directory "Maildir/.Projects.2024".
 SEPARATOR = "/"
+# What Dovecot announces, less QRESYNC (and its IMAP4rev2-era companions): CONDSTORE only.
+WITHOUT_QRESYNC = (
+    "IMAP4rev1 SASL-IR LITERAL+ ENABLE IDLE UIDPLUS MOVE SPECIAL-USE MULTIAPPEND UNSELECT CONDSTORE"
+)
 
 
 def _dovecot_executable(name: str) -> str:
@@ -144,6 +148,10 @@ class DovecotServer(ServerProcess):
 
     ``rawlog=True`` records what every client sends after login, so a test can count IMAP
     commands (``imap_commands``, ``imap_command_counts``).
+
+    ``imap_capability`` replaces the capability list Dovecot announces after login, to
+    play a server without QRESYNC (or without CONDSTORE): :data:`WITHOUT_QRESYNC`.
+    Dovecot then refuses ``ENABLE QRESYNC`` and never sends VANISHED.
     """
 
     def __init__(
@@ -153,8 +161,10 @@ class DovecotServer(ServerProcess):
         rawlog: bool = False,
         max_userip_connections: int = 100,
         base_dir: str | Path | None = None,
+        imap_capability: str | None = None,
     ) -> None:
         self.host = HOST
+        self.imap_capability = imap_capability
         self.port = port or free_port()
         self.rawlog = rawlog
         self.max_userip_connections = max_userip_connections
@@ -375,6 +385,16 @@ class DovecotServer(ServerProcess):
         with self._session(user, password) as client:
             client.delete_folder(folder)
 
+    def rename_folder(self, user: str, password: str, old: str, new: str, *, doveadm: bool = False) -> None:
+        """Rename ``old`` to ``new`` with IMAP RENAME, or with ``doveadm mailbox rename``
+        (what an administrator would do). Either way the messages keep their UIDs and the
+        folder its UIDVALIDITY under the new name."""
+        if doveadm:
+            self._doveadm("mailbox", "rename", "-u", user, old, new)
+            return
+        with self._session(user, password) as client:
+            client.rename_folder(old, new)
+
     def uids(self, user: str, password: str, folder: str) -> list[int]:
         """All UIDs in ``folder``, ascending."""
         with self._session(user, password) as client:
@@ -515,6 +535,8 @@ class DovecotServer(ServerProcess):
             for name, flag in SPECIAL_USE_FOLDERS.items()
         )
         rawlog = f"rawlog_dir = {d}/rawlog/%u\n" if self.rawlog else ""
+        if self.imap_capability:
+            rawlog += f"imap_capability = {self.imap_capability}\n"
         # chroot is switched off for every service that has one: a non-root master cannot
         # chroot, and tests gain nothing from it as root either.
         return f"""\

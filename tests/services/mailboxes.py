@@ -195,11 +195,7 @@ class LimitedDovecot(DovecotServer):
     list Dovecot would announce)."""
 
     def __init__(self, *, capability: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.capability = capability
-
-    def _config(self) -> str:
-        return super()._config() + f"imap_capability = {self.capability}\n"
+        super().__init__(imap_capability=capability, **kwargs)
 
 
 BASIC_CAPABILITIES = "IMAP4rev1 SASL-IR LITERAL+ ENABLE IDLE UIDPLUS MOVE SPECIAL-USE MULTIAPPEND UNSELECT"
