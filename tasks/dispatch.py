@@ -4,11 +4,13 @@ The record is committed before the message exists, so a worker never sees a task
 its record; if the broker is down the record is marked ``dispatch_failed`` and the caller
 gets :class:`ServiceUnavailable` — the request is never silently lost.
 
-Dispatch is one short transaction: the cap check, the record (its duration estimate is one
-primary-key read), the sync lock and one commit, on the caller's session when it passes one
-(the API request's, which already checked the account), so a request uses one connection.
-The message is published with ``ignore_result=True``: the record holds the result, so
-nothing subscribes to a result channel and a result backend that is down cannot fail it.
+Dispatch is one short transaction, on the caller's session when it passes one (the API
+request's, so a request uses one connection): one SELECT answers the account check, the
+tenant's in-flight count against its cap and the duration estimate (index lookups, never
+the task history); one INSERT writes the record; a sync locks its account and claims the
+sync lock; one commit. The message is published after the commit, with
+``ignore_result=True``: the record holds the result, so nothing subscribes to a result
+channel and a result backend that is down cannot fail a dispatch.
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ def _dispatch(
         look_up_estimate=False,
     )
     if type == "sync" and account_id is not None:
-        # Lock the account row first, in a statement of its own. A claim that had to wait
+        # Lock the account row before claiming, in a statement of its own. A claim that had to wait
         # for another dispatch's lock would otherwise decide, under READ COMMITTED, with the
         # snapshot its UPDATE started with, in which the winner's record is not yet visible
         # ("the holder is not in flight"), and claim the account a second time. After this
@@ -188,7 +190,7 @@ def _over_cap(queue: str, cap: int, typical: float) -> TooManyTasksInFlight:
     """The refusal of a dispatch beyond the cap. The cap is checked without a lock (one
     bounded count on a partial index): two dispatches racing at ``cap - 1`` may both pass,
     so it can be overshot by at most the number of dispatches running at that instant (the
-    API's threads), never more."""
+    API's threads, over all its processes), never more."""
     retry_after = min(RETRY_AFTER_MAX, max(RETRY_AFTER_MIN, math.ceil(typical)))
     return TooManyTasksInFlight(
         f"this tenant already has {cap} tasks in flight on the {queue} queue; try again later",
