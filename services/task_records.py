@@ -82,6 +82,67 @@ def create_record(
     return record
 
 
+def create_record_if_allowed(
+    session: Session,
+    *,
+    tenant_id: str,
+    user_id: str | None,
+    account_id: str | None,
+    type: str,
+    queue: str,
+    priority: int,
+    params: dict[str, Any],
+    max_retries: int,
+    origin: str,
+    default_estimate: float | None,
+    cap: int | None,
+    visible_to: Principal | None,
+) -> TaskRecord | None:
+    """:func:`create_record` in one statement that also checks that ``visible_to`` may see
+    the account and that the tenant has fewer than ``cap`` tasks in flight on ``queue``, and
+    reads the estimate (``services.task_stats.insert_if_allowed``). None when refused."""
+    values = _defaults()
+    values.update(
+        id=new_id(),
+        tenant_id=tenant_id,
+        user_id=user_id,
+        account_id=account_id,
+        type=type,
+        queue=queue,
+        priority=priority,
+        params=params,
+        max_retries=max_retries,
+        origin=origin,
+        state=TaskState.QUEUED.value,
+    )
+    inserted, estimate = task_stats.insert_if_allowed(
+        session, values, cap=cap, visible_to=visible_to, default_estimate=default_estimate
+    )
+    if not inserted:
+        return None
+    record = TaskRecord(**values, estimated_duration=estimate)
+    make_transient_to_detached(record)
+    session.add(record)
+    return record
+
+
+def _defaults() -> dict[str, Any]:
+    """Every column but the estimate, at its Python-side default (fresh values from callable
+    defaults: ids, timestamps, an empty dict), or None."""
+    values: dict[str, Any] = {}
+    for column in _TASKS.columns:
+        if column.key == "estimated_duration":
+            continue
+        default = column.default
+        if default is not None and default.is_scalar:
+            values[column.key] = default.arg  # type: ignore[attr-defined]
+        elif default is not None and default.is_callable:
+            values[column.key] = default.arg(None)  # type: ignore[attr-defined]
+        else:
+            values[column.key] = None
+    return values
+
+
 def discard_record(session: Session, record: TaskRecord) -> None:
     """Take back a record :func:`create_record` wrote in this transaction (a sync that
     turned out to be a duplicate), without rolling back the rest of the transaction."""

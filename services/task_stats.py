@@ -60,6 +60,17 @@ durations = typing.cast(Table, TaskDuration.__table__)
 accounts = typing.cast(Table, Account.__table__)
 
 
+def _visible_account() -> Select[Any]:
+    """The account ``:account_id`` if ``:viewer_id`` may see it, by the rule of
+    services.tenancy.scoped: the caller's tenant, and for a member only the accounts they
+    own (an admin, ``:is_admin``, sees the whole tenant's)."""
+    return select(accounts.c.id).where(
+        accounts.c.id == bindparam("account_id"),
+        accounts.c.tenant_id == bindparam("tenant_id"),
+        or_(bindparam("is_admin", type_=Boolean), accounts.c.user_id == bindparam("viewer_id")),
+    )
+
+
 def record_success(session: Session, task_id: str) -> None:
     """Fold the run time of the succeeded task ``task_id`` into its account's statistics
     (one upsert; a task with no account, or not succeeded, changes nothing)."""
@@ -151,18 +162,7 @@ def _preflight_statement(capped: bool, checked: bool) -> Select[Any]:
         )
         columns.append(select(func.count()).select_from(bounded).scalar_subquery().label("in_flight"))
     if checked:
-        # The rule of services.tenancy.scoped: the caller's tenant, and for a member only
-        # the accounts they own (an admin sees the whole tenant's).
-        columns.append(
-            select(accounts.c.id)
-            .where(
-                accounts.c.id == bindparam("account_id"),
-                accounts.c.tenant_id == bindparam("tenant_id"),
-                or_(bindparam("is_admin", type_=Boolean), accounts.c.user_id == bindparam("user_id")),
-            )
-            .scalar_subquery()
-            .label("visible")
-        )
+        columns.append(_visible_account().scalar_subquery().label("visible"))
     return select(*columns)
 
 
@@ -171,6 +171,80 @@ _PREFLIGHT = {
     for capped in (True, False)
     for checked in (True, False)
 }
+
+
+def _checked_insert_statement(capped: bool, checked: bool) -> Any:
+    """INSERT … SELECT of one queued record that happens only when the account check and
+    the cap allow it, with the estimate read in the same statement; RETURNING tells
+    whether it happened and what the estimate was. Built once per shape."""
+    estimate = func.coalesce(
+        select(durations.c.recent_seconds)
+        .where(durations.c.account_id == bindparam("account_id"), durations.c.type == bindparam("type"))
+        .scalar_subquery(),
+        bindparam("default_estimate", type_=Float),
+    )
+    names = [column.key for column in tasks.columns if column.key != "estimated_duration"]
+    row = [bindparam(name, type_=tasks.c[name].type).label(name) for name in names]
+    row.append(estimate.label("estimated_duration"))
+    conditions: list[Any] = []
+    if capped:
+        bounded = (
+            select(literal_column("1"))
+            .select_from(tasks)
+            .where(
+                tasks.c.tenant_id == bindparam("tenant_id"),
+                tasks.c.queue == bindparam("queue"),
+                text(IN_FLIGHT_SQL),
+            )
+            .limit(bindparam("cap", type_=Integer))
+            .subquery()
+        )
+        conditions.append(
+            select(func.count()).select_from(bounded).scalar_subquery() < bindparam("cap", type_=Integer)
+        )
+    if checked:
+        conditions.append(_visible_account().exists())
+    chosen = select(*row).where(*conditions) if conditions else select(*row)
+    return (
+        tasks.insert()
+        .from_select([*names, "estimated_duration"], chosen, include_defaults=False)
+        .returning(tasks.c.estimated_duration)
+    )
+
+
+_CHECKED_INSERT = {
+    (capped, checked): _checked_insert_statement(capped, checked)
+    for capped in (True, False)
+    for checked in (True, False)
+}
+
+
+def insert_if_allowed(
+    session: Session,
+    values: dict[str, Any],
+    *,
+    cap: int | None,
+    visible_to: Principal | None,
+    default_estimate: float | None,
+) -> tuple[bool, float | None]:
+    """Insert the queued record ``values`` (every column but ``estimated_duration``) only
+    if ``visible_to`` may see its account and its tenant has fewer than ``cap`` tasks in
+    flight on its queue, reading the estimate, all in one statement. Returns (inserted,
+    estimate); when nothing was inserted, :func:`preflight` says why."""
+    checked = visible_to is not None and values["account_id"] is not None
+    row = session.execute(
+        _CHECKED_INSERT[(cap is not None, checked)],
+        {
+            **values,
+            "cap": cap or 0,
+            "is_admin": bool(visible_to and visible_to.is_admin),
+            "viewer_id": visible_to.user_id if visible_to else None,
+            "default_estimate": default_estimate,
+        },
+    ).first()
+    if row is None:
+        return False, None
+    return True, row[0]
 
 
 def preflight(
@@ -197,7 +271,7 @@ def preflight(
                 "queue": queue,
                 "cap": cap or 0,
                 "is_admin": bool(visible_to and visible_to.is_admin),
-                "user_id": visible_to.user_id if visible_to else None,
+                "viewer_id": visible_to.user_id if visible_to else None,
             },
         )
         .one()

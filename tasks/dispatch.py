@@ -5,10 +5,10 @@ its record; if the broker is down the record is marked ``dispatch_failed`` and t
 gets :class:`ServiceUnavailable` — the request is never silently lost.
 
 Dispatch is one short transaction, on the caller's session when it passes one (the API
-request's, so a request uses one connection): one SELECT answers the account check, the
-tenant's in-flight count against its cap and the duration estimate (index lookups, never
-the task history); one INSERT writes the record; a sync locks its account and claims the
-sync lock; one commit. The message is published after the commit, with
+request's, so a request uses one connection): one INSERT … SELECT writes the record only if
+the account check and the tenant's cap on tasks in flight allow it, reading the duration
+estimate on the way (index lookups, never the task history); a sync then locks its account
+and claims the sync lock; one commit. The message is published after the commit, with
 ``ignore_result=True``: the record holds the result, so nothing subscribes to a result
 channel and a result backend that is down cannot fail a dispatch.
 """
@@ -110,34 +110,43 @@ def _dispatch(
     priority = logical_priority(kind.queue, from_beat=from_beat)
     settings = app.conf.mailroom_settings
     cap = None if from_beat else settings.max_tasks_in_flight_per_queue
-    checked = task_stats.preflight(
-        session,
-        tenant_id=tenant_id,
-        queue=kind.queue,
-        account_id=account_id,
-        type=type,
-        cap=cap,
-        visible_to=visible_to,
-    )
-    if not checked.visible:
-        raise NotFound("account not found")
-    if cap is not None and checked.in_flight >= cap:
-        raise _over_cap(kind.queue, cap, checked.estimate or kind.default_estimate)
-    record = task_records.create_record(
-        session,
-        tenant_id=tenant_id,
-        user_id=user_id,
-        account_id=account_id,
-        type=type,
-        queue=kind.queue,
-        priority=priority,
-        params=params,
-        max_retries=kind.spec.max_retries,
-        origin=origin,
-        default_estimate=kind.default_estimate,
-        estimate=checked.estimate,
-        look_up_estimate=False,
-    )
+    record = None
+    for _ in range(2):
+        record = task_records.create_record_if_allowed(
+            session,
+            tenant_id=tenant_id,
+            user_id=user_id,
+            account_id=account_id,
+            type=type,
+            queue=kind.queue,
+            priority=priority,
+            params=params,
+            max_retries=kind.spec.max_retries,
+            origin=origin,
+            default_estimate=kind.default_estimate,
+            cap=cap,
+            visible_to=visible_to,
+        )
+        if record is not None:
+            break
+        # Refused: say why (rare, so the second look costs nothing in the common case).
+        checked = task_stats.preflight(
+            session,
+            tenant_id=tenant_id,
+            queue=kind.queue,
+            account_id=account_id,
+            type=type,
+            cap=cap,
+            visible_to=visible_to,
+        )
+        if not checked.visible:
+            raise NotFound("account not found")
+        if cap is not None and checked.in_flight >= cap:
+            raise _over_cap(kind.queue, cap, checked.estimate or kind.default_estimate)
+        # A slot freed between the two statements: try once more.
+    if record is None:
+        assert cap is not None
+        raise _over_cap(kind.queue, cap, kind.default_estimate)
     if type == "sync" and account_id is not None:
         # Lock the account row before claiming, in a statement of its own. A claim that had to wait
         # for another dispatch's lock would otherwise decide, under READ COMMITTED, with the
