@@ -32,7 +32,7 @@ from services.sync.folder_sync import (
 )
 from services.sync.folders import is_selectable, list_remote_folders, store_folders
 from services.sync.progress import ProgressTracker
-from services.sync.state import MoveTracker, drop_folders, offer_vanished, update_folder
+from services.sync.state import MoveTracker, drop_folders, offer_vanished
 
 log = logging.getLogger(__name__)
 
@@ -146,24 +146,24 @@ def _set_account(session: Session, account_id: str, **values: Any) -> None:
 
 
 def _snapshots(session: Session, account_id: str, folders: list[Folder]) -> list[FolderSnapshot]:
-    """Each selectable folder's stored state. The same scan also repairs a folder whose
-    counts disagree with its rows (written before counts moved with every batch)."""
-    query = (
-        select(
-            Message.folder_id,
-            func.count(),
-            func.count().filter(Message.uid > 0),
-            func.count().filter(Message.seen.is_(False)),
+    """Each selectable folder's stored state. Counts are exact after every batch, so the
+    stored rows of a folder are its message_count, except while a walk is under way, when
+    pending rows (of a rebuild) are not yet the folder's messages: only those folders are
+    counted, and an unchanged account costs no scan of its messages."""
+    walking = [f.id for f in folders if f.backfill_below_uid is not None]
+    counts: dict[str, int] = {}
+    if walking:
+        query = (
+            select(Message.folder_id, func.count())
+            .where(Message.folder_id.in_(walking), Message.uid > 0)
+            .group_by(Message.folder_id)
         )
-        .where(Message.account_id == account_id)
-        .group_by(Message.folder_id)
-    )
-    counts = {row[0]: (int(row[1]), int(row[2]), int(row[3])) for row in session.execute(query)}
-    for folder in folders:
-        total, _, unread = counts.get(folder.id, (0, 0, 0))
-        if (folder.message_count, folder.unread_count) != (total, unread):
-            update_folder(session, folder.id, message_count=total, unread_count=unread)
-    return [FolderSnapshot.of(f, counts.get(f.id, (0, 0, 0))[1]) for f in folders if is_selectable(f)]
+        counts = {folder_id: int(count) for folder_id, count in session.execute(query)}
+    return [
+        FolderSnapshot.of(f, counts.get(f.id, 0) if f.backfill_below_uid is not None else f.message_count)
+        for f in folders
+        if is_selectable(f)
+    ]
 
 
 def _folder_error(exc: BaseException, name: str) -> MailError | None:

@@ -294,13 +294,18 @@ def _incremental(ctx: RunContext, folder: FolderSnapshot, selected: Selected, ou
             gone = sorted(state.positive_uids(session, folder.id, up_to=last) - present)
         if gone:
             out.removed += state.remove_messages(session, folder.id, uids=gone, moves=ctx.moves)
-        if present is None and last > 0 and _stored_differs(session, folder.id, selected, newest):
-            # The stored rows do not add up to EXISTS although VANISHED named nothing
-            # more (or mod-sequences said nothing changed): compare UID sets.
-            present = set(uid_search(ctx.client, f"1:{last}"))
-            gone = sorted(state.positive_uids(session, folder.id, up_to=last) - present)
-            if gone:
-                out.removed += state.remove_messages(session, folder.id, uids=gone, moves=ctx.moves)
+        if last > 0 and _stored_differs(session, folder.id, selected, newest):
+            if present is None:
+                # The stored rows do not add up to EXISTS although VANISHED named nothing
+                # more (or mod-sequences said nothing changed): compare UID sets.
+                present = set(uid_search(ctx.client, f"1:{last}"))
+                gone = sorted(state.positive_uids(session, folder.id, up_to=last) - present)
+                if gone:
+                    out.removed += state.remove_messages(session, folder.id, uids=gone, moves=ctx.moves)
+            if _stored_differs(session, folder.id, selected, newest):
+                # The rows now mirror the server's UIDs, so counts that still do not add
+                # up were written wrong (before they moved with every batch): count once.
+                state.refresh_counts(session, folder.id)
         state.update_folder(
             session,
             folder.id,

@@ -111,7 +111,7 @@ def bump_counts(session: Session, folder_id: str, total: int, unread: int) -> No
 
 
 def refresh_counts(session: Session, folder_id: str) -> None:
-    """Recompute the folder's stored message and unread counts from its rows."""
+    """Recompute the folder's counts from all its rows: a repair, not the normal path."""
     total, unread = session.execute(
         select(func.count(), func.count().filter(Message.seen.is_(False))).where(
             Message.folder_id == folder_id
