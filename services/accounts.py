@@ -203,32 +203,45 @@ def check_ownership(session: Session, account_id: str | None, tenant_id: str, us
 
 
 # --- the sync lock ---------------------------------------------------------------------------
+#
+# One sync per account. The lock is the account's ``sync_task_id``, and it is held exactly
+# as long as that task's record is in flight (queued, running or retrying): it has no clock
+# of its own, so a sync that waits in the queue for hours, or waits to retry, keeps its
+# account. The one clock that ends a lost holder is the stale-record sweep
+# (``task_records.fail_stuck``), which waits longer than the broker's visibility timeout, so
+# a task whose worker died is redelivered and resumed before anyone calls it lost.
 
 
-def sync_lock_ttl(settings: Settings) -> float:
-    """How long a sync lock lasts unrenewed: one attempt's hard limit plus the longest retry
-    delay plus a minute, so a sync waiting to retry keeps its account."""
-    return float(settings.task_hard_time_limit + settings.retry_max_seconds + 60)
+def sync_lock_ttl(settings: Settings) -> float:  # pragma: no cover - kept for old callers
+    """Deprecated: the lock no longer expires by time (see above)."""
+    return 0.0
 
 
-def _sync_lock_free(now: datetime) -> ColumnElement[bool]:
-    """The account's sync lock is unset, expired, or held by a task that has finished."""
-    finished_holder = (
+def _sync_lock_free(task_id: str | None = None) -> ColumnElement[bool]:
+    """The account's sync lock is unset, held by ``task_id`` itself, or held by a task
+    that is no longer in flight (finished, or its record is gone)."""
+    holder_in_flight = (
         select(TaskRecord.id)
-        .where(TaskRecord.id == Account.sync_task_id, TaskRecord.state.not_in(IN_FLIGHT))
+        .where(TaskRecord.id == Account.sync_task_id, TaskRecord.state.in_(IN_FLIGHT))
         .exists()
     )
-    return or_(Account.sync_task_id.is_(None), Account.sync_lock_until < now, finished_holder)
+    free = [Account.sync_task_id.is_(None), ~holder_in_flight]
+    if task_id is not None:
+        free.append(Account.sync_task_id == task_id)
+    return or_(*free)
 
 
-def claim_sync_lock(session: Session, account_id: str, task_id: str, *, ttl: float) -> str | None:
-    """Make ``task_id`` the account's one sync. Returns None on success, or the id of the
-    sync in flight. The lock is free when unset, expired, or held by a finished task."""
-    now = utcnow()
+def claim_sync_lock(
+    session: Session, account_id: str, task_id: str, *, ttl: float | None = None
+) -> str | None:
+    """Make ``task_id`` the account's one sync, or confirm that it is. Returns None on
+    success, or the id of the other sync in flight. The API claims at dispatch; the worker
+    claims again when an attempt starts, so a sync whose lock went to another task (its
+    record was swept as lost meanwhile) stops instead of running beside it."""
     result = session.execute(
         update(Account)
-        .where(Account.id == account_id, _sync_lock_free(now))
-        .values(sync_task_id=task_id, sync_lock_until=now + timedelta(seconds=ttl))
+        .where(Account.id == account_id, _sync_lock_free(task_id))
+        .values(sync_task_id=task_id)
         .execution_options(synchronize_session=False)
     )
     assert isinstance(result, CursorResult)
@@ -237,21 +250,13 @@ def claim_sync_lock(session: Session, account_id: str, task_id: str, *, ttl: flo
     return session.scalar(select(Account.sync_task_id).where(Account.id == account_id))
 
 
-def extend_sync_lock(session: Session, account_id: str, task_id: str, *, ttl: float) -> None:
-    """Keep the lock alive while the sync makes progress."""
-    session.execute(
-        update(Account)
-        .where(Account.id == account_id, Account.sync_task_id == task_id)
-        .values(sync_lock_until=utcnow() + timedelta(seconds=ttl))
-        .execution_options(synchronize_session=False)
-    )
-
-
 def release_sync_lock(session: Session, account_id: str, task_id: str) -> None:
+    """Give the lock back (only if ``task_id`` holds it). Not strictly needed, since a
+    finished holder frees the lock, but it keeps ``sync_task_id`` meaning "in flight"."""
     session.execute(
         update(Account)
         .where(Account.id == account_id, Account.sync_task_id == task_id)
-        .values(sync_task_id=None, sync_lock_until=None)
+        .values(sync_task_id=None)
         .execution_options(synchronize_session=False)
     )
 
@@ -261,7 +266,7 @@ def due_account_ids(session: Session, now: datetime) -> list[str]:
     free (all tenants: Beat). Interval arithmetic is done here, not in SQL, so it reads the
     same on SQLite and PostgreSQL; only three columns per account are loaded."""
     rows = session.execute(
-        select(Account.id, Account.last_sync_at, Account.sync_interval).where(_sync_lock_free(now))
+        select(Account.id, Account.last_sync_at, Account.sync_interval).where(_sync_lock_free())
     ).all()
     return [
         account_id

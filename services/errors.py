@@ -58,6 +58,13 @@ class Conflict(MailroomError):
     status = 409
 
 
+class Superseded(MailroomError):
+    """Another task took over this task's work (e.g. the account's sync lock)."""
+
+    code = "superseded"
+    status = 409
+
+
 class TooManyRequests(MailroomError):
     """Over a per-tenant limit. ``retry_after`` (whole seconds) is sent as ``Retry-After``
     and in ``details``."""

@@ -160,9 +160,9 @@ class Account(Base):
     last_sync_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_sync_error: Mapped[str | None] = mapped_column(Text)
     # The sync lock: one sync per account. Claimed with one conditional UPDATE, so two API
-    # processes or two Beats cannot both win; it expires so a dead worker cannot hold it.
+    # processes or two Beats cannot both win; held while this task's record is in flight
+    # (services.accounts explains why it has no expiry of its own).
     sync_task_id: Mapped[str | None] = mapped_column(String(36))
-    sync_lock_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
     capabilities: Mapped[list[str] | None] = mapped_column(JSON)
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -303,6 +303,8 @@ class TaskRecord(Base):
     max_retries: Mapped[int] = mapped_column(Integer, default=0)
     error_code: Mapped[str | None] = mapped_column(String(64))
     last_error: Mapped[str | None] = mapped_column(Text)
+    # Names the log lines of an internal error, whose details are never shown to clients.
+    error_ref: Mapped[str | None] = mapped_column(String(32))
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     estimated_duration: Mapped[float | None] = mapped_column(Float)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)

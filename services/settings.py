@@ -150,10 +150,14 @@ class Settings(BaseSettings):
     def _limits(self) -> Settings:
         if self.task_soft_time_limit >= self.task_hard_time_limit:
             raise ValueError("MAILROOM_TASK_SOFT_TIME_LIMIT must be below MAILROOM_TASK_HARD_TIME_LIMIT")
-        if self.broker_visibility_timeout <= self.task_hard_time_limit:
-            # A message whose visibility runs out while it is still being worked on is handed
-            # to a second worker: the same task would run twice.
-            raise ValueError("MAILROOM_BROKER_VISIBILITY_TIMEOUT must be above MAILROOM_TASK_HARD_TIME_LIMIT")
+        if self.broker_visibility_timeout <= self.task_hard_time_limit + self.retry_max_seconds:
+            # A message whose visibility runs out while it is still being worked on (or held
+            # by a worker until its retry time) is handed to a second worker: the same task
+            # would run twice.
+            raise ValueError(
+                "MAILROOM_BROKER_VISIBILITY_TIMEOUT must be above MAILROOM_TASK_HARD_TIME_LIMIT "
+                "plus MAILROOM_RETRY_MAX_SECONDS"
+            )
         if not self.secret_key and not self.is_sqlite:
             raise ValueError("MAILROOM_SECRET_KEY is required when the database is not SQLite")
         if self.retry_base_seconds > self.retry_max_seconds:

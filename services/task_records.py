@@ -230,7 +230,9 @@ def mark_running(session: Session, task_id: str, worker: str | None) -> bool:
 
 
 def report_progress(session: Session, task_id: str, progress: int, stage: str) -> bool:
-    """Store progress; returns whether cancellation was requested meanwhile."""
+    """Store progress; returns whether the attempt must stop: cancellation was requested, or
+    the record is no longer ``running`` (the sweep gave it up as lost, or it was cancelled),
+    so this worker no longer owns the task."""
     _transition(
         session,
         task_id,
@@ -238,14 +240,20 @@ def report_progress(session: Session, task_id: str, progress: int, stage: str) -
         progress=max(0, min(99, int(progress))),
         stage=stage[:500],
     )
-    return bool(session.scalar(select(TaskRecord.cancel_requested).where(TaskRecord.id == task_id)))
+    return must_stop(session, task_id)
 
 
-def cancel_requested(session: Session, task_id: str) -> bool:
-    return bool(session.scalar(select(TaskRecord.cancel_requested).where(TaskRecord.id == task_id)))
+def must_stop(session: Session, task_id: str) -> bool:
+    """True when the attempt running ``task_id`` must stop at its next checkpoint."""
+    row = session.execute(
+        select(TaskRecord.state, TaskRecord.cancel_requested).where(TaskRecord.id == task_id)
+    ).first()
+    return row is None or row.state != TaskState.RUNNING.value or bool(row.cancel_requested)
 
 
-def mark_retrying(session: Session, task_id: str, error: str, code: str, delay: float) -> None:
+def mark_retrying(
+    session: Session, task_id: str, error: str, code: str, delay: float, *, ref: str | None = None
+) -> None:
     _transition(
         session,
         task_id,
@@ -253,6 +261,7 @@ def mark_retrying(session: Session, task_id: str, error: str, code: str, delay: 
         state=TaskState.RETRYING.value,
         last_error=error[:4000],
         error_code=code,
+        error_ref=ref,
         next_retry_at=utcnow() + timedelta(seconds=delay),
     )
 
@@ -268,11 +277,12 @@ def mark_succeeded(session: Session, task_id: str, result: dict[str, Any]) -> No
         result=result,
         error_code=None,
         last_error=None,
+        error_ref=None,
         finished_at=utcnow(),
     )
 
 
-def mark_failed(session: Session, task_id: str, error: str, code: str) -> None:
+def mark_failed(session: Session, task_id: str, error: str, code: str, *, ref: str | None = None) -> None:
     _transition(
         session,
         task_id,
@@ -280,6 +290,7 @@ def mark_failed(session: Session, task_id: str, error: str, code: str) -> None:
         state=TaskState.FAILED.value,
         last_error=error[:4000],
         error_code=code,
+        error_ref=ref,
         finished_at=utcnow(),
     )
 
@@ -329,7 +340,10 @@ def average_durations(session: Session, tenant_id: str) -> dict[str, float]:
 
 
 def fail_stuck(session: Session, *, older_than: datetime) -> int:
-    """Records still running/retrying long after any attempt could last: failed, counted."""
+    """Records still running/retrying with no sign of life since ``older_than`` (their
+    last write, or the retry time they wait for): failed, counted. The caller picks
+    ``older_than`` past the broker's visibility timeout, so a record whose worker died is
+    only given up once the broker has had its chance to redeliver the message."""
     result = session.execute(
         update(TaskRecord)
         .where(
@@ -339,7 +353,7 @@ def fail_stuck(session: Session, *, older_than: datetime) -> int:
         .values(
             state=TaskState.FAILED.value,
             error_code="stuck",
-            last_error="no worker reported on this task for too long",
+            last_error="no worker reported on this task for too long (its worker was lost)",
             finished_at=utcnow(),
         )
         .execution_options(synchronize_session=False)

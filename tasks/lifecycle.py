@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -92,9 +93,10 @@ class TaskContext:
             raise TaskCancelled()
 
     def check_cancelled(self) -> None:
-        """A cancellation checkpoint between steps."""
+        """A cancellation checkpoint between steps (also stops an attempt whose record was
+        given up as lost meanwhile)."""
         with self.session() as session:
-            if task_records.cancel_requested(session, self.task_id):
+            if task_records.must_stop(session, self.task_id):
                 raise TaskCancelled()
 
 
@@ -140,9 +142,28 @@ def run_attempt(
         if record is None:
             log.warning("task %s has no record; dropping it", task_id)
             return {"skipped": "no record"}
-        if record.state == TaskState.RUNNING.value and record.cancel_requested:
-            task_records.mark_cancelled(session, task_id)
-            return {"cancelled": True}
+        if record.state == TaskState.RUNNING.value:
+            # A record still ``running`` when its message arrives means the attempt that
+            # took the message never finished: its worker was lost (killed, out of memory,
+            # pod gone) and the broker handed the message out again. A message that kills
+            # every worker it reaches must not come back forever: after as many lost
+            # attempts as a transient fault may take, the task fails.
+            if record.cancel_requested:
+                task_records.mark_cancelled(session, task_id)
+                return {"cancelled": True}
+            if record.attempts >= record.max_retries + 1:
+                task_records.mark_failed(
+                    session,
+                    task_id,
+                    f"the worker running this task was lost {record.attempts} times (killed or out "
+                    "of memory); giving up",
+                    "worker_lost",
+                )
+                log.error("task %s: worker lost %d times, failing it", task_id, record.attempts)
+                return {"failed": "worker_lost"}
+            log.warning(
+                "task %s: redelivered after its worker was lost (attempt %d)", task_id, record.attempts
+            )
         if not task_records.mark_running(session, task_id, task.request.hostname):
             # Finished or cancelled before this delivery: nothing to do, and doing it again
             # would not be idempotent for the client.
@@ -194,26 +215,37 @@ def _account_gone(runtime: Runtime, account_id: str) -> bool:
         return session.get(Account, account_id) is None
 
 
-def _fail(runtime: Runtime, task_id: str, message: str, code: str) -> None:
+def _fail(runtime: Runtime, task_id: str, message: str, code: str, ref: str | None = None) -> None:
     with transaction(runtime.sessions) as session:
-        task_records.mark_failed(session, task_id, message, code)
+        task_records.mark_failed(session, task_id, message, code, ref=ref)
+
+
+def _client_error(exc: Exception) -> tuple[str, str, str | None]:
+    """What a client may see of ``exc``: a code, a plain message and, for faults of our own
+    (whose text may hold SQL, parameters or paths), a reference to the log lines instead of
+    the details."""
+    if isinstance(exc, MailroomError):
+        return exc.code, exc.message, None
+    ref = uuid.uuid4().hex[:12]
+    if is_transient(exc):
+        return "network_error", f"a network fault interrupted the task (reference {ref})", ref
+    return "internal_error", f"internal error while running the task (reference {ref})", ref
 
 
 def _handle_error(task: Task, runtime: Runtime, task_id: str, exc: Exception) -> None:
     """Retry a transient fault with backoff while retries remain; fail anything else."""
-    message = exc.message if isinstance(exc, MailroomError) else f"{type(exc).__name__}: {exc}"
-    code = exc.code if isinstance(exc, MailroomError) else "internal_error"
+    code, message, ref = _client_error(exc)
+    if ref is not None:
+        log.error("task %s: %s (reference %s)", task_id, code, ref, exc_info=exc)
     retries = task.request.retries
     if is_transient(exc) and retries < (task.max_retries or 0):
         delay = backoff_delay(
             retries, base=runtime.settings.retry_base_seconds, cap=runtime.settings.retry_max_seconds
         )
         with transaction(runtime.sessions) as session:
-            task_records.mark_retrying(session, task_id, message, code, delay)
+            task_records.mark_retrying(session, task_id, message, code, delay, ref=ref)
         log.info("task %s: transient error, retry %d in %.1fs: %s", task_id, retries + 1, delay, message)
         raise task.retry(countdown=delay, exc=exc)
     if is_transient(exc):
         message = f"gave up after {retries + 1} attempts: {message}"
-    if code == "internal_error":
-        log.exception("task %s failed", task_id)
-    _fail(runtime, task_id, message, code)
+    _fail(runtime, task_id, message, code, ref)

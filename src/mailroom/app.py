@@ -13,6 +13,7 @@ from mailroom import __version__ as _version
 from mailroom.auth import authenticate_request
 from mailroom.context import AppState, install_request_session
 from mailroom.errors import register_error_handlers, validation_error_response
+from mailroom.input_guard import check_json_text, check_request_text
 from mailroom.metrics import install_metrics
 from mailroom.ratelimit import install_rate_limits
 from services.crypto import SecretBox
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     app.before_request(_check_body)
     app.before_request(authenticate_request)
     install_rate_limits(app, settings)  # after authentication: it counts per tenant
+    app.before_request(check_request_text)
     install_request_session(app)
     register_error_handlers(app)
 
@@ -101,3 +103,4 @@ def _check_body() -> None:
         raise InvalidRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(parsed, dict):
         raise InvalidRequest("the body must be a JSON object", code="invalid_json")
+    check_json_text(parsed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 from flask import Flask, Response, jsonify
@@ -64,5 +65,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
-        log.exception("unhandled error")
-        return error_response(500, "internal_error", "internal error; it has been logged")
+        # The client gets a reference, never the exception's text (SQL, parameters, paths).
+        ref = uuid.uuid4().hex[:12]
+        log.exception("unhandled error (reference %s)", ref)
+        return error_response(500, "internal_error", f"internal error (reference {ref})", {"reference": ref})

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mailroom.input_guard import ID_PATTERN
 from services.task_inputs import EmailAddress
 
 TlsModeField = Literal["ssl", "starttls", "none"]
@@ -151,8 +152,12 @@ class TaskAccepted(BaseModel):
 
 
 class TaskError(BaseModel):
-    code: str | None
-    message: str | None
+    code: str | None = Field(description="Stable code, e.g. mail_auth_failed, worker_lost, internal_error.")
+    message: str | None = Field(description="What went wrong, for a person.")
+    reference: str | None = Field(
+        default=None,
+        description="For internal errors: names the server's log lines; quote it when reporting.",
+    )
 
 
 class TaskOut(BaseModel):
@@ -185,7 +190,7 @@ class TaskPage(PageInfo):
 class TaskQuery(PageQuery):
     state: Literal["queued", "running", "retrying", "succeeded", "failed", "cancelled"] | None = None
     type: Literal["sync", "verify", "send", "delete", "spam_check"] | None = None
-    account_id: str | None = Field(default=None, max_length=64)
+    account_id: str | None = Field(default=None, pattern=ID_PATTERN, description="Only this account's tasks.")
 
 
 # --- admin ---------------------------------------------------------------------------------

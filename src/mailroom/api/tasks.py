@@ -26,7 +26,7 @@ def task_out(record: TaskRecord) -> dict[str, Any]:
         duration = round((record.finished_at - record.started_at).total_seconds(), 3)
     error = None
     if record.error_code or record.last_error:
-        error = {"code": record.error_code, "message": record.last_error}
+        error = {"code": record.error_code, "message": record.last_error, "reference": record.error_ref}
     return TaskOut(
         id=record.id,
         type=record.type,
