@@ -21,6 +21,7 @@ from services.errors import AuthenticationFailed, MailError, NotFound, TaskCance
 from services.mail.imap import classify_imap_error, imap_session
 from services.models import Account, Folder, Message, utcnow
 from services.settings import Settings
+from services.sync.changes import drop_folders, offer_vanished
 from services.sync.commands import CommandCounter, folder_status, prepare
 from services.sync.folder_sync import (
     FolderOutcome,
@@ -32,7 +33,7 @@ from services.sync.folder_sync import (
 )
 from services.sync.folders import is_selectable, list_remote_folders, store_folders
 from services.sync.progress import ProgressTracker
-from services.sync.state import MoveTracker, drop_folders, offer_vanished
+from services.sync.state import MoveTracker
 
 log = logging.getLogger(__name__)
 

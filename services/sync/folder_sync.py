@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from services.db import transaction
 from services.models import Folder, Message, utcnow
 from services.read_stats import analyze_after_first_walk
-from services.sync import state
+from services.sync import changes, state
 from services.sync.commands import (
     Capabilities,
     Selected,
@@ -244,7 +244,7 @@ def _walk(ctx: RunContext, folder: FolderSnapshot, out: FolderOutcome, *, pendin
 
 
 def _finish_walk(session: Session, ctx: RunContext, folder: FolderSnapshot, *, pending: bool) -> int:
-    removed = state.remove_messages(session, folder.id, pending=True, moves=ctx.moves) if pending else 0
+    removed = changes.remove_messages(session, folder.id, pending=True, moves=ctx.moves) if pending else 0
     state.update_folder(session, folder.id, backfill_below_uid=None)
     analyze_after_first_walk(session, folder.id)  # planner statistics for the message list
     return removed
@@ -258,7 +258,7 @@ def _incremental(ctx: RunContext, folder: FolderSnapshot, selected: Selected, ou
     if selected.uidnext is None or selected.uidnext > last + 1:
         newest = _fetch_new(ctx, folder, selected, out, last)
 
-    changes: dict[int, tuple[list[str], int | None]] = {}
+    flag_changes: dict[int, tuple[list[str], int | None]] = {}
     vanished: list[tuple[int, int]] | None = None
     present: set[int] | None = None
     if last > 0:
@@ -268,7 +268,7 @@ def _incremental(ctx: RunContext, folder: FolderSnapshot, selected: Selected, ou
                 # Any VANISHED already received since the SELECT is real and stays
                 # in imaplib's buffer, to be collected together with this answer.
                 data = uid_fetch(ctx.client, f"1:{last}", FLAG_ITEMS, modifiers)
-                changes = {
+                flag_changes = {
                     u: (flag_names(d.get(b"FLAGS")), modseq_of(d)) for u, d in data.items() if u <= last
                 }
                 if ctx.caps.qresync:
@@ -281,27 +281,29 @@ def _incremental(ctx: RunContext, folder: FolderSnapshot, selected: Selected, ou
             # No mod-sequences: read every stored UID's flags; the answer also tells which
             # UIDs still exist.
             data = uid_fetch(ctx.client, f"1:{last}", FLAG_ITEMS)
-            changes = {u: (flag_names(d.get(b"FLAGS")), modseq_of(d)) for u, d in data.items() if u <= last}
-            present = set(changes)
+            flag_changes = {
+                u: (flag_names(d.get(b"FLAGS")), modseq_of(d)) for u, d in data.items() if u <= last
+            }
+            present = set(flag_changes)
 
     with transaction(ctx.sessions) as session:
-        if changes:
-            out.updated += state.apply_flags(session, folder.id, changes)
+        if flag_changes:
+            out.updated += changes.apply_flags(session, folder.id, flag_changes)
         gone: list[int] = []
         if vanished:
-            gone = state.uids_in_ranges(session, folder.id, vanished)
+            gone = changes.uids_in_ranges(session, folder.id, vanished)
         elif present is not None:
-            gone = sorted(state.positive_uids(session, folder.id, up_to=last) - present)
+            gone = sorted(changes.positive_uids(session, folder.id, up_to=last) - present)
         if gone:
-            out.removed += state.remove_messages(session, folder.id, uids=gone, moves=ctx.moves)
+            out.removed += changes.remove_messages(session, folder.id, uids=gone, moves=ctx.moves)
         if last > 0 and _stored_differs(session, folder.id, selected, newest):
             if present is None:
                 # The stored rows do not add up to EXISTS although VANISHED named nothing
                 # more (or mod-sequences said nothing changed): compare UID sets.
                 present = set(uid_search(ctx.client, f"1:{last}"))
-                gone = sorted(state.positive_uids(session, folder.id, up_to=last) - present)
+                gone = sorted(changes.positive_uids(session, folder.id, up_to=last) - present)
                 if gone:
-                    out.removed += state.remove_messages(session, folder.id, uids=gone, moves=ctx.moves)
+                    out.removed += changes.remove_messages(session, folder.id, uids=gone, moves=ctx.moves)
             if _stored_differs(session, folder.id, selected, newest):
                 # The rows now mirror the server's UIDs, so counts that still do not add
                 # up were written wrong (before they moved with every batch): count once.

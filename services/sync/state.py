@@ -1,6 +1,7 @@
-"""Writing what sync learned: message rows, flag changes, removals and the folder's sync
-state. Every function here runs inside the caller's transaction and never commits, so a
-batch of messages and the state that describes it are committed together.
+"""Writing what sync learned: new message rows and the folder's sync state and counts
+(flag changes and removals are :mod:`services.sync.changes`). Every function here runs
+inside the caller's transaction and never commits, so a batch of messages and the state
+that describes it are committed together.
 
 Keeping Mailroom ids stable (ARCHITECTURE: an id survives syncs, moves and UIDVALIDITY
 changes wherever the message can be matched again) is done two ways:
@@ -34,7 +35,7 @@ from datetime import datetime
 from typing import Any, cast
 
 import psycopg
-from sqlalchemy import JSON, Table, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import JSON, Table, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -60,8 +61,8 @@ def row_key(row: dict[str, Any]) -> MatchKey:
     return match_key(row["message_id_header"], row["date"], row["size"], row["subject"], row["from_addr"])
 
 
-_messages = cast(Table, Message.__table__)
-_KEY_COLUMNS = (Message.message_id_header, Message.date, Message.size, Message.subject, Message.from_addr)
+messages_table = cast(Table, Message.__table__)
+KEY_COLUMNS = (Message.message_id_header, Message.date, Message.size, Message.subject, Message.from_addr)
 
 
 @dataclass
@@ -81,7 +82,7 @@ class FolderScope:
     folder_id: str
 
 
-def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
+def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
@@ -165,10 +166,10 @@ def _insert_ignoring_duplicates(session: Session) -> Any:
     """INSERT that skips a row whose (folder, UID) is stored already."""
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        return postgresql.insert(_messages).on_conflict_do_nothing(index_elements=["folder_id", "uid"])
+        return postgresql.insert(messages_table).on_conflict_do_nothing(index_elements=["folder_id", "uid"])
     if dialect == "sqlite":
-        return sqlite.insert(_messages).on_conflict_do_nothing(index_elements=["folder_id", "uid"])
-    return insert(_messages)
+        return sqlite.insert(messages_table).on_conflict_do_nothing(index_elements=["folder_id", "uid"])
+    return insert(messages_table)
 
 
 def _copy_into_messages(session: Session, records: list[dict[str, Any]]) -> bool:
@@ -177,7 +178,7 @@ def _copy_into_messages(session: Session, records: list[dict[str, Any]]) -> bool
     transaction intact, when a row was stored meanwhile (a second sync racing this one
     after its lock expired), so the caller can insert the rest one by one."""
     columns = list(records[0])
-    json_columns = {c for c in columns if isinstance(_messages.c[c].type, JSON)}
+    json_columns = {c for c in columns if isinstance(messages_table.c[c].type, JSON)}
     statement = f"COPY messages ({', '.join(columns)}) FROM STDIN"
     raw = session.connection().connection.driver_connection
     assert raw is not None
@@ -198,7 +199,7 @@ def _store_new_rows(session: Session, records: list[dict[str, Any]]) -> tuple[in
     # rows stored already, so a batch delivered twice can never fail the sync. RETURNING
     # says which rows went in, so the counts move by exactly those.
     inserted = session.execute(
-        _insert_ignoring_duplicates(session).returning(_messages.c.seen), records
+        _insert_ignoring_duplicates(session).returning(messages_table.c.seen), records
     ).scalars()
     seen = list(inserted)
     return len(seen), sum(1 for s in seen if not s)
@@ -207,7 +208,7 @@ def _store_new_rows(session: Session, records: list[dict[str, Any]]) -> tuple[in
 def _release_ids(session: Session, ids: list[str]) -> None:
     """Delete the rows (of a vanished folder) whose ids a new row takes over now; rows
     removed earlier in the run are gone already and match nothing."""
-    for chunk in _chunks(ids):
+    for chunk in chunks(ids):
         released = session.execute(
             delete(Message).where(Message.id.in_(chunk)).returning(Message.folder_id, Message.seen)
         )
@@ -227,11 +228,11 @@ def _pending_candidates(
         [Message.message_id_header.is_(None)] if any(not r["message_id_header"] for r in rows) else []
     )
     candidates: dict[MatchKey, list[Any]] = defaultdict(list)
-    for chunk in _chunks(ids) if ids else [[]]:
+    for chunk in chunks(ids) if ids else [[]]:
         where = list(conditions) + ([Message.message_id_header.in_(chunk)] if chunk else [])
         if not where:
             continue
-        query = select(Message.id, Message.uid, Message.seen, *_KEY_COLUMNS).where(
+        query = select(Message.id, Message.uid, Message.seen, *KEY_COLUMNS).where(
             Message.folder_id == folder_id, Message.uid < 0, or_(*where)
         )
         for found in session.execute(query):
@@ -303,146 +304,3 @@ def insert_messages(
         total, unread = _store_new_rows(session, fresh)
     bump_counts(session, scope.folder_id, total, unread + unread_change)
     return len(takeovers) + len(fresh), len(takeovers) + reused
-
-
-# --- flags ------------------------------------------------------------------------------
-
-_flag_update = (
-    update(_messages)
-    .where(and_(_messages.c.folder_id == bindparam("b_folder"), _messages.c.uid == bindparam("b_uid")))
-    .values(
-        flags=bindparam("b_flags"),
-        seen=bindparam("b_seen"),
-        flagged=bindparam("b_flagged"),
-        modseq=bindparam("b_modseq"),
-        updated_at=bindparam("b_now"),
-    )
-)
-
-
-def apply_flags(session: Session, folder_id: str, changes: dict[int, tuple[list[str], int | None]]) -> int:
-    """Write the flags the server reported where they differ from the stored ones.
-    Returns how many messages changed."""
-    uids = sorted(changes)
-    now = utcnow()
-    params = []
-    unread_change = 0
-    for chunk in _chunks(uids):
-        stored = session.execute(
-            select(Message.uid, Message.flags, Message.seen).where(
-                Message.folder_id == folder_id, Message.uid.in_(chunk)
-            )
-        )
-        for uid, flags, seen in stored:
-            new_flags, modseq = changes[uid]
-            if sorted(flags or []) != new_flags:
-                unread_change += int(bool(seen)) - int("\\Seen" in new_flags)
-                params.append(
-                    {
-                        "b_folder": folder_id,
-                        "b_uid": uid,
-                        "b_flags": new_flags,
-                        "b_seen": "\\Seen" in new_flags,
-                        "b_flagged": "\\Flagged" in new_flags,
-                        "b_modseq": modseq,
-                        "b_now": now,
-                    }
-                )
-    if params:
-        session.execute(_flag_update, params)
-        bump_counts(session, folder_id, 0, unread_change)
-    return len(params)
-
-
-# --- removals ---------------------------------------------------------------------------
-
-
-def positive_uids(session: Session, folder_id: str, *, up_to: int) -> set[int]:
-    """Every stored UID of the folder up to ``up_to``."""
-    return set(
-        session.scalars(
-            select(Message.uid).where(Message.folder_id == folder_id, Message.uid.between(1, up_to))
-        )
-    )
-
-
-def uids_in_ranges(session: Session, folder_id: str, ranges: list[tuple[int, int]]) -> list[int]:
-    """The stored UIDs that fall in any of the UID ``ranges`` (a VANISHED answer)."""
-    found: list[int] = []
-    for chunk in _chunks(ranges, 200):
-        found.extend(
-            session.scalars(
-                select(Message.uid).where(
-                    Message.folder_id == folder_id, or_(*(Message.uid.between(lo, hi) for lo, hi in chunk))
-                )
-            )
-        )
-    return found
-
-
-def remove_messages(
-    session: Session, folder_id: str, *, uids: Sequence[int] = (), pending: bool = False, moves: MoveTracker
-) -> int:
-    """Delete the folder's rows with ``uids`` (or, with ``pending``, its unmatched pending
-    rows). A row whose message was already stored in another folder during this run hands
-    its id to that row; the others are remembered for later folders of the run."""
-    query = select(Message.id, Message.created_at, Message.seen, *_KEY_COLUMNS).where(
-        Message.folder_id == folder_id
-    )
-    batches = (
-        [query.where(Message.uid < 0)]
-        if pending
-        else [query.where(Message.uid.in_(c)) for c in _chunks(uids)]
-    )
-    removed = 0
-    for batch in batches:
-        rows = list(session.execute(batch))
-        if not rows:
-            continue
-        session.execute(delete(Message).where(Message.id.in_([r.id for r in rows])))
-        bump_counts(session, folder_id, -len(rows), -sum(1 for r in rows if not r.seen))
-        removed += len(rows)
-        for row in rows:
-            key = match_key(row.message_id_header, row.date, row.size, row.subject, row.from_addr)
-            moved = [entry for entry in moves.inserted.get(key, []) if entry[1] != folder_id]
-            if moved:
-                new_row_id = moved[0][0]
-                moves.inserted[key].remove(moved[0])
-                # The copy stored elsewhere takes over the removed row's identity.
-                session.execute(
-                    update(Message)
-                    .where(Message.id == new_row_id)
-                    .values(id=row.id, created_at=row.created_at)
-                    .execution_options(synchronize_session=False)
-                )
-            else:
-                moves.removed[key].append((row.id, row.created_at))
-    return removed
-
-
-# --- folders gone from the server -------------------------------------------------------
-
-
-def offer_vanished(session: Session, folder_ids: Sequence[str], moves: MoveTracker) -> int:
-    """Offer every row of folders the server no longer lists to the run's move matching:
-    a message stored again anywhere (the renamed folder's walk) takes over its id and the
-    old row goes in the same transaction. Returns how many rows were offered."""
-    offered = 0
-    for chunk in _chunks(list(folder_ids)):
-        query = select(Message.id, Message.created_at, *_KEY_COLUMNS).where(Message.folder_id.in_(chunk))
-        for row in session.execute(query.order_by(Message.folder_id, Message.uid)):
-            key = match_key(row.message_id_header, row.date, row.size, row.subject, row.from_addr)
-            moves.removed[key].append((row.id, row.created_at))
-            offered += 1
-    return offered
-
-
-def drop_folders(session: Session, folder_ids: Sequence[str]) -> None:
-    """Delete folders (and whatever rows nothing took over) once the run that could match
-    them has visited every folder."""
-    if not folder_ids:
-        return
-    # Delete the messages explicitly: SQLite enforces ON DELETE CASCADE only when the
-    # connection has foreign keys on, and a bulk delete should not depend on that.
-    session.execute(delete(Message).where(Message.folder_id.in_(folder_ids)))
-    session.execute(delete(Folder).where(Folder.id.in_(folder_ids)))
