@@ -303,8 +303,10 @@ def test_server_dies_mid_sync_then_the_next_sync_resumes(private_dovecot: Any, m
     # The batch fetched before the kill is still committed (the writer overlaps the fetch
     # of the next one); the batch whose FETCH was cut off is not.
     assert len(stored) in (BATCH, 2 * BATCH)
-    # State never runs ahead of the data: the walk says where it stopped.
+    # State never runs ahead of the data: the walk says where it stopped, and the counts
+    # are those of the rows committed.
     assert inbox.backfill_below_uid == min(m.uid for m in stored)
+    assert (inbox.message_count, inbox.unread_count) == (len(stored), len(stored))
     with transaction(box.sessions) as session:
         account = session.get(Account, box.account_id)
         assert account is not None and "IMAP connection failed" in (account.last_sync_error or "")
@@ -330,6 +332,7 @@ def test_cancel_stops_within_one_batch_and_a_later_sync_completes(mailbox: Mailb
     assert len(stored) == BATCH
     inbox = mailbox.folder("INBOX")
     assert inbox.backfill_below_uid == min(m.uid for m in stored)
+    assert (inbox.message_count, inbox.unread_count) == (BATCH, BATCH)
     assert max(m.uid for m in stored) == max(mailbox.server_uids("INBOX"))  # newest first
 
     summary = mailbox.sync()
