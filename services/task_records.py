@@ -42,17 +42,13 @@ def create_record(
     origin: str = "api",
     default_estimate: float | None = None,
     record_id: str | None = None,
-    estimate: float | None = None,
-    look_up_estimate: bool = True,
 ) -> TaskRecord:
-    """Write a ``queued`` record (inserted, not committed) with a duration estimate (looked
-    up here unless the caller read it already: ``estimate`` with ``look_up_estimate=False``);
-    ``record_id`` when the caller chose the id already (it names the sync lock's holder).
+    """Write a ``queued`` record (inserted, not committed) with a duration estimate;
+    ``record_id`` when the caller chose the id already.
 
     One Core INSERT rather than a unit-of-work flush (a third of dispatch's CPU went to
     the flush); the returned record is attached to the session as if it had been loaded."""
-    if look_up_estimate:
-        estimate = estimate_duration(session, tenant_id, account_id, type)
+    estimate = estimate_duration(session, tenant_id, account_id, type)
     result = session.execute(
         _INSERT_RECORD,
         {
