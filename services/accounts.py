@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, func, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, Table, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from services.crypto import SecretBox
@@ -19,7 +19,6 @@ from services.mail.hosts import resolve_host
 from services.mail.imap import ImapEndpoint, capabilities, imap_session
 from services.mail.smtp import SmtpEndpoint, verify_smtp
 from services.models import Account, TaskRecord, User, utcnow
-from services.settings import Settings
 from services.task_records import IN_FLIGHT
 from services.tenancy import Principal, get_scoped, scoped
 
@@ -211,10 +210,7 @@ def check_ownership(session: Session, account_id: str | None, tenant_id: str, us
 # (``task_records.fail_stuck``), which waits longer than the broker's visibility timeout, so
 # a task whose worker died is redelivered and resumed before anyone calls it lost.
 
-
-def sync_lock_ttl(settings: Settings) -> float:  # pragma: no cover - kept for old callers
-    """Deprecated: the lock no longer expires by time (see above)."""
-    return 0.0
+ACCOUNTS = cast(Table, Account.__table__)
 
 
 def _sync_lock_free(task_id: str | None = None) -> ColumnElement[bool]:
@@ -231,13 +227,20 @@ def _sync_lock_free(task_id: str | None = None) -> ColumnElement[bool]:
     return or_(*free)
 
 
-def claim_sync_lock(
-    session: Session, account_id: str, task_id: str, *, ttl: float | None = None
-) -> str | None:
+def claim_sync_lock(session: Session, account_id: str, task_id: str) -> str | None:
     """Make ``task_id`` the account's one sync, or confirm that it is. Returns None on
     success, or the id of the other sync in flight. The API claims at dispatch; the worker
     claims again when an attempt starts, so a sync whose lock went to another task (its
     record was swept as lost meanwhile) stops instead of running beside it."""
+    # Lock the account row first, in a statement of its own. A claim that had to wait for
+    # another transaction's claim would otherwise decide, under READ COMMITTED, with the
+    # snapshot its UPDATE started with, in which the winner's record is not yet visible
+    # ("the holder is not in flight"), and claim the account a second time. After this
+    # wait, the claim below is a new statement and sees the winner's committed record.
+    # FOR NO KEY UPDATE, the lock the claim's UPDATE takes anyway: it does not conflict
+    # with the KEY SHARE lock a task INSERT holds through its foreign key, so two
+    # dispatches cannot deadlock on it. (SQLite serialises writers and ignores it.)
+    session.execute(select(ACCOUNTS.c.id).where(ACCOUNTS.c.id == account_id).with_for_update(key_share=True))
     result = session.execute(
         update(Account)
         .where(Account.id == account_id, _sync_lock_free(task_id))

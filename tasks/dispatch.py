@@ -17,26 +17,23 @@ from __future__ import annotations
 
 import logging
 import math
-import typing
 from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
 from kombu.exceptions import KombuError, OperationalError
 from redis.exceptions import RedisError
-from sqlalchemy import Table, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from services import accounts, task_records, task_stats
 from services.db import transaction
 from services.errors import MailroomError, NotFound, ServiceUnavailable
-from services.models import Account, TaskRecord
+from services.models import TaskRecord
 from services.tenancy import Principal
 from tasks.queues import TASK_TYPES, broker_priority, logical_priority
 
 log = logging.getLogger("mailroom.dispatch")
 
-ACCOUNTS = typing.cast(Table, Account.__table__)
 #: Longest kwargs text a message carries for logs and Flower.
 KWARGSREPR_MAX = 1024
 #: Bounds of the Retry-After a tenant over its cap is told (seconds).
@@ -148,19 +145,8 @@ def _dispatch(
         assert cap is not None
         raise _over_cap(kind.queue, cap, kind.default_estimate)
     if type == "sync" and account_id is not None:
-        # Lock the account row before claiming, in a statement of its own. A claim that had to wait
-        # for another dispatch's lock would otherwise decide, under READ COMMITTED, with the
-        # snapshot its UPDATE started with, in which the winner's record is not yet visible
-        # ("the holder is not in flight"), and claim the account a second time. After this
-        # wait, the claim below is a new statement and sees the winner's committed record.
-        # FOR NO KEY UPDATE, the lock the claim's UPDATE takes anyway: it does not conflict
-        # with the KEY SHARE lock another dispatch's task INSERT holds through its foreign
-        # key, so two dispatches cannot deadlock on it.
-        session.execute(
-            select(ACCOUNTS.c.id).where(ACCOUNTS.c.id == account_id).with_for_update(key_share=True)
-        )
-        ttl = accounts.sync_lock_ttl(settings)
-        holder = accounts.claim_sync_lock(session, account_id, record.id, ttl=ttl)
+        # Claiming locks the account row first (see accounts.claim_sync_lock).
+        holder = accounts.claim_sync_lock(session, account_id, record.id)
         if holder is not None:
             task_records.discard_record(session, record)
             existing = task_records.require_record(session, holder)
