@@ -16,6 +16,8 @@ ERRORS: dict[Any, Any] = {
     404: ErrorResponse,
     409: ErrorResponse,
     422: ErrorResponse,
+    # Every /api route counts against the tenant's rate limits (Retry-After says when).
+    429: ErrorResponse,
     503: ErrorResponse,
 }
 

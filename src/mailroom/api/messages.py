@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 from mailroom.api.common import ERRORS, SECURITY
 from mailroom.auth import principal
 from mailroom.context import db_session, state
-from mailroom.schemas import AccountPath, Lenient, MessagePath
+from mailroom.schemas import AccountPath, ErrorResponse, Lenient, MessagePath
 from services import bodies, mailbox
 from services.models import Folder, Message
 
@@ -147,7 +147,7 @@ def list_messages(path: AccountPath, query: MessageQuery) -> Response:
     return jsonify({"items": [message_out(m, name) for m, name in rows], "next_cursor": next_cursor})
 
 
-@bp.get("/messages/<message_id>", responses={200: MessageOut, **ERRORS})
+@bp.get("/messages/<message_id>", responses={200: MessageOut, 502: ErrorResponse, **ERRORS})
 def get_message(path: MessagePath, query: BodyQuery) -> Response:
     """One message's headers and snippet; with ``?body=1`` its text, HTML, headers and
     attachments, fetched from the IMAP server on demand (or from the body cache). A message
