@@ -106,6 +106,7 @@ def sync_account(
                 full=options.full,
                 tracker=tracker,
                 moves=moves,
+                track_walks=any(f.message_count for f in folders + gone),
             )
             unselectable = {f.name for f in folders if not is_selectable(f)}
             summary = _sync_folders(ctx, snapshots, options, unselectable=unselectable)

@@ -84,6 +84,11 @@ class RunContext:
     full: bool
     tracker: ProgressTracker
     moves: state.MoveTracker = field(default_factory=state.MoveTracker)
+    # Whether walks remember what they insert, so that a row another folder drops later in
+    # the run (an expunge, a rebuild's leftovers) hands its id to a copy stored earlier.
+    # Off for an account's first sync, where nothing stored could be dropped: it would
+    # only hold every message of the account in memory (~47 MiB per 100,000).
+    track_walks: bool = True
 
 
 @dataclass
@@ -218,7 +223,12 @@ def _walk(ctx: RunContext, folder: FolderSnapshot, out: FolderOutcome, *, pendin
         rows = [message_row(uid, data[uid]) for uid in batch if uid in data]
         with transaction(ctx.sessions) as session:
             stored, kept = state.insert_messages(
-                session, _scope(ctx, folder), rows, pending=pending, moves=ctx.moves, track_inserts=False
+                session,
+                _scope(ctx, folder),
+                rows,
+                pending=pending,
+                moves=ctx.moves,
+                track_inserts=ctx.track_walks,
             )
             state.update_folder(session, folder.id, backfill_below_uid=min(batch))
             removed = _finish_walk(session, ctx, folder, pending=pending) if last else 0

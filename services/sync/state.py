@@ -180,12 +180,17 @@ def _copy_into_messages(session: Session, records: list[dict[str, Any]]) -> bool
     columns = list(records[0])
     json_columns = {c for c in columns if isinstance(messages_table.c[c].type, JSON)}
     statement = f"COPY messages ({', '.join(columns)}) FROM STDIN"
-    raw = session.connection().connection.driver_connection
-    assert raw is not None
     try:
-        with session.begin_nested(), raw.cursor() as cursor, cursor.copy(statement) as copy:
-            for record in records:
-                copy.write_row([json.dumps(record[c]) if c in json_columns else record[c] for c in columns])
+        with session.begin_nested():
+            # Asked for inside the nested transaction: that is what emits its SAVEPOINT
+            # (the COPY goes around SQLAlchemy), so a failed COPY rolls back to it.
+            raw = session.connection().connection.driver_connection
+            assert raw is not None
+            with raw.cursor() as cursor, cursor.copy(statement) as copy:
+                for record in records:
+                    copy.write_row(
+                        [json.dumps(record[c]) if c in json_columns else record[c] for c in columns]
+                    )
     except psycopg.errors.UniqueViolation:
         return False
     return True
@@ -303,4 +308,4 @@ def insert_messages(
     if fresh:
         total, unread = _store_new_rows(session, fresh)
     bump_counts(session, scope.folder_id, total, unread + unread_change)
-    return len(takeovers) + len(fresh), len(takeovers) + reused
+    return len(takeovers) + total, len(takeovers) + reused
