@@ -1,6 +1,8 @@
 """Exact counts and kept ids whatever order the writes come in: a batch that another sync of
-the account stored meanwhile (PostgreSQL and SQLite), and a folder renamed on the server
-whose old name comes back as a new folder visited after it."""
+the account stored meanwhile (PostgreSQL and SQLite), an expunge while mail arrives on a
+server without QRESYNC, and renamed or deleted folders whose messages are found elsewhere
+in another order than one plain sync (the old name coming back, the renamed folder synced
+alone first, mail moved out before its folder was deleted)."""
 
 from __future__ import annotations
 
@@ -11,17 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.crypto import SecretBox
 from services.db import make_engine, make_sessionmaker, transaction, unrestricted_unsafe_sessions
 from services.migrate import upgrade
-from services.models import Message
+from services.models import Folder, Message
 from services.settings import Settings
 from services.sync import state
 from services.sync.fetch import message_row
-from tests.servers.dovecot import DovecotServer
+from tests.servers.dovecot import WITHOUT_QRESYNC, DovecotServer
 from tests.services.conftest import make_settings
 from tests.services.mailboxes import Mailbox, make_messages, new_mailbox
 
@@ -110,3 +112,63 @@ def test_a_renamed_folder_whose_old_name_comes_back_keeps_its_ids(mailbox: Mailb
     for name in ("Alpha", "Zeta"):
         folder = mailbox.folder(name)
         assert folder.message_count == len(mailbox.messages(name))
+
+
+def test_an_expunge_while_mail_arrives_is_found_without_qresync(
+    private_dovecot: Any, mailbox: Mailbox
+) -> None:
+    # Two expunged and two new: EXISTS equals the stored count again, and (as a server
+    # without QRESYNC may do) the expunge left HIGHESTMODSEQ where the appends put it.
+    server: DovecotServer = private_dovecot(imap_capability=WITHOUT_QRESYNC)
+    box = new_mailbox(server, mailbox.sessions, mailbox.settings, mailbox.box)
+    uids = box.append("INBOX", make_messages(20))
+    assert box.sync()["capabilities"] == {"condstore": True, "qresync": False}
+    server.expunge(box.user, box.password, "INBOX", uids[3:5])
+    box.append("INBOX", make_messages(2, start=100))
+    with box.imap() as client:
+        modseq = client.folder_status("INBOX", ["HIGHESTMODSEQ"])[b"HIGHESTMODSEQ"]
+    with transaction(box.sessions) as session:
+        session.execute(
+            update(Folder)
+            .where(Folder.account_id == box.account_id, Folder.name == "INBOX")
+            .values(highestmodseq=modseq)
+        )
+
+    summary = box.sync()
+
+    assert (summary["new"], summary["removed"]) == (2, 2)
+    assert [m.uid for m in box.messages("INBOX")] == box.server_uids("INBOX")
+    assert box.folder("INBOX").message_count == 20
+
+
+def test_a_renamed_folder_synced_on_its_own_first_keeps_its_ids(mailbox: Mailbox) -> None:
+    mailbox.server.create_folder(mailbox.user, mailbox.password, "Letters")
+    mailbox.append("Letters", make_messages(10, prefix="letters"))
+    mailbox.sync()
+    before = mailbox.ids_by_message_id("Letters")
+    mailbox.server.rename_folder(mailbox.user, mailbox.password, "Letters", "Correspondence")
+
+    mailbox.sync(folders=["Correspondence"])
+    summary = mailbox.sync()
+
+    assert mailbox.ids_by_message_id("Correspondence") == before
+    assert summary["deleted_folders"] == ["Letters"] and "Letters" not in mailbox.folders()
+
+
+def test_messages_moved_out_of_a_folder_deleted_afterwards_keep_their_ids(mailbox: Mailbox) -> None:
+    mailbox.server.create_folder(mailbox.user, mailbox.password, "Old")
+    mailbox.append("Old", make_messages(6, prefix="old"))
+    mailbox.append("Archive", make_messages(2, prefix="archived"))
+    mailbox.sync()
+    before = mailbox.ids_by_message_id("Old")
+    with mailbox.imap() as client:
+        client.select_folder("Old")
+        client.move(client.search(["ALL"]), "Archive")
+    mailbox.server.delete_folder(mailbox.user, mailbox.password, "Old")
+
+    summary = mailbox.sync()
+
+    archived = mailbox.ids_by_message_id("Archive")
+    assert {key: archived[key] for key in before} == before
+    assert summary["deleted_folders"] == ["Old"]
+    assert mailbox.folder("Archive").message_count == 8
