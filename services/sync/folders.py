@@ -82,10 +82,15 @@ def store_folders(
     """Make the account's Folder rows match ``remote``: new ones created, attributes
     refreshed. Returns the rows (in visiting order) and the folders gone from the server,
     which are left in place: their messages may have been renamed or moved elsewhere, and
-    the caller deletes them once the other folders had their chance to match them."""
+    the caller deletes them once the other folders had their chance to match them. Their
+    sync state is cleared: should one come back before that (renamed back), some of its
+    rows may have gone to another folder meanwhile, so it is rebuilt, not continued."""
     rows = {f.name: f for f in session.scalars(select(Folder).where(Folder.account_id == account_id))}
     wanted = {f.name: f for f in remote}
     gone = [rows[name] for name in rows if name not in wanted]
+    for folder in gone:
+        folder.uidvalidity = folder.uidnext = folder.highestmodseq = None
+        folder.last_seen_uid = folder.backfill_below_uid = folder.server_message_count = None
     for name, info in wanted.items():
         row = rows.get(name)
         if row is None:

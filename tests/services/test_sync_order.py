@@ -172,3 +172,23 @@ def test_messages_moved_out_of_a_folder_deleted_afterwards_keep_their_ids(mailbo
     assert {key: archived[key] for key in before} == before
     assert summary["deleted_folders"] == ["Old"]
     assert mailbox.folder("Archive").message_count == 8
+
+
+def test_a_folder_renamed_back_before_a_whole_sync_keeps_its_messages(mailbox: Mailbox) -> None:
+    # Renamed, the new name synced alone (its messages take over the old folder's rows),
+    # then renamed back: the old folder's rows are gone, though the server still has its
+    # messages under the same UIDVALIDITY and UIDs. They must be fetched again, not lost.
+    mailbox.server.create_folder(mailbox.user, mailbox.password, "Trips")
+    mailbox.append("Trips", make_messages(5, prefix="trip"))
+    mailbox.sync()
+    before = mailbox.ids_by_message_id("Trips")
+    mailbox.server.rename_folder(mailbox.user, mailbox.password, "Trips", "Travel")
+    mailbox.sync(folders=["Travel"])
+    assert mailbox.ids_by_message_id("Travel") == before
+    mailbox.server.rename_folder(mailbox.user, mailbox.password, "Travel", "Trips")
+
+    mailbox.sync()
+
+    assert mailbox.ids_by_message_id("Trips") == before
+    assert "Travel" not in mailbox.folders()
+    assert mailbox.folder("Trips").message_count == 5
