@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import CursorResult, Table, delete, func, insert, select, update
+from sqlalchemy import CursorResult, Table, delete, func, select, update
 from sqlalchemy.orm import Session, make_transient_to_detached
 
 from services import task_stats
@@ -25,57 +25,6 @@ IN_FLIGHT = [s.value for s in TaskState.in_flight()]
 
 
 _TASKS = typing.cast(Table, TaskRecord.__table__)
-_INSERT_RECORD = insert(_TASKS)
-
-
-def create_record(
-    session: Session,
-    *,
-    tenant_id: str,
-    user_id: str | None,
-    account_id: str | None,
-    type: str,
-    queue: str,
-    priority: int,
-    params: dict[str, Any],
-    max_retries: int,
-    origin: str = "api",
-    default_estimate: float | None = None,
-    record_id: str | None = None,
-) -> TaskRecord:
-    """Write a ``queued`` record (inserted, not committed) with a duration estimate;
-    ``record_id`` when the caller chose the id already.
-
-    One Core INSERT rather than a unit-of-work flush (a third of dispatch's CPU went to
-    the flush); the returned record is attached to the session as if it had been loaded."""
-    estimate = estimate_duration(session, tenant_id, account_id, type)
-    result = session.execute(
-        _INSERT_RECORD,
-        {
-            "id": record_id or new_id(),
-            "tenant_id": tenant_id,
-            "user_id": user_id,
-            "account_id": account_id,
-            "type": type,
-            "queue": queue,
-            "priority": priority,
-            "params": params,
-            "max_retries": max_retries,
-            "origin": origin,
-            "state": TaskState.QUEUED.value,
-            "estimated_duration": estimate or default_estimate,
-        },
-    )
-    assert isinstance(result, CursorResult)
-    # Every column as the row now holds it (Python-side defaults included; the rest NULL).
-    values = {column.key: None for column in _TASKS.columns}
-    inserted = result.last_inserted_params()
-    assert isinstance(inserted, dict)  # one row, so one mapping
-    values.update(inserted)
-    record = TaskRecord(**values)
-    make_transient_to_detached(record)
-    session.add(record)
-    return record
 
 
 def create_record_if_allowed(
@@ -94,9 +43,10 @@ def create_record_if_allowed(
     cap: int | None,
     visible_to: Principal | None,
 ) -> TaskRecord | None:
-    """:func:`create_record` in one statement that also checks that ``visible_to`` may see
-    the account and that the tenant has fewer than ``cap`` tasks in flight on ``queue``, and
-    reads the estimate (``services.task_stats.insert_if_allowed``). None when refused."""
+    """Write a ``queued`` record (inserted, not committed) in one statement that also
+    checks that ``visible_to`` may see the account and that the tenant has fewer than
+    ``cap`` tasks in flight on ``queue``, and reads the duration estimate (a running mean,
+    never the history: ``services.task_stats.insert_if_allowed``). None when refused."""
     values = _defaults()
     values.update(
         id=new_id(),
@@ -140,16 +90,10 @@ def _defaults() -> dict[str, Any]:
 
 
 def discard_record(session: Session, record: TaskRecord) -> None:
-    """Take back a record :func:`create_record` wrote in this transaction (a sync that
-    turned out to be a duplicate), without rolling back the rest of the transaction."""
+    """Take back a record :func:`create_record_if_allowed` wrote in this transaction (a
+    sync that turned out to be a duplicate), without rolling back the rest of it."""
     session.execute(delete(_TASKS).where(_TASKS.c.id == record.id))
     session.expunge(record)
-
-
-def estimate_duration(session: Session, tenant_id: str, account_id: str | None, type: str) -> float | None:
-    """Likely duration (s) of this account's next ``type`` task: a running mean kept as
-    tasks succeed, read by primary key (``services.task_stats``), never the history."""
-    return task_stats.estimate(session, account_id, type)
 
 
 def get_record(session: Session, task_id: str, principal: Principal) -> TaskRecord:

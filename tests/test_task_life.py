@@ -156,7 +156,7 @@ def test_a_sync_whose_lock_went_to_another_stops_without_touching_mail(
     account = stack.make_account(dovecot, mailbox_user)
     mine = stack.dispatch_sync(account)
     with transaction(stack.sessions) as session:
-        other = task_records.create_record(
+        other = task_records.create_record_if_allowed(
             session,
             tenant_id=account.tenant_id,
             user_id=account.user_id,
@@ -166,7 +166,12 @@ def test_a_sync_whose_lock_went_to_another_stops_without_touching_mail(
             priority=10,
             params={},
             max_retries=5,
+            origin="api",
+            default_estimate=None,
+            cap=None,
+            visible_to=None,
         )
+        assert other is not None
         task_records.mark_running(session, other.id, "elsewhere")
         # As if ``mine`` had been swept as lost and ``other`` had claimed the account since.
         session.execute(update(Account).where(Account.id == account.id).values(sync_task_id=other.id))
