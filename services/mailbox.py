@@ -18,7 +18,7 @@ from sqlalchemy import String, and_, literal, or_, select, true, tuple_
 from sqlalchemy.orm import Session
 
 from services.errors import InvalidRequest, NotFound
-from services.models import Account, Folder, Message, UTCDateTime
+from services.models import Account, Folder, Message, UTCDateTime, is_id
 from services.sync.folders import visit_key
 from services.tenancy import Principal, get_scoped, scoped
 
@@ -60,6 +60,8 @@ def _decode_cursor(cursor: str) -> tuple[datetime | None, str]:
         stamp, ident = json.loads(raw)
         if not isinstance(ident, str) or not (stamp is None or isinstance(stamp, str)):
             raise ValueError("wrong types")
+        if not is_id(ident):  # never let a crafted cursor put arbitrary text into the query
+            raise ValueError("not an id")
         date = datetime.fromisoformat(stamp) if stamp is not None else None
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
         raise InvalidRequest("malformed cursor; pass next_cursor from the previous page unchanged") from None

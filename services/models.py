@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import enum
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -42,6 +43,16 @@ def utcnow() -> datetime:
 
 def new_id() -> str:
     return str(uuid.uuid4())
+
+
+#: The shape of every id :func:`new_id` makes. Text from a client that is meant to be an id
+#: is checked against it before it reaches a query (PostgreSQL refuses NUL in text).
+ID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+_ID_RE = re.compile(ID_PATTERN)
+
+
+def is_id(value: str) -> bool:
+    return bool(_ID_RE.match(value))
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -16,15 +16,11 @@ from typing import Any
 from flask import request
 
 from services.errors import NotFound, ValidationFailed
+from services.models import ID_PATTERN, is_id
 
-#: The shape of every Mailroom id (``str(uuid4())``).
-ID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
-_ID_RE = re.compile(ID_PATTERN)
+__all__ = ["ID_PATTERN", "check_json_text", "check_request_text", "is_id"]
+
 _BAD_TEXT = re.compile("[\x00\ud800-\udfff]")
-
-
-def is_id(value: str) -> bool:
-    return bool(_ID_RE.match(value))
 
 
 def _bad_text(value: str) -> str | None:

@@ -122,3 +122,19 @@ def test_nul_in_a_real_accounts_fields_is_refused_and_nothing_is_written(any_kit
 def test_an_id_filter_that_is_not_an_id_is_422(any_kit: TenantKit) -> None:
     response = any_kit.admin.get("/api/tasks", query_string={"account_id": "not-an-id"})
     assert response.status_code == 422 and error_of(response)["code"] == "validation_error"
+
+
+@pytest.mark.parametrize("ident", ["x" + NUL, SURROGATE, "not-an-id"])
+def test_a_crafted_cursor_is_400_not_a_query(
+    any_kit: TenantKit, dovecot, smtp, mailbox_user, ident: str
+) -> None:
+    """The cursor is opaque but comes from the client: its decoded id must be an id."""
+    import base64
+
+    from tests.conftest import account_body
+
+    account = any_kit.admin.post("/api/accounts", json=account_body(dovecot, smtp, mailbox_user)).get_json()
+    raw = json.dumps(["2026-01-01T00:00:00+00:00", ident]).encode()
+    cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    response = any_kit.admin.get(f"/api/accounts/{account['id']}/messages", query_string={"cursor": cursor})
+    assert response.status_code == 400 and error_of(response)["code"] == "invalid_request"
