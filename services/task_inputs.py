@@ -9,6 +9,8 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from services.models import is_id
+
 _EMAIL = re.compile(
     r"^[^@\s<>(),;:\"\[\]]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
 )
@@ -69,9 +71,34 @@ class SendParams(_Strict):
         return self
 
 
-class DeleteParams(_Strict):
-    message_ids: list[str] = Field(min_length=1, max_length=1000)
-    permanent: bool = False
+def _message_id(value: str) -> str:
+    if not is_id(value):  # checked before the text reaches a query (NUL, length, shape)
+        raise ValueError("not a message id")
+    return value
+
+
+MessageId = Annotated[str, AfterValidator(_message_id)]
+
+
+class DeleteRequest(_Strict):
+    """What a client sends to ``POST /api/accounts/{id}/delete``."""
+
+    message_ids: list[MessageId] = Field(
+        min_length=1, max_length=5000, description="Mailroom message ids of this account."
+    )
+    permanent: bool = Field(
+        default=False,
+        description="Delete for good instead of moving to Trash (messages already in Trash "
+        "are always deleted for good).",
+    )
+
+
+class DeleteParams(DeleteRequest):
+    """The delete task's parameters: the request, plus what the API read when it accepted
+    it (so a retry of a move never takes a message it moved itself for one in Trash)."""
+
+    in_trash: list[MessageId] = Field(default_factory=list, max_length=5000)
+
 
 
 class SpamCheckParams(_Strict):

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from services import accounts
+from services import accounts, mail_delete
 from services.errors import MailroomError, Superseded
+from services.send.deliver import deliver
 from services.sync import SyncOptions, sync_account
 from services.task_inputs import DeleteParams, SendParams, SpamCheckParams, SyncParams, VerifyParams
 from tasks.lifecycle import TaskContext, mailroom_task
@@ -66,14 +67,54 @@ def verify_account(ctx: TaskContext) -> dict[str, Any]:
 
 @mailroom_task("mailroom.send_email", SendParams, max_retries=QUEUES["send"].max_retries)
 def send_email(ctx: TaskContext) -> dict[str, Any]:
-    """Send one message through the account's SMTP server (validated; sending comes next)."""
-    raise NotAvailableYet("sending mail is not available in this version of Mailroom")
+    """Send one outbox message through the account's SMTP server and file its copy in
+    \\Sent, each at most once however often the task is delivered (services.send.deliver)."""
+    params: SendParams = ctx.params
+    return deliver(
+        ctx.runtime.sessions,
+        params.outbox_id,
+        account_id=ctx.account_id or "",
+        task_id=ctx.task_id,
+        box=ctx.runtime.box,
+        settings=ctx.settings,
+        progress=lambda percent, stage: ctx.progress(percent, stage, force=True),
+    )
 
 
 @mailroom_task("mailroom.delete_emails", DeleteParams, max_retries=QUEUES["delete"].max_retries)
 def delete_emails(ctx: TaskContext) -> dict[str, Any]:
-    """Delete or move to Trash the given messages (validated; deletion comes next)."""
-    raise NotAvailableYet("deleting mail is not available in this version of Mailroom")
+    """Move the given messages to Trash or delete them for good (services.mail_delete).
+
+    The delete holds the account's sync lock while it runs, and waits (retries with the
+    queue's backoff) while a sync or another delete holds it. A sync beside it could see a
+    moved message vanish from its folder before the delete writes its row's new place, and
+    drop the row or store the Trash copy under a new id; holding the one lock rules that
+    out, and a delete is short. While it runs, a sync requested for the account is answered
+    with this task (as for a sync already in flight) and Beat skips the account."""
+    account_id = ctx.account_id or ""
+    with ctx.session() as session:
+        holder = accounts.claim_sync_lock(session, account_id, ctx.task_id)
+    if holder is not None:
+        raise mail_delete.AccountBusy(
+            f"another task is working on this account's messages (task {holder}); will retry",
+            details={"task_id": holder},
+        )
+    params: DeleteParams = ctx.params
+    try:
+        return mail_delete.delete_messages(
+            ctx.runtime.sessions,
+            account_id,
+            params.message_ids,
+            permanent=params.permanent,
+            in_trash=params.in_trash,
+            box=ctx.runtime.box,
+            settings=ctx.settings,
+            # Every batch writes its progress: each is a cancel checkpoint.
+            progress=lambda percent, stage: ctx.progress(percent, stage, force=True),
+        )
+    finally:
+        with ctx.session() as session:
+            accounts.release_sync_lock(session, account_id, ctx.task_id)
 
 
 @mailroom_task("mailroom.check_spam", SpamCheckParams, max_retries=QUEUES["spam"].max_retries)

@@ -80,6 +80,9 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
 
     for module in (accounts, messages, tasks, admin, probes):
         app.register_api(module.bp)
+    from mailroom.api import delete as delete_api
+
+    app.register_api(delete_api.bp)
 
     @app.get("/openapi.json", doc_ui=False)
     def openapi_document() -> Response:

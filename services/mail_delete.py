@@ -1,0 +1,340 @@
+"""Deleting messages so that the IMAP server and Mailroom agree: move to the SPECIAL-USE
+``\\Trash`` folder, or delete permanently, in batches.
+
+Promises:
+
+* :func:`check_deletable` (the API, before anything is queued): every id is a message of
+  this account that the caller may see, checked in one query; otherwise :class:`NotFound`.
+* :func:`delete_messages` (the worker) touches exactly the requested UIDs: a move is
+  ``UID MOVE`` (or ``UID COPY`` + ``\\Deleted`` + ``UID EXPUNGE`` of exactly those UIDs on a
+  server without MOVE), a permanent delete is ``\\Deleted`` + ``UID EXPUNGE`` of exactly
+  those UIDs, never a plain EXPUNGE. Without UIDPLUS neither is safe (no UID EXPUNGE, no
+  COPYUID to learn the new UIDs), so the task is refused before anything is touched.
+* A moved message keeps its Mailroom id: its row gets the Trash folder and the UID the
+  server named in COPYUID. A permanently deleted message's row is deleted. Each batch's
+  rows and the folder counts describing them are committed right after its IMAP command
+  succeeds, so a cancel, a crash or a network fault between batches leaves server and
+  database in agreement for every batch done; a retry plans again from the rows, and a
+  message it finds already in Trash (moved by an earlier attempt) counts as moved.
+* A folder whose UIDVALIDITY differs from the stored one, or was never synced, raises
+  :class:`SyncRequired` before any message is touched.
+* Ids with no row any more, or whose UID the server no longer has, are reported in the
+  result under ``gone``; rows of the latter are left for the next sync, which removes them
+  or, if another client moved the message, keeps their id in its new folder.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import imapclient
+from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.accounts import imap_endpoint
+from services.crypto import SecretBox
+from services.db import transaction
+from services.errors import NotFound, PermanentMailError, TransientMailError
+from services.mail.imap import imap_session
+from services.models import Account, Folder, Message, utcnow
+from services.settings import Settings
+from services.sync.state import bump_counts, chunks, messages_table
+from services.tenancy import Principal
+
+#: UIDs per IMAP command: short command lines, and a cancel checkpoint every batch.
+BATCH_SIZE = 250
+#: How many unknown ids a 404's details list.
+MAX_LISTED = 50
+
+Report = Callable[[float, str], None]
+
+
+class SyncRequired(PermanentMailError):
+    """The stored UIDs of a folder no longer name the server's messages."""
+
+    code = "sync_required"
+    status = 409
+
+
+class AccountBusy(TransientMailError):
+    """Another task (a sync, or another delete) holds the account: retried with backoff."""
+
+    code = "account_busy"
+    status = 409
+
+
+class DeleteRefused(PermanentMailError):
+    """The server lacks what a safe delete needs (UIDPLUS), or there is no Trash."""
+
+    code = "delete_refused"
+    status = 409
+
+
+def check_deletable(session: Session, principal: Principal, account_id: str, ids: Sequence[str]) -> list[str]:
+    """Check, in one query, that every id is a message of ``account_id`` visible to
+    ``principal`` (its tenant, and for a member an account of its own); else
+    :class:`NotFound` naming the unknown ids. Returns the ids stored in the account's Trash
+    now: deleting those is permanent whatever ``permanent`` says."""
+    unique = list(dict.fromkeys(ids))
+    query = (
+        select(Message.id, Folder.special_use)
+        .join(Folder, Folder.id == Message.folder_id)
+        .join(Account, Account.id == Message.account_id)
+        .where(
+            Message.tenant_id == principal.tenant_id,
+            Message.account_id == account_id,
+            Message.id.in_(unique),
+        )
+    )
+    if not principal.is_admin:
+        query = query.where(Account.user_id == principal.user_id)
+    found = {row.id: row.special_use for row in session.execute(query)}
+    if len(found) != len(unique):
+        unknown = [i for i in unique if i not in found]
+        raise NotFound(
+            f"{len(unknown)} of the messages were not found in this account; nothing was queued",
+            details={"message_ids": unknown[:MAX_LISTED]},
+        )
+    return [i for i in unique if found[i] == "trash"]
+
+
+@dataclass
+class _Row:
+    id: str
+    uid: int
+    seen: bool
+
+
+@dataclass
+class _Plan:
+    trash: Folder | None
+    folders: dict[str, Folder]
+    moves: dict[str, list[_Row]] = field(default_factory=lambda: defaultdict(list))
+    expunges: dict[str, list[_Row]] = field(default_factory=lambda: defaultdict(list))
+    already_moved: int = 0
+    gone: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(len(r) for r in self.moves.values()) + sum(len(r) for r in self.expunges.values())
+
+
+def _plan(session: Session, account_id: str, ids: list[str], permanent: bool, in_trash: set[str]) -> _Plan:
+    folders = {f.id: f for f in session.scalars(select(Folder).where(Folder.account_id == account_id))}
+    by_name = sorted(folders.values(), key=lambda f: f.name)
+    trash = next((f for f in by_name if f.special_use == "trash"), None)
+    plan = _Plan(trash=trash, folders=folders)
+    found: set[str] = set()
+    for chunk in chunks(ids):
+        query = select(Message.id, Message.folder_id, Message.uid, Message.seen).where(
+            Message.account_id == account_id, Message.id.in_(chunk)
+        )
+        for row in session.execute(query):
+            found.add(row.id)
+            if row.uid < 1:
+                raise SyncRequired(
+                    f"folder {folders[row.folder_id].name!r} is being rebuilt by a sync; "
+                    "let it finish, then delete again"
+                )
+            item = _Row(row.id, row.uid, bool(row.seen))
+            if permanent or row.id in in_trash:
+                plan.expunges[row.folder_id].append(item)
+            elif trash is not None and row.folder_id == trash.id:
+                plan.already_moved += 1  # moved by an earlier attempt of this task
+            else:
+                plan.moves[row.folder_id].append(item)
+    plan.gone = [i for i in ids if i not in found]
+    if plan.moves and trash is None:
+        raise DeleteRefused("this account has no \\Trash folder (sync first, or delete permanently)")
+    return plan
+
+
+def _expand(text: str) -> list[int]:
+    """A UID set as the server wrote it (``"4:6,9"``), in its order."""
+    out: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition(":")
+        a, b = int(lo), int(hi or lo)
+        out.extend(range(a, b + 1) if a <= b else range(a, b - 1, -1))
+    return out
+
+
+def _copyuid(client: imapclient.IMAPClient) -> dict[int, int]:
+    """Source UID → new UID from the COPYUID response code(s) of the last command."""
+    mapping: dict[int, int] = {}
+    for raw in client._imap.untagged_responses.pop("COPYUID", []):
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        _validity, src, dst = text.split()[:3]
+        mapping.update(zip(_expand(src), _expand(dst), strict=True))
+    return mapping
+
+
+def _drain(client: imapclient.IMAPClient) -> None:
+    # imaplib keeps every untagged EXPUNGE/FETCH; a 5,000-message delete must not hoard them.
+    for key in ("EXPUNGE", "FETCH", "COPYUID", "EXISTS", "RECENT"):
+        client._imap.untagged_responses.pop(key, None)
+
+
+def _check_validity(folder: Folder, validity: Any) -> None:
+    if folder.uidvalidity is None or validity != folder.uidvalidity:
+        raise SyncRequired(
+            f"folder {folder.name!r} changed on the server since the last sync (UIDVALIDITY); "
+            "sync the account, then delete again",
+            details={"folder": folder.name},
+        )
+
+
+def _move_rows(
+    session: Session, source: Folder, trash: Folder, rows: list[_Row], new: dict[int, int]
+) -> None:
+    moved = [r for r in rows if r.uid in new]
+    if not moved:
+        return
+    now = utcnow()
+    session.execute(
+        update(messages_table)
+        .where(messages_table.c.id == bindparam("b_id"), messages_table.c.folder_id == source.id)
+        .values(folder_id=trash.id, uid=bindparam("b_uid"), modseq=None, updated_at=now),
+        [{"b_id": r.id, "b_uid": new[r.uid]} for r in moved],
+    )
+    unread = sum(1 for r in moved if not r.seen)
+    bump_counts(session, source.id, -len(moved), -unread)
+    bump_counts(session, trash.id, len(moved), unread)
+
+
+def _delete_rows(session: Session, folder: Folder, rows: list[_Row]) -> None:
+    if rows:
+        session.execute(delete(Message).where(Message.id.in_([r.id for r in rows])))
+        bump_counts(session, folder.id, -len(rows), -sum(1 for r in rows if not r.seen))
+
+
+@dataclass
+class _Run:
+    sessions: sessionmaker[Session]
+    client: imapclient.IMAPClient
+    plan: _Plan
+    has_move: bool
+    batch_size: int
+    progress: Report
+    done: int = 0
+    moved: int = 0
+    deleted: int = 0
+
+    def step(self, count: int, stage: str) -> None:
+        self.done += count
+        self.progress(min(99.0, 100.0 * self.done / max(1, self.plan.total)), stage)
+
+
+def _batches(rows: list[_Row], size: int) -> Iterable[list[_Row]]:
+    ordered = sorted(rows, key=lambda r: r.uid)
+    for start in range(0, len(ordered), size):
+        yield ordered[start : start + size]
+
+
+def _move_folder(run: _Run, source: Folder, rows: list[_Row]) -> None:
+    trash = run.plan.trash
+    assert trash is not None
+    client = run.client
+    for batch in _batches(rows, run.batch_size):
+        uids = [r.uid for r in batch]
+        _drain(client)
+        if run.has_move:
+            client.move(uids, trash.name)
+            new = _copyuid(client)
+        else:
+            client.copy(uids, trash.name)
+            new = _copyuid(client)
+            if new:
+                # Only the copied UIDs: a \Deleted message of someone else's stays.
+                client.add_flags(sorted(new), [b"\\Deleted"], silent=True)
+                client.uid_expunge(sorted(new))
+            # A crash between COPY and UID EXPUNGE leaves a copy in Trash and the original
+            # here (marked \Deleted); the rows still describe the original, so a retry
+            # moves it again. That window is the cost of a server without MOVE.
+        _drain(client)
+        with transaction(run.sessions) as session:
+            _move_rows(session, source, trash, batch, new)
+        run.moved += len(new)
+        run.plan.gone += [r.id for r in batch if r.uid not in new]
+        run.step(len(batch), f"moved {run.moved} to {trash.name}")
+
+
+def _expunge_folder(run: _Run, folder: Folder, rows: list[_Row]) -> None:
+    client = run.client
+    for batch in _batches(rows, run.batch_size):
+        uids = [r.uid for r in batch]
+        _drain(client)
+        # Not silent: the FETCH answers say which of the UIDs the server still has.
+        present = set(client.add_flags(uids, [b"\\Deleted"]))
+        if present:
+            client.uid_expunge(sorted(present))  # exactly these UIDs, never a plain EXPUNGE
+        _drain(client)
+        with transaction(run.sessions) as session:
+            _delete_rows(session, folder, [r for r in batch if r.uid in present])
+        run.deleted += len(present)
+        run.plan.gone += [r.id for r in batch if r.uid not in present]
+        run.step(len(batch), f"deleted {run.deleted} permanently")
+
+
+def delete_messages(
+    sessions: sessionmaker[Session],
+    account_id: str,
+    message_ids: Sequence[str],
+    *,
+    permanent: bool,
+    in_trash: Iterable[str] = (),
+    box: SecretBox,
+    settings: Settings,
+    progress: Report,
+    batch_size: int = BATCH_SIZE,
+) -> dict[str, Any]:
+    """Move ``message_ids`` to Trash (``permanent`` false; those in ``in_trash`` are
+    deleted permanently) or delete them permanently, as the module docstring promises.
+    ``progress`` is called after every committed batch and may raise to stop between
+    batches. Returns ``{"moved", "deleted", "gone", "trash_folder"}``."""
+    ids = list(dict.fromkeys(message_ids))
+    with transaction(sessions) as session:
+        account = session.get(Account, account_id)
+        if account is None:
+            raise NotFound("account not found")
+        endpoint = imap_endpoint(account, box)
+        plan = _plan(session, account_id, ids, permanent, set(in_trash))
+        session.expunge_all()  # the folders are read, never written, through the ORM
+    progress(0, f"deleting {plan.total} messages")
+    with imap_session(
+        endpoint, timeout=settings.mail_timeout_seconds, allow_private=settings.allow_private_hosts
+    ) as client:
+        caps = {c.decode().upper() if isinstance(c, bytes) else str(c).upper() for c in client.capabilities()}
+        if plan.total and "UIDPLUS" not in caps:
+            raise DeleteRefused(
+                "the IMAP server lacks UIDPLUS: without UID EXPUNGE a delete could take other "
+                "\\Deleted messages with it, so nothing was deleted"
+            )
+        involved = [plan.folders[f] for f in {*plan.moves, *plan.expunges}]
+        if plan.moves and plan.trash is not None:
+            involved.append(plan.trash)
+        # Every folder's UIDVALIDITY first, so a stale one refuses the task untouched.
+        for folder in involved:
+            status = client.folder_status(folder.name, [b"UIDVALIDITY"])
+            _check_validity(folder, status.get(b"UIDVALIDITY"))
+        run = _Run(sessions, client, plan, "MOVE" in caps, batch_size, progress)
+        for folder_id in sorted({*plan.moves, *plan.expunges}, key=lambda f: plan.folders[f].name):
+            folder = plan.folders[folder_id]
+            selected = client.select_folder(folder.name)
+            _check_validity(folder, selected.get(b"UIDVALIDITY"))
+            if plan.expunges.get(folder_id):
+                _expunge_folder(run, folder, plan.expunges[folder_id])
+            if plan.moves.get(folder_id):
+                _move_folder(run, folder, plan.moves[folder_id])
+            # No CLOSE: it would expunge every \Deleted message of the folder. The next
+            # SELECT (or LOGOUT) leaves the folder without expunging anything.
+    progress(100, "done")
+    return {
+        "moved": run.moved + plan.already_moved,
+        "deleted": run.deleted,
+        "gone": plan.gone,
+        "trash_folder": plan.trash.name if plan.trash is not None and plan.moves else None,
+    }
