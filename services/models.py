@@ -274,18 +274,56 @@ class BodyCacheEntry(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+class OutboxState(enum.StrEnum):
+    """An outbox row's life: ``queued`` (or ``scheduled``) → ``sending`` → ``accepted`` (the
+    SMTP server took DATA) → ``sent`` (the Sent copy is filed, or was not wanted); or
+    ``failed`` / ``cancelled``. services.send.deliver explains why the order is this."""
+
+    SCHEDULED = "scheduled"
+    QUEUED = "queued"
+    SENDING = "sending"
+    ACCEPTED = "accepted"
+    SENT = "sent"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
 class OutboxEntry(Base):
+    """One message to send, built once by the API: its exact bytes travel here, never in
+    the broker message (services.send)."""
+
     __tablename__ = "outbox"
-    __table_args__ = (UniqueConstraint("account_id", "idempotency_key"),)
+    __table_args__ = (
+        # An Idempotency-Key names one send per tenant; NULL keys (no header) never collide.
+        UniqueConstraint("tenant_id", "idempotency_key"),
+        Index("ix_outbox_account_created", "account_id", "created_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
-    idempotency_key: Mapped[str] = mapped_column(String(255))
+    user_id: Mapped[str | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16), default="pending")
-    message_id_header: Mapped[str | None] = mapped_column(String(998))
+    state: Mapped[str] = mapped_column(String(16), default=OutboxState.QUEUED.value)
+    message_id_header: Mapped[str] = mapped_column(String(998))
     task_id: Mapped[str | None] = mapped_column(String(36))
+    subject: Mapped[str] = mapped_column(Text, default="")
+    envelope_from: Mapped[str] = mapped_column(String(320))
+    recipients: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # The message exactly as sent and filed; dropped once the row is ``sent``.
+    raw: Mapped[bytes | None] = mapped_column(LargeBinary)
+    size: Mapped[int] = mapped_column(Integer, default=0)
+    save_sent: Mapped[bool] = mapped_column(Boolean, default=True)
+    send_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    accepted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    smtp_reply: Mapped[str | None] = mapped_column(Text)
+    refused: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    sent_folder: Mapped[str | None] = mapped_column(String(1000))
+    sent_uid: Mapped[int | None] = mapped_column(BigInteger)
+    sent_message_id: Mapped[str | None] = mapped_column(String(36))
+    error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 

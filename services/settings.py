@@ -82,6 +82,19 @@ class Settings(BaseSettings):
     sync_batch_size: int = Field(default=500, ge=1, le=5000)
     default_sync_interval: int = Field(default=900, ge=60)
 
+    # --- sending (POST /api/accounts/{id}/send) -----------------------------------------
+    send_max_bytes: int = Field(
+        default=25 * 1024 * 1024,
+        ge=1024,
+        description="Largest message content (bodies + decoded attachments) the send route takes.",
+    )
+    smtp_idle_seconds: float = Field(
+        default=30.0, gt=0, description="A reused SMTP connection idle longer than this is closed."
+    )
+    smtp_messages_per_connection: int = Field(
+        default=100, ge=1, description="Messages sent over one SMTP connection before a fresh one."
+    )
+
     # --- message bodies (GET /api/messages/{id}?body=1) ----------------------------------
     body_max_bytes: int = Field(default=1024 * 1024, ge=1024)
     body_fetch_timeout_seconds: float = Field(default=5.0, gt=0)

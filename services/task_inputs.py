@@ -56,19 +56,11 @@ class VerifyParams(_Strict):
 
 
 class SendParams(_Strict):
-    to: list[EmailAddress] = Field(min_length=1, max_length=100)
-    cc: list[EmailAddress] = Field(default_factory=list, max_length=100)
-    bcc: list[EmailAddress] = Field(default_factory=list, max_length=100)
-    subject: str = Field(default="", max_length=998)
-    text: str | None = Field(default=None, max_length=10_000_000)
-    html: str | None = Field(default=None, max_length=10_000_000)
-    idempotency_key: str | None = Field(default=None, max_length=255)
+    """A send task's parameters: its outbox row, which holds the message the API built from
+    services.send.request.SendRequest. The message itself never rides the broker."""
 
-    @model_validator(mode="after")
-    def _body(self) -> SendParams:
-        if self.text is None and self.html is None:
-            raise ValueError("a message needs a text or an html body")
-        return self
+    outbox_id: str = Field(pattern=r"^[0-9a-fA-F-]{36}$")
+    message_id: str = Field(max_length=998)
 
 
 def _message_id(value: str) -> str:

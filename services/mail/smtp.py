@@ -1,10 +1,13 @@
-"""SMTP connections (aiosmtplib): verify a login now, send mail in a later step."""
+"""SMTP connections (aiosmtplib): verify a login, and send mail over connections a worker
+process reuses per account (bounded by idle time and messages per connection)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import aiosmtplib
 
@@ -108,3 +111,152 @@ def verify_pinned_smtp(pinned: PinnedHost, endpoint: SmtpEndpoint, *, timeout: f
         return asyncio.run(_verify(pinned, endpoint, timeout))
     except Exception as exc:
         raise classify_smtp_error(exc, "SMTP login") from exc
+
+
+# --- sending --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SendOutcome:
+    """What the server answered: its reply to DATA, and recipients it refused while it
+    accepted others (address → "code text")."""
+
+    reply: str
+    refused: dict[str, str]
+
+
+@dataclass
+class _Pooled:
+    client: aiosmtplib.SMTP
+    opened: float
+    used: float
+    sent: int = 0
+
+
+#: Before a connection idle longer than this is used again, a NOOP checks it is still alive
+#: (a server's own idle timeout may have closed it); fresher ones go straight to MAIL.
+NOOP_AFTER_IDLE = 2.0
+
+
+@dataclass
+class SmtpPool:
+    """One process's SMTP connections, one per key (account and endpoint), reused for the
+    account's next message. A connection idle longer than ``idle_seconds`` or that carried
+    ``max_messages`` is closed; any fault closes it too, so a broken one is never reused.
+    Not thread-safe: a prefork worker child runs one task at a time."""
+
+    idle_seconds: float
+    max_messages: int
+    _conns: dict[tuple[object, ...], _Pooled] = field(default_factory=dict)
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    def run(self, coro: object) -> object:
+        if self._loop is None or self._loop.is_closed():
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(coro)  # type: ignore[arg-type]
+
+    def send(
+        self,
+        key: tuple[object, ...],
+        pinned: PinnedHost,
+        endpoint: SmtpEndpoint,
+        *,
+        timeout: float,
+        sender: str,
+        recipients: list[str],
+        raw: bytes,
+    ) -> SendOutcome:
+        """Send ``raw`` unchanged to ``recipients``. Raises a transient or permanent
+        :class:`MailError`; all recipients refused is one error listing each of them."""
+        try:
+            return self.run(self._send(key, pinned, endpoint, timeout, sender, recipients, raw))  # type: ignore[return-value]
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            refused = {r.recipient: f"{r.code} {r.message}" for r in exc.recipients}
+            transient = all(400 <= r.code < 500 for r in exc.recipients)
+            kind = TransientMailError if transient else PermanentMailError
+            first = exc.recipients[0] if exc.recipients else None
+            text = f"{first.code} {first.message}" if first else "no recipient accepted"
+            raise kind(
+                f"send: the SMTP server refused every recipient: {text}", details={"refused": refused}
+            ) from exc
+        except Exception as exc:
+            raise classify_smtp_error(exc, "send") from exc
+
+    async def _send(
+        self,
+        key: tuple[object, ...],
+        pinned: PinnedHost,
+        endpoint: SmtpEndpoint,
+        timeout: float,
+        sender: str,
+        recipients: list[str],
+        raw: bytes,
+    ) -> SendOutcome:
+        pooled = await self._checkout(key, pinned, endpoint, timeout)
+        try:
+            refused, reply = await pooled.client.sendmail(sender, recipients, raw)
+        except BaseException:
+            self._drop(key)
+            raise
+        pooled.sent += 1
+        pooled.used = time.monotonic()
+        if pooled.sent >= self.max_messages:
+            await self._quit(key)
+        return SendOutcome(reply=reply, refused={k: f"{v.code} {v.message}" for k, v in refused.items()})
+
+    async def _checkout(
+        self, key: tuple[object, ...], pinned: PinnedHost, endpoint: SmtpEndpoint, timeout: float
+    ) -> _Pooled:
+        now = time.monotonic()
+        for stale_key, stale in list(self._conns.items()):
+            if now - stale.used > self.idle_seconds:
+                await self._quit(stale_key)
+        pooled = self._conns.get(key)
+        if pooled is not None and now - pooled.used > NOOP_AFTER_IDLE:
+            try:
+                await pooled.client.noop()
+            except (aiosmtplib.SMTPException, OSError):
+                self._drop(key)
+                pooled = None
+        if pooled is None:
+            client = await connect_smtp(pinned, endpoint, timeout=timeout)
+            try:
+                if client.last_ehlo_response is None:
+                    await client.ehlo()
+                if endpoint.username:
+                    await client.login(endpoint.username, endpoint.password)
+            except BaseException:
+                client.close()
+                raise
+            pooled = self._conns[key] = _Pooled(client, now, now)
+        return pooled
+
+    async def _quit(self, key: tuple[object, ...]) -> None:
+        pooled = self._conns.pop(key, None)
+        if pooled is None:
+            return
+        try:
+            await pooled.client.quit()
+        except (aiosmtplib.SMTPException, OSError):
+            pooled.client.close()
+
+    def _drop(self, key: tuple[object, ...]) -> None:
+        pooled = self._conns.pop(key, None)
+        if pooled is not None:
+            pooled.client.close()
+
+    def close_all(self) -> None:
+        for key in list(self._conns):
+            self.run(self._quit(key))
+
+
+_pools: dict[int, SmtpPool] = {}
+
+
+def process_pool(idle_seconds: float, max_messages: int) -> SmtpPool:
+    """This process's :class:`SmtpPool` (a forked child gets its own, never its parent's)."""
+    pool = _pools.get(os.getpid())
+    if pool is None:
+        _pools.clear()
+        pool = _pools[os.getpid()] = SmtpPool(idle_seconds, max_messages)
+    return pool

@@ -69,6 +69,9 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     )
 
     install_metrics(app)
+    from mailroom.api import send as send_api
+
+    app.before_request(send_api.allow_large_send_bodies)  # before the body is first read
     app.before_request(_check_body)
     app.before_request(authenticate_request)
     install_rate_limits(app, settings)  # after authentication: it counts per tenant
@@ -83,6 +86,8 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     from mailroom.api import delete as delete_api
 
     app.register_api(delete_api.bp)
+
+    app.register_api(send_api.bp)
 
     @app.get("/openapi.json", doc_ui=False)
     def openapi_document() -> Response:

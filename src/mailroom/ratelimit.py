@@ -35,6 +35,7 @@ QUEUEING_ROUTES = frozenset(
     {
         ("POST", "/api/accounts/<account_id>/verify"),
         ("POST", "/api/accounts/<account_id>/sync"),
+        ("POST", "/api/accounts/<account_id>/send"),
         ("POST", "/api/accounts/<account_id>/delete"),
     }
 )

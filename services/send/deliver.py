@@ -1,0 +1,228 @@
+"""The worker's half of a send: SMTP once, then the Sent copy once, whatever dies when.
+
+The outbox row moves ``queued → sending → accepted → sent`` and each step is committed
+before the next one starts:
+
+1. ``sending`` is committed before the SMTP transaction opens.
+2. ``accepted`` is committed the moment the server's reply to DATA is read, before the
+   Sent copy is filed and before anything else.
+3. ``sent`` is committed once the copy is filed (or is not wanted).
+
+An attempt that finds the row ``accepted`` (its predecessor died after DATA) never talks
+SMTP again: it only files the copy, after looking for the Message-ID in Sent, so the copy
+is never appended twice. An attempt that finds the row ``sending`` (its predecessor died
+during the SMTP transaction) first looks for the Message-ID in Sent — present when a
+server files sent mail itself — and only sends when it is absent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from services import accounts
+from services.crypto import SecretBox
+from services.db import transaction
+from services.errors import MailError, NotFound, TaskCancelled
+from services.mail.hosts import resolve_host
+from services.mail.imap import pinned_imap_session
+from services.mail.smtp import SendOutcome, process_pool
+from services.models import Account, OutboxEntry, OutboxState, utcnow
+from services.send import sent
+from services.settings import Settings
+
+#: States in which the SMTP transaction may still have to happen.
+NOT_YET_SENT = {OutboxState.QUEUED.value, OutboxState.SCHEDULED.value, OutboxState.SENDING.value}
+
+
+def _load(session: Session, outbox_id: str, account_id: str) -> OutboxEntry:
+    row = session.get(OutboxEntry, outbox_id, with_for_update=True)
+    if row is None or row.account_id != account_id:
+        raise NotFound("outbox entry not found")
+    return row
+
+
+def deliver(
+    sessions: sessionmaker[Session],
+    outbox_id: str,
+    *,
+    account_id: str,
+    task_id: str,
+    box: SecretBox,
+    settings: Settings,
+    progress: Callable[[float, str], None],
+) -> dict[str, Any]:
+    """Send the outbox row's message and file its Sent copy; returns the task's result."""
+    with transaction(sessions) as session:
+        row = _load(session, outbox_id, account_id)
+        if row.task_id is None:
+            row.task_id = task_id  # the API died between its two commits
+        before = row.state
+        if before in NOT_YET_SENT:
+            row.state = OutboxState.SENDING.value
+        account = session.get(Account, account_id)
+        assert account is not None
+        smtp = accounts.smtp_endpoint(account, box)
+        imap = accounts.imap_endpoint(account, box)
+        raw, message_id, save_sent = row.raw, row.message_id_header, row.save_sent
+        sender, recipients = row.envelope_from, list(row.recipients)
+    if before in (OutboxState.SENT.value, OutboxState.FAILED.value, OutboxState.CANCELLED.value):
+        return _result(sessions, outbox_id, account_id)
+    assert raw is not None
+
+    if before in NOT_YET_SENT:
+        already = None
+        if before == OutboxState.SENDING.value and save_sent:
+            already = _look_in_sent(imap, message_id, settings)
+        if already is None:
+            try:
+                progress(20, "sending")  # the last point where a cancel still stops the send
+            except TaskCancelled:
+                _set_state(sessions, outbox_id, account_id, OutboxState.CANCELLED)
+                raise
+            outcome = _smtp_send(sessions, outbox_id, account_id, smtp, settings, sender, recipients, raw)
+        else:
+            outcome = SendOutcome(reply="found in Sent after an interrupted attempt", refused={})
+        # THE REMAINING WINDOW: between the server's reply to DATA (inside _smtp_send) and
+        # this commit. A worker killed there leaves the row ``sending`` although the server
+        # has the message; the next attempt finds no copy in Sent (the copy is filed only
+        # after this commit) and sends again. It cannot be closed from our side: SMTP has
+        # no transaction id or two-phase commit, so "the server accepted" and "we recorded
+        # it" can never be one atomic step; the gap is one round trip's reply plus one
+        # commit, with no other work in it. Servers that file sent mail themselves close it
+        # (the Message-ID lookup above finds their copy).
+        with transaction(sessions) as session:
+            row = _load(session, outbox_id, account_id)
+            row.state = OutboxState.ACCEPTED.value
+            row.accepted_at = utcnow()
+            row.smtp_reply = outcome.reply
+            row.refused = outcome.refused or None
+
+    problem = None
+    if save_sent:
+        try:
+            _file_copy(
+                sessions, outbox_id, account_id, imap, settings, raw, message_id, resumed=before == "accepted"
+            )
+        except MailError as exc:
+            if exc.transient:
+                raise  # the next attempt resumes at ``accepted``: no second SMTP send
+            problem = f"sent, but the copy could not be filed in Sent: {exc.message}"
+    with transaction(sessions) as session:
+        row = _load(session, outbox_id, account_id)
+        row.error = problem
+        row.state = OutboxState.SENT.value
+        row.sent_at = utcnow()
+        row.raw = None  # the server and the Sent folder have it now
+    return _result(sessions, outbox_id, account_id)
+
+
+def _set_state(sessions: sessionmaker[Session], outbox_id: str, account_id: str, value: OutboxState) -> None:
+    with transaction(sessions) as session:
+        _load(session, outbox_id, account_id).state = value.value
+
+
+def _smtp_send(
+    sessions: sessionmaker[Session],
+    outbox_id: str,
+    account_id: str,
+    smtp: Any,
+    settings: Settings,
+    sender: str,
+    recipients: list[str],
+    raw: bytes,
+) -> SendOutcome:
+    pinned = resolve_host(
+        smtp.host, smtp.port, allow_private=settings.allow_private_hosts, field="smtp.host", tls=smtp.tls
+    )
+    pool = process_pool(settings.smtp_idle_seconds, settings.smtp_messages_per_connection)
+    try:
+        return pool.send(
+            (account_id, smtp),
+            pinned,
+            smtp,
+            timeout=settings.mail_timeout_seconds,
+            sender=sender,
+            recipients=recipients,
+            raw=raw,
+        )
+    except MailError as exc:
+        with transaction(sessions) as session:
+            row = _load(session, outbox_id, account_id)
+            if exc.transient:
+                # A reply (4xx) means the server did not take the message: the next attempt
+                # need not look in Sent. A network fault may have hit after DATA: stay
+                # ``sending`` so it does.
+                if _server_answered(exc):
+                    row.state = OutboxState.QUEUED.value
+            else:
+                row.state = OutboxState.FAILED.value
+                row.error = exc.message
+                row.refused = (exc.details or {}).get("refused") if isinstance(exc.details, dict) else None
+                row.raw = None
+        raise
+
+
+def _server_answered(exc: MailError) -> bool:
+    import aiosmtplib
+
+    cause = exc.__cause__
+    return isinstance(cause, (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused))
+
+
+def _imap_session(imap: Any, settings: Settings) -> Any:
+    pinned = resolve_host(
+        imap.host, imap.port, allow_private=settings.allow_private_hosts, field="imap.host", tls=imap.tls
+    )
+    return pinned_imap_session(pinned, imap, timeout=settings.mail_timeout_seconds)
+
+
+def _look_in_sent(imap: Any, message_id: str, settings: Settings) -> sent.FiledCopy | None:
+    with _imap_session(imap, settings) as client:
+        return sent.find_copy(client, sent.sent_folder(client), message_id)
+
+
+def _file_copy(
+    sessions: sessionmaker[Session],
+    outbox_id: str,
+    account_id: str,
+    imap: Any,
+    settings: Settings,
+    raw: bytes,
+    message_id: str,
+    *,
+    resumed: bool,
+) -> None:
+    with _imap_session(imap, settings) as client:
+        folder = sent.sent_folder(client)
+        # Only an attempt that took over an ``accepted`` row can find a copy of its own
+        # making: the first attempt reaches this point once.
+        copy = sent.find_copy(client, folder, message_id) if resumed else None
+        if copy is None:
+            copy = sent.append_copy(client, folder, raw, message_id)
+        with transaction(sessions) as session:
+            row = _load(session, outbox_id, account_id)
+            row.sent_folder, row.sent_uid = copy.folder, copy.uid
+            row.sent_message_id = sent.store_copy(
+                session, client, copy, tenant_id=row.tenant_id, account_id=account_id
+            )
+
+
+def _result(sessions: sessionmaker[Session], outbox_id: str, account_id: str) -> dict[str, Any]:
+    with transaction(sessions) as session:
+        row = _load(session, outbox_id, account_id)
+        return {
+            "outbox_id": row.id,
+            "state": row.state,
+            "message_id": row.message_id_header,
+            "recipients": row.recipients,
+            "accepted": [r for r in row.recipients if r not in (row.refused or {})],
+            "refused": row.refused or {},
+            "smtp_reply": row.smtp_reply,
+            "error": row.error,
+            "sent_copy": {"folder": row.sent_folder, "uid": row.sent_uid, "message_id": row.sent_message_id}
+            if row.sent_folder
+            else None,
+        }

@@ -1,0 +1,179 @@
+"""The API's half of a send: check, build once, store, commit, dispatch.
+
+Promises:
+
+* Nothing is queued unless the whole request is valid, the content fits
+  ``send_max_bytes`` (else :class:`PayloadTooLarge`, a 413) and the account is the
+  caller's (else 404).
+* The message is built here, once; its bytes are stored in the outbox row, committed
+  together with the task record, and only the row's id travels in the broker message.
+* ``Idempotency-Key``: the same key and the same body (same account) from the same tenant
+  return the first request's task for as long as its outbox row exists (rows are never
+  removed by Mailroom, so that is at least 24 h); the same key with another body is a 409.
+  The key is unique per tenant in the database, so two requests racing with one key make
+  one send: the loser waits on the winner's insert and then finds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from services import accounts, task_records
+from services.errors import Conflict, MailroomError
+from services.models import OutboxEntry, OutboxState, TaskRecord
+from services.send.mime import build_message
+from services.send.request import SendRequest
+from services.tenancy import Principal
+from tasks.dispatch import dispatch
+
+
+class PayloadTooLarge(MailroomError):
+    code = "payload_too_large"
+    status = 413
+
+
+@dataclass(frozen=True)
+class Accepted:
+    record: TaskRecord
+    outbox: OutboxEntry
+    #: False when an earlier request with the same Idempotency-Key is answered instead.
+    created: bool
+
+
+def request_hash(account_id: str, body: SendRequest) -> str:
+    """What "the same body" means: the validated request, normalised, for this account."""
+    digest = hashlib.sha256(account_id.encode())
+    digest.update(b"\n")
+    digest.update(body.model_dump_json().encode())
+    return digest.hexdigest()
+
+
+def check_size(body: SendRequest, limit: int) -> None:
+    size = body.content_bytes()
+    if size > limit:
+        raise PayloadTooLarge(
+            f"the message content is {size} bytes; this server takes at most {limit}",
+            details={"size": size, "limit": limit},
+        )
+
+
+def _replay(session: Session, principal: Principal, key: str, digest: str) -> Accepted | None:
+    row = session.scalar(
+        select(OutboxEntry).where(
+            OutboxEntry.tenant_id == principal.tenant_id, OutboxEntry.idempotency_key == key
+        )
+    )
+    if row is None:
+        return None
+    if row.request_hash != digest:
+        raise Conflict(
+            "this Idempotency-Key was used with a different request; use a new key for a new message",
+            code="idempotency_key_reused",
+            details={"task_id": row.task_id},
+        )
+    record = task_records.load_record(session, row.task_id) if row.task_id else None
+    if record is None:
+        raise Conflict(
+            "a request with this Idempotency-Key is still being accepted; retry in a moment",
+            code="idempotency_in_progress",
+        )
+    return Accepted(record, row, created=False)
+
+
+def accept_send(
+    app: Celery,
+    session: Session,
+    principal: Principal,
+    account_id: str,
+    body: SendRequest,
+    *,
+    idempotency_key: str | None,
+    max_bytes: int,
+) -> Accepted:
+    """Validate, build, store and dispatch one send (or answer a replay of one)."""
+    account = accounts.get_account(session, account_id, principal)
+    check_size(body, max_bytes)
+    digest = request_hash(account_id, body)
+    if idempotency_key is not None:
+        earlier = _replay(session, principal, idempotency_key, digest)
+        if earlier is not None:
+            return earlier
+    built = build_message(body, sender=account.email, sender_name=account.name)
+    row = OutboxEntry(
+        tenant_id=principal.tenant_id,
+        account_id=account.id,
+        user_id=principal.user_id,
+        idempotency_key=idempotency_key,
+        request_hash=digest,
+        state=OutboxState.QUEUED.value,
+        message_id_header=built.message_id,
+        subject=body.subject,
+        envelope_from=built.envelope_from,
+        recipients=built.recipients,
+        raw=built.raw,
+        size=len(built.raw),
+        save_sent=body.save_sent,
+    )
+    session.add(row)
+    try:
+        session.flush()
+    except IntegrityError:
+        # Another request with this key inserted first (and has committed: the unique
+        # index made this insert wait for it).
+        session.rollback()
+        assert idempotency_key is not None
+        earlier = _replay(session, principal, idempotency_key, digest)
+        if earlier is None:
+            raise
+        return earlier
+    # The row and the task record commit together inside dispatch; the row learns its
+    # task id in a second short commit (a replay in between is told to retry).
+    result = dispatch(
+        app,
+        session,
+        type="send",
+        tenant_id=principal.tenant_id,
+        user_id=principal.user_id,
+        account_id=account.id,
+        params=_params(row),
+        visible_to=principal,
+    )
+    row.task_id = result.record.id
+    session.commit()
+    return Accepted(result.record, row, created=True)
+
+
+def _params(row: OutboxEntry) -> dict[str, Any]:
+    # What the task record shows and the broker message carries: never the message.
+    return {"outbox_id": row.id, "message_id": row.message_id_header}
+
+
+def outbox_view(row: OutboxEntry) -> dict[str, Any]:
+    """What a client sees of an outbox row."""
+    return {
+        "id": row.id,
+        "account_id": row.account_id,
+        "task_id": row.task_id,
+        "state": row.state,
+        "message_id": row.message_id_header,
+        "subject": row.subject,
+        "recipients": row.recipients,
+        "size": row.size,
+        "send_at": row.send_at,
+        "accepted_at": row.accepted_at,
+        "sent_at": row.sent_at,
+        "smtp_reply": row.smtp_reply,
+        "refused": row.refused or {},
+        "sent_copy": {"folder": row.sent_folder, "uid": row.sent_uid, "message_id": row.sent_message_id}
+        if row.sent_folder
+        else None,
+        "error": row.error,
+        "created_at": row.created_at,
+    }

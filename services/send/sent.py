@@ -1,0 +1,90 @@
+"""Filing the Sent copy: APPEND the exact bytes once to the SPECIAL-USE ``\\Sent`` folder,
+flagged ``\\Seen``, and store it as a message row at once.
+
+The row is stored with the message's real UID (from APPENDUID, or a SEARCH where the server
+lacks UIDPLUS) in the folder row whose UIDVALIDITY matches, exactly as the sync's own FETCH
+would make it: the next sync finds that UID stored already and skips it, so the copy keeps
+its Mailroom id and is never listed twice. A Sent folder Mailroom has not synced yet (no
+folder row, or another UIDVALIDITY) gets no row here; its first sync stores the copy.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import imapclient
+from imapclient.imapclient import SENT
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from services.errors import PermanentMailError
+from services.models import Folder, Message
+from services.sync.fetch import fetch_messages, message_row
+from services.sync.state import FolderScope, MoveTracker, insert_messages
+
+_APPENDUID = re.compile(rb"APPENDUID (\d+) (\d+)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class FiledCopy:
+    folder: str
+    uidvalidity: int
+    uid: int
+    #: True when the copy was there already (filed by an earlier attempt or by the server).
+    existed: bool
+
+
+def sent_folder(client: imapclient.IMAPClient) -> str:
+    folder = client.find_special_folder(SENT)
+    if folder is None:
+        raise PermanentMailError("the mailbox has no \\Sent folder (SPECIAL-USE); the message was sent")
+    return str(folder)
+
+
+def find_copy(client: imapclient.IMAPClient, folder: str, message_id: str) -> FiledCopy | None:
+    """The message with ``message_id`` in ``folder``, if it is there (selects the folder)."""
+    status = client.select_folder(folder)
+    found = client.search(["HEADER", "Message-ID", message_id])
+    if not found:
+        return None
+    return FiledCopy(folder, int(status[b"UIDVALIDITY"]), max(int(u) for u in found), existed=True)
+
+
+def append_copy(client: imapclient.IMAPClient, folder: str, raw: bytes, message_id: str) -> FiledCopy:
+    """APPEND ``raw`` flagged \\Seen; its UID from APPENDUID, else found by Message-ID."""
+    answer = client.append(folder, raw, flags=[imapclient.SEEN])
+    match = _APPENDUID.search(answer if isinstance(answer, bytes) else str(answer).encode())
+    if match:
+        return FiledCopy(folder, int(match.group(1)), int(match.group(2)), existed=False)
+    copy = find_copy(client, folder, message_id)
+    if copy is None:
+        raise PermanentMailError(f"the Sent copy of {message_id} was appended but cannot be found")
+    return FiledCopy(copy.folder, copy.uidvalidity, copy.uid, existed=False)
+
+
+def store_copy(
+    session: Session, client: imapclient.IMAPClient, copy: FiledCopy, *, tenant_id: str, account_id: str
+) -> str | None:
+    """Store the filed copy as a message row (see the module's docstring); its id, or None
+    when the folder is not one Mailroom has synced with this UIDVALIDITY."""
+    folder = session.scalar(
+        select(Folder).where(Folder.account_id == account_id, Folder.name == copy.folder).with_for_update()
+    )
+    if folder is None or folder.uidvalidity != copy.uidvalidity:
+        return None
+    client.select_folder(copy.folder, readonly=True)
+    data: dict[int, dict[bytes, Any]] = fetch_messages(client, str(copy.uid), condstore=False)
+    if copy.uid not in data:
+        return None
+    scope = FolderScope(tenant_id=tenant_id, account_id=account_id, folder_id=folder.id)
+    insert_messages(
+        session,
+        scope,
+        [message_row(copy.uid, data[copy.uid])],
+        pending=False,
+        moves=MoveTracker(),
+        track_inserts=False,
+    )
+    return session.scalar(select(Message.id).where(Message.folder_id == folder.id, Message.uid == copy.uid))

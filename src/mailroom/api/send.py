@@ -1,0 +1,167 @@
+"""``POST /api/accounts/{id}/send`` and the account's outbox.
+
+The send route alone takes bodies larger than the API's 1 MiB: its limit follows
+``MAILROOM_SEND_MAX_BYTES`` (content after base64 decoding), raised for this route only by
+:func:`allow_large_send_bodies` before the body is read."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from flask import Response, jsonify, request, url_for
+from flask_openapi3 import APIBlueprint, Tag
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+
+from mailroom.api.common import ERRORS, SECURITY
+from mailroom.auth import principal
+from mailroom.context import db_session, state
+from mailroom.errors import error_response
+from mailroom.schemas import AccountPath, ErrorResponse, TaskAccepted
+from services import accounts
+from services.errors import NotFound, ValidationFailed
+from services.models import OutboxEntry, is_id
+from services.send.outbox import accept_send, outbox_view
+from services.send.request import SendRequest
+from tasks.dispatch import TooManyTasksInFlight
+
+tag = Tag(name="send", description="Sending mail from an account")
+bp = APIBlueprint("send", __name__, url_prefix="/api/accounts", abp_tags=[tag], abp_security=SECURITY)
+
+SEND_RULE = "/api/accounts/<account_id>/send"
+#: Room for the JSON around the base64 text (field names, bodies' escaping).
+BODY_SLACK = 1024 * 1024
+_KEY_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F))
+
+
+def body_limit(max_bytes: int) -> int:
+    """The send route's HTTP body limit: base64 makes content 4/3 larger, plus slack."""
+    return max_bytes * 4 // 3 + BODY_SLACK
+
+
+def allow_large_send_bodies() -> None:
+    """``before_request``, registered before the body is first read: the send route's body
+    may be as large as its content limit needs; every other route keeps the 1 MiB."""
+    rule = request.url_rule.rule if request.url_rule is not None else ""
+    if request.method == "POST" and rule == SEND_RULE:
+        request.max_content_length = body_limit(state().settings.send_max_bytes)
+
+
+class SendAccepted(TaskAccepted):
+    outbox_id: str
+    message_id: str = Field(description="The Message-ID header Mailroom gave the message.")
+
+
+class SentCopy(BaseModel):
+    folder: str
+    uid: int | None
+    message_id: str | None = Field(description="The Mailroom id of the stored Sent copy.")
+
+
+class OutboxOut(BaseModel):
+    id: str
+    account_id: str
+    task_id: str | None
+    state: str = Field(description="queued, sending, accepted (the SMTP server took it), sent, failed")
+    message_id: str
+    subject: str
+    recipients: list[str]
+    size: int
+    send_at: datetime | None
+    accepted_at: datetime | None
+    sent_at: datetime | None
+    smtp_reply: str | None
+    refused: dict[str, str] = Field(description="Recipients the server refused: address → code and text.")
+    sent_copy: SentCopy | None
+    error: str | None
+    created_at: datetime
+
+
+class OutboxPath(AccountPath):
+    outbox_id: str
+
+
+def _idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 255 or not set(key) <= _KEY_CHARS:
+        raise ValidationFailed(
+            "Idempotency-Key must be 1 to 255 printable ASCII characters without spaces",
+            details=[{"loc": ["header", "Idempotency-Key"], "msg": "invalid", "type": "value_error"}],
+        )
+    return key
+
+
+@bp.post(
+    "/<account_id>/send",
+    responses={200: SendAccepted, 202: SendAccepted, 413: ErrorResponse, **ERRORS},
+)
+def send_message(path: AccountPath, body: SendRequest) -> tuple[Response, int]:
+    """Queue a message. Mailroom builds it once (From is the account, plus Date and a
+    Message-ID on its domain), stores it and sends it exactly once. With an
+    ``Idempotency-Key`` header, repeating the request returns the first one's task (200);
+    the same key with another body is a 409. Content over the size limit is a 413."""
+    st = state()
+    try:
+        result = accept_send(
+            st.celery,
+            db_session(),
+            principal(),
+            path.account_id,
+            body,
+            idempotency_key=_idempotency_key(),
+            max_bytes=st.settings.send_max_bytes,
+        )
+    except TooManyTasksInFlight as exc:
+        response = error_response(exc.status, exc.code, exc.message, exc.details)
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response, exc.status
+    record = result.record
+    out = SendAccepted(
+        task_id=record.id,
+        state=record.state,
+        queue=record.queue,
+        status_url=url_for("tasks.get_task", task_id=record.id),
+        deduplicated=not result.created,
+        outbox_id=result.outbox.id,
+        message_id=result.outbox.message_id_header,
+    )
+    response = jsonify(out.model_dump())
+    response.headers["Location"] = out.status_url
+    return response, 202 if result.created else 200
+
+
+def _outbox_json(row: OutboxEntry) -> dict[str, Any]:
+    return OutboxOut.model_validate(outbox_view(row)).model_dump(mode="json")
+
+
+@bp.get("/<account_id>/outbox/<outbox_id>", responses={200: OutboxOut, **ERRORS})
+def get_outbox_entry(path: OutboxPath) -> Response:
+    """One message sent (or being sent) from the account: its state, the server's reply,
+    refused recipients and where its Sent copy is."""
+    session = db_session()
+    account = accounts.get_account(session, path.account_id, principal())
+    row = session.get(OutboxEntry, path.outbox_id) if is_id(path.outbox_id) else None
+    if row is None or row.account_id != account.id:
+        raise NotFound("outbox entry not found")
+    return jsonify(_outbox_json(row))
+
+
+class OutboxPage(BaseModel):
+    items: list[OutboxOut]
+
+
+@bp.get("/<account_id>/outbox", responses={200: OutboxPage, **ERRORS})
+def list_outbox(path: AccountPath) -> Response:
+    """The account's last 100 messages sent through Mailroom, newest first."""
+    session = db_session()
+    account = accounts.get_account(session, path.account_id, principal())
+    rows = session.scalars(
+        select(OutboxEntry)
+        .where(OutboxEntry.account_id == account.id)
+        .order_by(OutboxEntry.created_at.desc(), OutboxEntry.id.desc())
+        .limit(100)
+    )
+    return jsonify({"items": [_outbox_json(r) for r in rows]})

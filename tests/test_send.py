@@ -1,0 +1,269 @@
+"""Sending as a client sees it: through the REST API, on the real send worker, to aiosmtpd,
+with the Sent copy filed in Dovecot and listed by the API."""
+
+from __future__ import annotations
+
+import base64
+import email
+import uuid
+from email import policy
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from services.models import Message, OutboxEntry
+from tests.support import error_of
+
+pytestmark = pytest.mark.usefixtures("workers")
+
+
+def send(kit, account: dict[str, Any], body: dict[str, Any], **kw: Any) -> Any:
+    return kit.admin.post(f"/api/accounts/{account['id']}/send", json=body, **kw)
+
+
+def sync(kit, account: dict[str, Any]) -> None:
+    task = kit.admin.wait_task(kit.admin.post(f"/api/accounts/{account['id']}/sync").get_json()["task_id"])
+    assert task["state"] == "succeeded", task
+
+
+def delivered(smtp, message_id: str) -> list[dict[str, Any]]:
+    return [m for m in smtp.received() if f"Message-ID: {message_id}".encode() in m["data"]]
+
+
+def sent_copies(dovecot, user: tuple[str, str], message_id: str) -> list[tuple[bytes, list[bytes]]]:
+    with dovecot.client(*user) as client:
+        client.select_folder("Sent", readonly=True)
+        uids = client.search(["HEADER", "Message-ID", message_id])
+        fetched = client.fetch(uids, ["BODY.PEEK[]", "FLAGS"]) if uids else {}
+        return [(data[b"BODY[]"], list(data[b"FLAGS"])) for data in fetched.values()]
+
+
+def sent_rows(sessions, account_id: str, message_id: str) -> list[Message]:
+    with sessions() as session:
+        return list(
+            session.scalars(
+                select(Message).where(
+                    Message.account_id == account_id, Message.message_id_header == message_id
+                )
+            )
+        )
+
+
+ATTACHMENT = bytes(range(256)) * 40
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        {"text": "Hello,\n.\nA line with a lone dot above.\n"},
+        {"text": "Plain part", "html": "<p>HTML <b>part</b> — ünïcode</p>"},
+        {
+            "text": "See the attachment.",
+            "attachments": [{"filename": "data.bin", "content": base64.b64encode(ATTACHMENT).decode()}],
+        },
+    ],
+    ids=["plain", "html+text", "attachment"],
+)
+def test_message_arrives_byte_exact_and_once_in_sent(
+    kit, account, smtp, dovecot, mailbox_user, sessions, content, workers
+) -> None:
+    sync(kit, account)  # Mailroom knows the Sent folder: the copy is listed at once
+    body = {
+        "to": [{"email": "rcpt@example.test", "name": "Ré Cipient"}],
+        "cc": ["cc@example.test"],
+        "bcc": ["hidden@example.test"],
+        "subject": "Grüße " + uuid.uuid4().hex[:6],
+        "headers": {"X-Campaign": "spring"},
+        **content,
+    }
+    response = send(kit, account, body)
+    assert response.status_code == 202, response.get_json()
+    accepted = response.get_json()
+    task = kit.admin.wait_task(accepted["task_id"])
+    assert task["state"] == "succeeded", workers["send"].log_text()[-3000:]
+    message_id = accepted["message_id"]
+    assert message_id.endswith("@example.test>")
+
+    [arrived] = delivered(smtp, message_id)
+    assert arrived["rcpt_tos"] == ["rcpt@example.test", "cc@example.test", "hidden@example.test"]
+    assert arrived["mail_from"] == account["email"] and arrived["auth_user"] == "smtpuser"
+    [(copy, flags)] = sent_copies(dovecot, mailbox_user, message_id)
+    assert copy == arrived["data"]  # one build, the same bytes on the wire and in Sent
+    assert b"\\Seen" in flags
+
+    parsed = email.message_from_bytes(copy, policy=policy.default)
+    assert parsed["From"] == f"Test mailbox <{account['email']}>"
+    assert parsed["Subject"] == body["subject"] and parsed["X-Campaign"] == "spring"
+    assert parsed["Bcc"] is None and b"hidden@example.test" not in copy
+    assert parsed["Date"] is not None
+    if "html" in content:
+        assert parsed.get_body(("html",)).get_content().strip() == content["html"]
+    if "attachments" in content:
+        [part] = list(parsed.iter_attachments())
+        assert part.get_filename() == "data.bin" and part.get_content() == ATTACHMENT
+    else:
+        assert (
+            parsed.get_body(("plain",)).get_content().replace("\r\n", "\n").strip() == content["text"].strip()
+        )
+
+    result = task["result"]
+    assert result["state"] == "sent" and result["refused"] == {}
+    row_id = result["sent_copy"]["message_id"]
+    assert row_id is not None
+    listed = kit.admin.get(f"/api/accounts/{account['id']}/messages?folder=Sent").get_json()["items"]
+    assert [m["id"] for m in listed if m["subject"] == body["subject"]] == [row_id]
+    sync(kit, account)  # the next sync matches the copy instead of storing it again
+    assert [r.id for r in sent_rows(sessions, account["id"], message_id)] == [row_id]
+
+    outbox = kit.admin.get(f"/api/accounts/{account['id']}/outbox/{accepted['outbox_id']}").get_json()
+    assert outbox["state"] == "sent" and outbox["sent_copy"]["message_id"] == row_id
+
+
+def test_idempotency_key_replays_the_first_task_and_refuses_another_body(kit, account, smtp) -> None:
+    key = {"Idempotency-Key": "order-" + uuid.uuid4().hex}
+    body = {"to": ["a@example.test"], "subject": "Once", "text": "only once", "save_sent": False}
+    first = send(kit, account, body, headers=key)
+    assert first.status_code == 202
+    again = send(kit, account, body, headers=key)
+    assert again.status_code == 200
+    assert again.get_json()["task_id"] == first.get_json()["task_id"]
+    assert again.get_json()["deduplicated"] is True
+    kit.admin.wait_task(first.get_json()["task_id"])
+    assert send(kit, account, body, headers=key).get_json()["task_id"] == first.get_json()["task_id"]
+
+    other = send(kit, account, {**body, "text": "something else"}, headers=key)
+    assert other.status_code == 409 and error_of(other)["code"] == "idempotency_key_reused"
+    assert len(delivered(smtp, first.get_json()["message_id"])) == 1
+
+    # Without the header, the same request again is a second message.
+    one, two = send(kit, account, body), send(kit, account, body)
+    assert one.get_json()["task_id"] != two.get_json()["task_id"]
+    for response in (one, two):
+        assert kit.admin.wait_task(response.get_json()["task_id"])["state"] == "succeeded"
+        assert len(delivered(smtp, response.get_json()["message_id"])) == 1
+
+
+def test_an_idempotency_key_is_per_tenant(kit, other_kit, account, dovecot, smtp, mailbox_user) -> None:
+    from tests.conftest import account_body
+
+    key = {"Idempotency-Key": "shared-" + uuid.uuid4().hex}
+    body = {"to": ["a@example.test"], "text": "x", "save_sent": False}
+    theirs = other_kit.admin.post("/api/accounts", json=account_body(dovecot, smtp, mailbox_user)).get_json()
+    mine = send(kit, account, body, headers=key)
+    other = other_kit.admin.post(f"/api/accounts/{theirs['id']}/send", json=body, headers=key)
+    assert mine.status_code == other.status_code == 202
+    assert mine.get_json()["task_id"] != other.get_json()["task_id"]
+    # Another tenant's account is a 404, with or without a key.
+    assert send(other_kit, account, body).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"to": ["victim@example.test\r\nBcc: evil@example.test"]},
+        {"to": [{"email": "a@example.test", "name": "A\r\nBcc: evil@example.test"}]},
+        {"cc": ["a@example.test\n"]},
+        {"subject": "Hi\r\nBcc: evil@example.test"},
+        {"subject": "Hi\nX-Injected: 1"},
+        {"headers": {"X-Tag": "a\r\nBcc: evil@example.test"}},
+        {"headers": {"Bcc": "evil@example.test"}},
+        {"headers": {"From": "ceo@example.test"}},
+        {"headers": {"Content-Type": "text/html"}},
+        {"headers": {"X-Tag\r\nBcc": "evil@example.test"}},
+        {"reply_to": ["r@example.test\r\n"]},
+        {"in_reply_to": "<a@b>\r\nBcc: evil@example.test"},
+        {"attachments": [{"filename": "a.txt\r\nX-Evil: 1", "content": "QUJD"}]},
+        {"attachments": [{"filename": "a.txt", "content": "not base64!"}]},
+        {"to": ["not an address"]},
+        {"to": [], "text": "no recipients"},
+    ],
+)
+def test_header_injection_and_bad_fields_are_422_and_nothing_is_queued(
+    kit, account, sessions, change
+) -> None:
+    body = {"to": ["a@example.test"], "subject": "s", "text": "t", **change}
+    response = send(kit, account, body)
+    assert response.status_code == 422, response.get_json()
+    assert error_of(response)["code"] == "validation_error"
+    with sessions() as session:
+        assert session.scalar(select(func.count()).where(OutboxEntry.account_id == account["id"])) == 0
+
+
+def test_4xx_is_retried_then_sent_once(kit, account, smtp) -> None:
+    smtp.set_reject(451, "4.3.0 try again later", stage="data", times=1)
+    try:
+        response = send(kit, account, {"to": ["a@example.test"], "text": "retry me", "save_sent": False})
+        task = kit.admin.wait_task(response.get_json()["task_id"])
+    finally:
+        smtp.clear_reject()
+    assert task["state"] == "succeeded" and task["attempts"] == 2, task
+    assert len(delivered(smtp, response.get_json()["message_id"])) == 1
+
+
+def test_5xx_fails_at_once_with_the_server_reply(kit, account, smtp) -> None:
+    smtp.set_reject(554, "5.7.1 message refused by policy", stage="data", times=1)
+    try:
+        response = send(kit, account, {"to": ["a@example.test"], "text": "refused", "save_sent": False})
+        task = kit.admin.wait_task(response.get_json()["task_id"])
+    finally:
+        smtp.clear_reject()
+    assert task["state"] == "failed" and task["attempts"] == 1, task
+    assert task["error"]["code"] == "mail_rejected"
+    assert "554" in task["error"]["message"] and "refused by policy" in task["error"]["message"]
+    outbox = kit.admin.get(f"/api/accounts/{account['id']}/outbox/{response.get_json()['outbox_id']}")
+    assert outbox.get_json()["state"] == "failed"
+
+
+def test_recipients_refused_while_others_were_accepted_are_listed(kit, account, smtp) -> None:
+    smtp.set_reject(550, "5.1.1 no such user", stage="rcpt", times=1)  # the first RCPT only
+    try:
+        body = {"to": ["gone@example.test", "here@example.test"], "text": "partial", "save_sent": False}
+        response = send(kit, account, body)
+        task = kit.admin.wait_task(response.get_json()["task_id"])
+    finally:
+        smtp.clear_reject()
+    assert task["state"] == "succeeded", task
+    assert task["result"]["refused"] == {"gone@example.test": "550 5.1.1 no such user"}
+    assert task["result"]["accepted"] == ["here@example.test"]
+    [arrived] = delivered(smtp, response.get_json()["message_id"])
+    assert arrived["rcpt_tos"] == ["here@example.test"]
+
+
+def test_bad_smtp_login_fails_permanently(kit, account, smtp) -> None:
+    patch = {"smtp": {"username": "smtpuser", "password": "wrong"}}
+    assert kit.admin.patch(f"/api/accounts/{account['id']}", json=patch).status_code == 200
+    response = send(kit, account, {"to": ["a@example.test"], "text": "x", "save_sent": False})
+    task = kit.admin.wait_task(response.get_json()["task_id"])
+    assert task["state"] == "failed" and task["attempts"] == 1
+    assert task["error"]["code"] == "mail_auth_failed"
+
+
+def test_size_limits_apply_to_the_send_route_alone(kit, account, smtp, base_values) -> None:
+    from mailroom.app import create_app
+    from services.settings import load_settings
+    from tests.support import Api
+
+    big = base64.b64encode(b"\x01" * (1536 * 1024)).decode()  # 1.5 MiB: over every other route's limit
+    body = {"to": ["a@example.test"], "text": "big", "save_sent": False}
+    response = send(kit, account, {**body, "attachments": [{"filename": "big.bin", "content": big}]})
+    assert response.status_code == 202, response.get_json()
+    assert kit.admin.wait_task(response.get_json()["task_id"])["state"] == "succeeded"
+    [arrived] = delivered(smtp, response.get_json()["message_id"])
+    assert len(arrived["data"]) > 1536 * 1024
+
+    other = kit.admin.post(f"/api/accounts/{account['id']}/sync", json={"folders": ["x" * 900] * 1500})
+    assert other.status_code == 413 and error_of(other)["code"] == "payload_too_large"
+
+    small = Api(create_app(load_settings(**base_values, send_max_bytes=4096)), kit.admin_key)
+    over = small.post(
+        f"/api/accounts/{account['id']}/send",
+        json={
+            **body,
+            "attachments": [{"filename": "a.bin", "content": base64.b64encode(b"x" * 5000).decode()}],
+        },
+    )
+    assert over.status_code == 413, over.get_json()
+    assert error_of(over)["details"] == {"size": 5003, "limit": 4096}
+    far_over = small.post(f"/api/accounts/{account['id']}/send", json={**body, "text": "y" * 2_000_000})
+    assert far_over.status_code == 413 and error_of(far_over)["code"] == "payload_too_large"
