@@ -28,10 +28,11 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import imapclient
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import ARRAY, String, any_, case, cast, delete, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.accounts import imap_endpoint
@@ -41,11 +42,13 @@ from services.errors import NotFound, PermanentMailError, TransientMailError
 from services.mail.imap import imap_session
 from services.models import Account, Folder, Message, utcnow
 from services.settings import Settings
+from services.sync.commands import uid_set
+from services.sync.pipeline import BatchWriter
 from services.sync.state import bump_counts, chunks, messages_table
 from services.tenancy import Principal
 
 #: UIDs per IMAP command: short command lines, and a cancel checkpoint every batch.
-BATCH_SIZE = 250
+BATCH_SIZE = 500
 #: How many unknown ids a 404's details list.
 MAX_LISTED = 50
 
@@ -128,10 +131,13 @@ def _plan(session: Session, account_id: str, ids: list[str], permanent: bool, in
     trash = next((f for f in by_name if f.special_use == "trash"), None)
     plan = _Plan(trash=trash, folders=folders)
     found: set[str] = set()
-    for chunk in chunks(ids):
-        query = select(Message.id, Message.folder_id, Message.uid, Message.seen).where(
-            Message.account_id == account_id, Message.id.in_(chunk)
-        )
+    m = messages_table.c
+    on_postgresql = session.get_bind().dialect.name == "postgresql"
+    # Core columns, not ORM ones (plain tuples are read faster); on PostgreSQL one array
+    # parameter (= ANY) instead of an IN list of a thousand parameters per statement.
+    for chunk in [ids] if on_postgresql else chunks(ids):
+        wanted = m.id == any_(cast(list(chunk), ARRAY(String))) if on_postgresql else m.id.in_(chunk)
+        query = select(m.id, m.folder_id, m.uid, m.seen).where(m.account_id == account_id, wanted)
         for row in session.execute(query):
             found.add(row.id)
             if row.uid < 1:
@@ -193,16 +199,47 @@ def _move_rows(
     moved = [r for r in rows if r.uid in new]
     if not moved:
         return
-    now = utcnow()
-    session.execute(
-        update(messages_table)
-        .where(messages_table.c.id == bindparam("b_id"), messages_table.c.folder_id == source.id)
-        .values(folder_id=trash.id, uid=bindparam("b_uid"), modseq=None, updated_at=now),
-        [{"b_id": r.id, "b_uid": new[r.uid]} for r in moved],
-    )
+    # One statement per batch, not one UPDATE per row, so the batch's write keeps up with
+    # its IMAP command: on PostgreSQL a join with the unnested (id, uid) pairs, elsewhere
+    # a CASE of the new UIDs (about half again as slow on PostgreSQL).
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            _PG_MOVE,
+            {
+                "trash": trash.id,
+                "source": source.id,
+                "ids": [r.id for r in moved],
+                "uids": [new[r.uid] for r in moved],
+                "now": utcnow(),
+            },
+        )
+    else:
+        _move_rows_portable(session, source, trash, moved, new)
     unread = sum(1 for r in moved if not r.seen)
     bump_counts(session, source.id, -len(moved), -unread)
     bump_counts(session, trash.id, len(moved), unread)
+
+
+_PG_MOVE = text(
+    "UPDATE messages AS m SET folder_id = :trash, uid = v.uid, modseq = NULL, updated_at = :now "
+    "FROM unnest(CAST(:ids AS varchar[]), CAST(:uids AS bigint[])) AS v(id, uid) "
+    "WHERE m.id = v.id AND m.folder_id = :source"
+)
+
+
+def _move_rows_portable(
+    session: Session, source: Folder, trash: Folder, moved: list[_Row], new: dict[int, int]
+) -> None:
+    session.execute(
+        update(messages_table)
+        .where(messages_table.c.id.in_([r.id for r in moved]), messages_table.c.folder_id == source.id)
+        .values(
+            folder_id=trash.id,
+            uid=case({r.id: new[r.uid] for r in moved}, value=messages_table.c.id),
+            modseq=None,
+            updated_at=utcnow(),
+        )
+    )
 
 
 def _delete_rows(session: Session, folder: Folder, rows: list[_Row]) -> None:
@@ -223,7 +260,29 @@ class _Run:
     moved: int = 0
     deleted: int = 0
 
-    def step(self, count: int, stage: str) -> None:
+    writer: BatchWriter = field(default_factory=BatchWriter)
+
+    def commit(self, write: Callable[[Session], None], count: int, stage: str) -> None:
+        """Commit this batch's rows on the writer thread while the next IMAP command runs,
+        then report the previous batch, committed by now. So a report (the cancel point)
+        follows its batch's commit, and a cancel or an error leaves every batch the server
+        did committed: the writer finishes the one in flight before the run stops."""
+        previous = self.writer.wait()
+        self.writer.submit(self._write, write, count, stage)
+        if previous is not None:
+            self._step(*previous)
+
+    def finish(self) -> None:
+        previous = self.writer.wait()
+        if previous is not None:
+            self._step(*previous)
+
+    def _write(self, write: Callable[[Session], None], count: int, stage: str) -> tuple[int, str]:
+        with transaction(self.sessions) as session:
+            write(session)
+        return count, stage
+
+    def _step(self, count: int, stage: str) -> None:
         self.done += count
         self.progress(min(99.0, 100.0 * self.done / max(1, self.plan.total)), stage)
 
@@ -255,11 +314,13 @@ def _move_folder(run: _Run, source: Folder, rows: list[_Row]) -> None:
             # here (marked \Deleted); the rows still describe the original, so a retry
             # moves it again. That window is the cost of a server without MOVE.
         _drain(client)
-        with transaction(run.sessions) as session:
-            _move_rows(session, source, trash, batch, new)
         run.moved += len(new)
         run.plan.gone += [r.id for r in batch if r.uid not in new]
-        run.step(len(batch), f"moved {run.moved} to {trash.name}")
+        run.commit(
+            partial(_move_rows, source=source, trash=trash, rows=batch, new=new),
+            len(batch),
+            f"moved {run.moved} to {trash.name}",
+        )
 
 
 def _expunge_folder(run: _Run, folder: Folder, rows: list[_Row]) -> None:
@@ -267,16 +328,35 @@ def _expunge_folder(run: _Run, folder: Folder, rows: list[_Row]) -> None:
     for batch in _batches(rows, run.batch_size):
         uids = [r.uid for r in batch]
         _drain(client)
-        # Not silent: the FETCH answers say which of the UIDs the server still has.
-        present = set(client.add_flags(uids, [b"\\Deleted"]))
+        # Which of the UIDs the server still has: a SEARCH answer is one short line, cheaper
+        # to read than the FETCH answers of a STORE that is not silent.
+        present = set(client.search(["UID", uid_set(uids)]))
         if present:
+            client.add_flags(sorted(present), [b"\\Deleted"], silent=True)
             client.uid_expunge(sorted(present))  # exactly these UIDs, never a plain EXPUNGE
         _drain(client)
-        with transaction(run.sessions) as session:
-            _delete_rows(session, folder, [r for r in batch if r.uid in present])
         run.deleted += len(present)
         run.plan.gone += [r.id for r in batch if r.uid not in present]
-        run.step(len(batch), f"deleted {run.deleted} permanently")
+        run.commit(
+            partial(_delete_rows, folder=folder, rows=[r for r in batch if r.uid in present]),
+            len(batch),
+            f"deleted {run.deleted} permanently",
+        )
+
+
+def _work(run: _Run) -> None:
+    """Every folder's batches, expunges before moves, folders by name."""
+    client, plan = run.client, run.plan
+    for folder_id in sorted({*plan.moves, *plan.expunges}, key=lambda f: plan.folders[f].name):
+        folder = plan.folders[folder_id]
+        selected = client.select_folder(folder.name)
+        _check_validity(folder, selected.get(b"UIDVALIDITY"))
+        if plan.expunges.get(folder_id):
+            _expunge_folder(run, folder, plan.expunges[folder_id])
+        if plan.moves.get(folder_id):
+            _move_folder(run, folder, plan.moves[folder_id])
+        # No CLOSE: it would expunge every \Deleted message of the folder. The next
+        # SELECT (or LOGOUT) leaves the folder without expunging anything.
 
 
 def delete_messages(
@@ -321,16 +401,9 @@ def delete_messages(
             status = client.folder_status(folder.name, [b"UIDVALIDITY"])
             _check_validity(folder, status.get(b"UIDVALIDITY"))
         run = _Run(sessions, client, plan, "MOVE" in caps, batch_size, progress)
-        for folder_id in sorted({*plan.moves, *plan.expunges}, key=lambda f: plan.folders[f].name):
-            folder = plan.folders[folder_id]
-            selected = client.select_folder(folder.name)
-            _check_validity(folder, selected.get(b"UIDVALIDITY"))
-            if plan.expunges.get(folder_id):
-                _expunge_folder(run, folder, plan.expunges[folder_id])
-            if plan.moves.get(folder_id):
-                _move_folder(run, folder, plan.moves[folder_id])
-            # No CLOSE: it would expunge every \Deleted message of the folder. The next
-            # SELECT (or LOGOUT) leaves the folder without expunging anything.
+        with run.writer:
+            _work(run)
+            run.finish()
     progress(100, "done")
     return {
         "moved": run.moved + plan.already_moved,
