@@ -16,6 +16,9 @@ Promises:
   succeeds, so a cancel, a crash or a network fault between batches leaves server and
   database in agreement for every batch done; a retry plans again from the rows, and a
   message it finds already in Trash (moved by an earlier attempt) counts as moved.
+* After the moves, when nothing but this run's messages arrived in Trash since the last
+  sync, Trash's ``last_seen_uid`` moves past them, so the next sync does not fetch them
+  again (it would skip them anyway: it never stores a UID twice).
 * A folder whose UIDVALIDITY differs from the stored one, or was never synced, raises
   :class:`SyncRequired` before any message is touched.
 * Ids with no row any more, or whose UID the server no longer has, are reported in the
@@ -25,137 +28,42 @@ Promises:
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import imapclient
-from sqlalchemy import ARRAY, String, any_, case, cast, delete, select, text, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.accounts import imap_endpoint
 from services.crypto import SecretBox
 from services.db import transaction
-from services.errors import NotFound, PermanentMailError, TransientMailError
+from services.errors import NotFound
 from services.mail.imap import imap_session
-from services.models import Account, Folder, Message, utcnow
+from services.mail_delete_rows import (
+    AccountBusy,
+    DeleteRefused,
+    Plan,
+    Row,
+    SyncRequired,
+    check_deletable,
+    delete_rows,
+    move_rows,
+    plan_delete,
+)
+from services.models import Account, Folder
 from services.settings import Settings
 from services.sync.commands import uid_set
 from services.sync.pipeline import BatchWriter
-from services.sync.state import bump_counts, chunks, messages_table
-from services.tenancy import Principal
+
+__all__ = ["AccountBusy", "DeleteRefused", "SyncRequired", "check_deletable", "delete_messages"]
 
 #: UIDs per IMAP command: short command lines, and a cancel checkpoint every batch.
 BATCH_SIZE = 500
-#: How many unknown ids a 404's details list.
-MAX_LISTED = 50
 
 Report = Callable[[float, str], None]
-
-
-class SyncRequired(PermanentMailError):
-    """The stored UIDs of a folder no longer name the server's messages."""
-
-    code = "sync_required"
-    status = 409
-
-
-class AccountBusy(TransientMailError):
-    """Another task (a sync, or another delete) holds the account: retried with backoff."""
-
-    code = "account_busy"
-    status = 409
-
-
-class DeleteRefused(PermanentMailError):
-    """The server lacks what a safe delete needs (UIDPLUS), or there is no Trash."""
-
-    code = "delete_refused"
-    status = 409
-
-
-def check_deletable(session: Session, principal: Principal, account_id: str, ids: Sequence[str]) -> list[str]:
-    """Check, in one query, that every id is a message of ``account_id`` visible to
-    ``principal`` (its tenant, and for a member an account of its own); else
-    :class:`NotFound` naming the unknown ids. Returns the ids stored in the account's Trash
-    now: deleting those is permanent whatever ``permanent`` says."""
-    unique = list(dict.fromkeys(ids))
-    query = (
-        select(Message.id, Folder.special_use)
-        .join(Folder, Folder.id == Message.folder_id)
-        .join(Account, Account.id == Message.account_id)
-        .where(
-            Message.tenant_id == principal.tenant_id,
-            Message.account_id == account_id,
-            Message.id.in_(unique),
-        )
-    )
-    if not principal.is_admin:
-        query = query.where(Account.user_id == principal.user_id)
-    found = {row.id: row.special_use for row in session.execute(query)}
-    if len(found) != len(unique):
-        unknown = [i for i in unique if i not in found]
-        raise NotFound(
-            f"{len(unknown)} of the messages were not found in this account; nothing was queued",
-            details={"message_ids": unknown[:MAX_LISTED]},
-        )
-    return [i for i in unique if found[i] == "trash"]
-
-
-@dataclass
-class _Row:
-    id: str
-    uid: int
-    seen: bool
-
-
-@dataclass
-class _Plan:
-    trash: Folder | None
-    folders: dict[str, Folder]
-    moves: dict[str, list[_Row]] = field(default_factory=lambda: defaultdict(list))
-    expunges: dict[str, list[_Row]] = field(default_factory=lambda: defaultdict(list))
-    already_moved: int = 0
-    gone: list[str] = field(default_factory=list)
-
-    @property
-    def total(self) -> int:
-        return sum(len(r) for r in self.moves.values()) + sum(len(r) for r in self.expunges.values())
-
-
-def _plan(session: Session, account_id: str, ids: list[str], permanent: bool, in_trash: set[str]) -> _Plan:
-    folders = {f.id: f for f in session.scalars(select(Folder).where(Folder.account_id == account_id))}
-    by_name = sorted(folders.values(), key=lambda f: f.name)
-    trash = next((f for f in by_name if f.special_use == "trash"), None)
-    plan = _Plan(trash=trash, folders=folders)
-    found: set[str] = set()
-    m = messages_table.c
-    on_postgresql = session.get_bind().dialect.name == "postgresql"
-    # Core columns, not ORM ones (plain tuples are read faster); on PostgreSQL one array
-    # parameter (= ANY) instead of an IN list of a thousand parameters per statement.
-    for chunk in [ids] if on_postgresql else chunks(ids):
-        wanted = m.id == any_(cast(list(chunk), ARRAY(String))) if on_postgresql else m.id.in_(chunk)
-        query = select(m.id, m.folder_id, m.uid, m.seen).where(m.account_id == account_id, wanted)
-        for row in session.execute(query):
-            found.add(row.id)
-            if row.uid < 1:
-                raise SyncRequired(
-                    f"folder {folders[row.folder_id].name!r} is being rebuilt by a sync; "
-                    "let it finish, then delete again"
-                )
-            item = _Row(row.id, row.uid, bool(row.seen))
-            if permanent or row.id in in_trash:
-                plan.expunges[row.folder_id].append(item)
-            elif trash is not None and row.folder_id == trash.id:
-                plan.already_moved += 1  # moved by an earlier attempt of this task
-            else:
-                plan.moves[row.folder_id].append(item)
-    plan.gone = [i for i in ids if i not in found]
-    if plan.moves and trash is None:
-        raise DeleteRefused("this account has no \\Trash folder (sync first, or delete permanently)")
-    return plan
 
 
 def _expand(text: str) -> list[int]:
@@ -193,73 +101,19 @@ def _check_validity(folder: Folder, validity: Any) -> None:
         )
 
 
-def _move_rows(
-    session: Session, source: Folder, trash: Folder, rows: list[_Row], new: dict[int, int]
-) -> None:
-    moved = [r for r in rows if r.uid in new]
-    if not moved:
-        return
-    # One statement per batch, not one UPDATE per row, so the batch's write keeps up with
-    # its IMAP command: on PostgreSQL a join with the unnested (id, uid) pairs, elsewhere
-    # a CASE of the new UIDs (about half again as slow on PostgreSQL).
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(
-            _PG_MOVE,
-            {
-                "trash": trash.id,
-                "source": source.id,
-                "ids": [r.id for r in moved],
-                "uids": [new[r.uid] for r in moved],
-                "now": utcnow(),
-            },
-        )
-    else:
-        _move_rows_portable(session, source, trash, moved, new)
-    unread = sum(1 for r in moved if not r.seen)
-    bump_counts(session, source.id, -len(moved), -unread)
-    bump_counts(session, trash.id, len(moved), unread)
-
-
-_PG_MOVE = text(
-    "UPDATE messages AS m SET folder_id = :trash, uid = v.uid, modseq = NULL, updated_at = :now "
-    "FROM unnest(CAST(:ids AS varchar[]), CAST(:uids AS bigint[])) AS v(id, uid) "
-    "WHERE m.id = v.id AND m.folder_id = :source"
-)
-
-
-def _move_rows_portable(
-    session: Session, source: Folder, trash: Folder, moved: list[_Row], new: dict[int, int]
-) -> None:
-    session.execute(
-        update(messages_table)
-        .where(messages_table.c.id.in_([r.id for r in moved]), messages_table.c.folder_id == source.id)
-        .values(
-            folder_id=trash.id,
-            uid=case({r.id: new[r.uid] for r in moved}, value=messages_table.c.id),
-            modseq=None,
-            updated_at=utcnow(),
-        )
-    )
-
-
-def _delete_rows(session: Session, folder: Folder, rows: list[_Row]) -> None:
-    if rows:
-        session.execute(delete(Message).where(Message.id.in_([r.id for r in rows])))
-        bump_counts(session, folder.id, -len(rows), -sum(1 for r in rows if not r.seen))
-
-
 @dataclass
 class _Run:
     sessions: sessionmaker[Session]
     client: imapclient.IMAPClient
-    plan: _Plan
+    plan: Plan
     has_move: bool
     batch_size: int
     progress: Report
     done: int = 0
     moved: int = 0
     deleted: int = 0
-
+    #: The Trash UIDs this run's moves were given (COPYUID).
+    trash_uids: list[int] = field(default_factory=list)
     writer: BatchWriter = field(default_factory=BatchWriter)
 
     def commit(self, write: Callable[[Session], None], count: int, stage: str) -> None:
@@ -287,13 +141,13 @@ class _Run:
         self.progress(min(99.0, 100.0 * self.done / max(1, self.plan.total)), stage)
 
 
-def _batches(rows: list[_Row], size: int) -> Iterable[list[_Row]]:
+def _batches(rows: list[Row], size: int) -> Iterable[list[Row]]:
     ordered = sorted(rows, key=lambda r: r.uid)
     for start in range(0, len(ordered), size):
         yield ordered[start : start + size]
 
 
-def _move_folder(run: _Run, source: Folder, rows: list[_Row]) -> None:
+def _move_folder(run: _Run, source: Folder, rows: list[Row]) -> None:
     trash = run.plan.trash
     assert trash is not None
     client = run.client
@@ -315,15 +169,16 @@ def _move_folder(run: _Run, source: Folder, rows: list[_Row]) -> None:
             # moves it again. That window is the cost of a server without MOVE.
         _drain(client)
         run.moved += len(new)
+        run.trash_uids.extend(new.values())
         run.plan.gone += [r.id for r in batch if r.uid not in new]
         run.commit(
-            partial(_move_rows, source=source, trash=trash, rows=batch, new=new),
+            partial(move_rows, source=source, trash=trash, rows=batch, new=new),
             len(batch),
             f"moved {run.moved} to {trash.name}",
         )
 
 
-def _expunge_folder(run: _Run, folder: Folder, rows: list[_Row]) -> None:
+def _expunge_folder(run: _Run, folder: Folder, rows: list[Row]) -> None:
     client = run.client
     for batch in _batches(rows, run.batch_size):
         uids = [r.uid for r in batch]
@@ -338,9 +193,32 @@ def _expunge_folder(run: _Run, folder: Folder, rows: list[_Row]) -> None:
         run.deleted += len(present)
         run.plan.gone += [r.id for r in batch if r.uid not in present]
         run.commit(
-            partial(_delete_rows, folder=folder, rows=[r for r in batch if r.uid in present]),
+            partial(delete_rows, folder=folder, rows=[r for r in batch if r.uid in present]),
             len(batch),
             f"deleted {run.deleted} permanently",
+        )
+
+
+def _advance_trash(run: _Run) -> None:
+    """Let the next sync of Trash go on above the messages this run moved there, when
+    nothing else arrived there since the last sync: their rows are stored already, and the
+    sync would otherwise fetch them again only to skip them (``insert_messages`` skips
+    stored UIDs, so either way they keep their ids)."""
+    trash = run.plan.trash
+    assert trash is not None
+    last = trash.last_seen_uid
+    if last is None or trash.backfill_below_uid is not None:
+        return  # never synced, or a first sync still walking down: leave it to the sync
+    run.client.select_folder(trash.name, readonly=True)
+    above = {u for u in run.client.search(["UID", f"{last + 1}:*"]) if u > last}
+    if not above or not above <= set(run.trash_uids):
+        return  # another client put mail there too: the sync must fetch it
+    with transaction(run.sessions) as session:
+        session.execute(
+            update(Folder)
+            .where(Folder.id == trash.id, Folder.last_seen_uid == last)
+            .values(last_seen_uid=max(above))
+            .execution_options(synchronize_session=False)
         )
 
 
@@ -381,7 +259,7 @@ def delete_messages(
         if account is None:
             raise NotFound("account not found")
         endpoint = imap_endpoint(account, box)
-        plan = _plan(session, account_id, ids, permanent, set(in_trash))
+        plan = plan_delete(session, account_id, ids, permanent, set(in_trash))
         session.expunge_all()  # the folders are read, never written, through the ORM
     progress(0, f"deleting {plan.total} messages")
     with imap_session(
@@ -404,6 +282,8 @@ def delete_messages(
         with run.writer:
             _work(run)
             run.finish()
+        if run.trash_uids:
+            _advance_trash(run)
     progress(100, "done")
     return {
         "moved": run.moved + plan.already_moved,

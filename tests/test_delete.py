@@ -112,10 +112,16 @@ def test_move_to_trash_keeps_ids_and_a_following_sync_changes_nothing(
     assert (folders["INBOX"]["message_count"], folders["INBOX"]["unread_count"]) == (15, 10)
     assert (folders["Trash"]["message_count"], folders["Trash"]["unread_count"]) == (18, 13)
     assert_counts_exact(sessions, account["id"])
+    with sessions() as session:  # the next sync goes on above the moved messages
+        trash = session.scalar(
+            select(Folder).where(Folder.account_id == account["id"], Folder.name == "Trash")
+        )
+        assert trash.last_seen_uid == max(trash_uids)
 
     before = rows(sessions, account["id"])
-    sync(kit.admin, account["id"])
+    task = sync(kit.admin, account["id"])
     assert rows(sessions, account["id"]) == before
+    assert task["result"]["imap_commands"]["by_command"].get("UID FETCH", 0) <= 1, task["result"]
     assert_counts_exact(sessions, account["id"])
 
     # Deleting from Trash is permanent, whatever `permanent` says.
