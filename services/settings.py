@@ -91,6 +91,12 @@ class Settings(BaseSettings):
     smtp_idle_seconds: float = Field(
         default=30.0, gt=0, description="A reused SMTP connection idle longer than this is closed."
     )
+    send_schedule_max_seconds: int = Field(
+        default=2 * 3600,
+        ge=60,
+        description="How far ahead send_at may be; also kept below the visibility timeout minus "
+        "the hard time limit and the longest retry delay.",
+    )
     smtp_messages_per_connection: int = Field(
         default=100, ge=1, description="Messages sent over one SMTP connection before a fresh one."
     )

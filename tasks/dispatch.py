@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from celery import Celery
@@ -74,6 +75,7 @@ def dispatch(
     params: dict[str, Any],
     origin: str = "api",
     visible_to: Principal | None = None,
+    eta: datetime | None = None,
 ) -> Dispatched:
     """Record and queue one task. A sync of an account that already has one in flight
     returns that task instead of queueing a second.
@@ -84,11 +86,12 @@ def dispatch(
     flight on the queue raises :class:`TooManyTasksInFlight` (Beat's syncs are not capped:
     the sync lock already bounds them to one per account). With ``visible_to``, the account
     must be one that principal may see (else :class:`NotFound`), checked in the same round
-    trip as the cap and the estimate."""
+    trip as the cap and the estimate. With ``eta`` the message is published to be run at
+    that time (a scheduled send); the record is ``queued`` until then."""
     if isinstance(sessions, Session):
-        return _dispatch(app, sessions, type, tenant_id, user_id, account_id, params, origin, visible_to)
+        return _dispatch(app, sessions, type, tenant_id, user_id, account_id, params, origin, visible_to, eta)
     with transaction(sessions) as session:
-        return _dispatch(app, session, type, tenant_id, user_id, account_id, params, origin, visible_to)
+        return _dispatch(app, session, type, tenant_id, user_id, account_id, params, origin, visible_to, eta)
 
 
 def _dispatch(
@@ -101,6 +104,7 @@ def _dispatch(
     params: dict[str, Any],
     origin: str,
     visible_to: Principal | None,
+    eta: datetime | None = None,
 ) -> Dispatched:
     kind = TASK_TYPES[type]
     from_beat = origin == "beat"
@@ -166,6 +170,7 @@ def _dispatch(
             priority=broker_priority(priority),
             retry=False,
             ignore_result=True,
+            eta=eta,
         )
     except (OperationalError, KombuError, RedisError, OSError) as exc:
         log.error("publishing task %s failed: %s", record.id, exc)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import email
+import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from email import policy
 from typing import Any
 
@@ -267,3 +269,47 @@ def test_size_limits_apply_to_the_send_route_alone(kit, account, smtp, base_valu
     assert error_of(over)["details"] == {"size": 5003, "limit": 4096}
     far_over = small.post(f"/api/accounts/{account['id']}/send", json={**body, "text": "y" * 2_000_000})
     assert far_over.status_code == 413 and error_of(far_over)["code"] == "payload_too_large"
+
+
+def _outbox(kit, account: dict[str, Any], query: str = "") -> list[dict[str, Any]]:
+    response = kit.admin.get(f"/api/accounts/{account['id']}/outbox{query}")
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()["items"]  # type: ignore[no-any-return]
+
+
+def test_scheduled_send_waits_is_listed_and_goes_out_at_its_time(kit, account, smtp) -> None:
+    send_at = datetime.now(UTC) + timedelta(seconds=3)
+    body = {"to": ["a@example.test"], "text": "later", "save_sent": False, "send_at": send_at.isoformat()}
+    response = send(kit, account, body)
+    assert response.status_code == 202, response.get_json()
+    accepted = response.get_json()
+    [waiting] = _outbox(kit, account, "?state=scheduled")
+    assert waiting["id"] == accepted["outbox_id"] and waiting["send_at"] is not None
+    assert kit.admin.task(accepted["task_id"])["state"] == "queued"
+    task = kit.admin.wait_task(accepted["task_id"], timeout=30)
+    assert task["state"] == "succeeded", task
+    [arrived] = delivered(smtp, accepted["message_id"])
+    assert arrived["time"] >= send_at.timestamp()
+    assert arrived["time"] - send_at.timestamp() < 10  # "within a few seconds", with room for a busy CI
+    assert _outbox(kit, account, "?state=scheduled") == []
+
+
+def test_scheduled_send_can_be_cancelled_before_it_starts(kit, account, smtp) -> None:
+    send_at = datetime.now(UTC) + timedelta(seconds=4)
+    body = {"to": ["a@example.test"], "text": "never", "save_sent": False, "send_at": send_at.isoformat()}
+    accepted = send(kit, account, body).get_json()
+    cancel = kit.admin.post(f"/api/tasks/{accepted['task_id']}/cancel")
+    assert cancel.status_code == 202 and cancel.get_json()["state"] == "cancelled"
+    [row] = _outbox(kit, account, "?state=cancelled")
+    assert row["id"] == accepted["outbox_id"]
+    assert _outbox(kit, account, "?state=scheduled") == []
+    time.sleep((send_at - datetime.now(UTC)).total_seconds() + 3)
+    assert delivered(smtp, accepted["message_id"]) == []
+    assert kit.admin.task(accepted["task_id"])["state"] == "cancelled"
+
+
+def test_send_at_too_far_ahead_or_without_a_zone_is_422(kit, account) -> None:
+    far = (datetime.now(UTC) + timedelta(days=30)).isoformat()
+    for send_at in (far, "2030-01-01T09:00:00"):
+        response = send(kit, account, {"to": ["a@example.test"], "text": "x", "send_at": send_at})
+        assert response.status_code == 422, response.get_json()

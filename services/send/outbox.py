@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from celery import Celery
@@ -26,8 +27,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services import accounts, task_records
-from services.errors import Conflict, MailroomError
-from services.models import OutboxEntry, OutboxState, TaskRecord
+from services.errors import Conflict, MailroomError, ValidationFailed
+from services.models import OutboxEntry, OutboxState, TaskRecord, TaskState, utcnow
 from services.send.mime import build_message
 from services.send.request import SendRequest
 from services.tenancy import Principal
@@ -64,6 +65,21 @@ def check_size(body: SendRequest, limit: int) -> None:
         )
 
 
+def scheduled_time(body: SendRequest, max_delay: float) -> datetime | None:
+    """When to send: None for now (no ``send_at``, or one already past)."""
+    if body.send_at is None:
+        return None
+    ahead = (body.send_at - utcnow()).total_seconds()
+    if ahead <= 0:
+        return None
+    if ahead > max_delay:
+        raise ValidationFailed(
+            f"send_at: at most {int(max_delay)} seconds ahead",
+            details=[{"loc": ["body", "send_at"], "msg": "too far ahead", "type": "value_error"}],
+        )
+    return body.send_at
+
+
 def _replay(session: Session, principal: Principal, key: str, digest: str) -> Accepted | None:
     row = session.scalar(
         select(OutboxEntry).where(
@@ -96,10 +112,13 @@ def accept_send(
     *,
     idempotency_key: str | None,
     max_bytes: int,
+    max_delay: float,
 ) -> Accepted:
-    """Validate, build, store and dispatch one send (or answer a replay of one)."""
+    """Validate, build, store and dispatch one send (or answer a replay of one). A
+    ``send_at`` in the future is published to run then (at most ``max_delay`` ahead)."""
     account = accounts.get_account(session, account_id, principal)
     check_size(body, max_bytes)
+    eta = scheduled_time(body, max_delay)
     digest = request_hash(account_id, body)
     if idempotency_key is not None:
         earlier = _replay(session, principal, idempotency_key, digest)
@@ -112,7 +131,8 @@ def accept_send(
         user_id=principal.user_id,
         idempotency_key=idempotency_key,
         request_hash=digest,
-        state=OutboxState.QUEUED.value,
+        state=(OutboxState.SCHEDULED if eta else OutboxState.QUEUED).value,
+        send_at=body.send_at,
         message_id_header=built.message_id,
         subject=body.subject,
         envelope_from=built.envelope_from,
@@ -144,6 +164,7 @@ def accept_send(
         account_id=account.id,
         params=_params(row),
         visible_to=principal,
+        eta=eta,
     )
     row.task_id = result.record.id
     session.commit()
@@ -155,13 +176,22 @@ def _params(row: OutboxEntry) -> dict[str, Any]:
     return {"outbox_id": row.id, "message_id": row.message_id_header}
 
 
-def outbox_view(row: OutboxEntry) -> dict[str, Any]:
+def effective_state(row: OutboxEntry, task_state: str | None) -> str:
+    """The row's state, or ``cancelled`` when its task was cancelled before it ran (the
+    worker then never sees the row, so the task record is what says so)."""
+    waiting = row.state in (OutboxState.QUEUED.value, OutboxState.SCHEDULED.value)
+    if waiting and task_state == TaskState.CANCELLED.value:
+        return OutboxState.CANCELLED.value
+    return row.state
+
+
+def outbox_view(row: OutboxEntry, task_state: str | None) -> dict[str, Any]:
     """What a client sees of an outbox row."""
     return {
         "id": row.id,
         "account_id": row.account_id,
         "task_id": row.task_id,
-        "state": row.state,
+        "state": effective_state(row, task_state),
         "message_id": row.message_id_header,
         "subject": row.subject,
         "recipients": row.recipients,

@@ -13,6 +13,7 @@ from flask import Response, jsonify, request, url_for
 from flask_openapi3 import APIBlueprint, Tag
 from pydantic import BaseModel, Field
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from mailroom.api.common import ERRORS, SECURITY
 from mailroom.auth import principal
@@ -21,9 +22,10 @@ from mailroom.errors import error_response
 from mailroom.schemas import AccountPath, ErrorResponse, TaskAccepted
 from services import accounts
 from services.errors import NotFound, ValidationFailed
-from services.models import OutboxEntry, is_id
+from services.models import OutboxEntry, TaskRecord, is_id
 from services.send.outbox import accept_send, outbox_view
 from services.send.request import SendRequest
+from services.settings import Settings
 from tasks.dispatch import TooManyTasksInFlight
 
 tag = Tag(name="send", description="Sending mail from an account")
@@ -46,6 +48,14 @@ def allow_large_send_bodies() -> None:
     rule = request.url_rule.rule if request.url_rule is not None else ""
     if request.method == "POST" and rule == SEND_RULE:
         request.max_content_length = body_limit(state().settings.send_max_bytes)
+
+
+def max_schedule_delay(settings: Settings) -> float:
+    """How far ahead ``send_at`` may be: the setting, and below the time a worker may hold
+    the message before the broker hands it to another (its visibility timeout) less one
+    attempt's hard limit and the longest retry delay."""
+    held = settings.broker_visibility_timeout - settings.task_hard_time_limit - settings.retry_max_seconds
+    return max(0.0, min(float(settings.send_schedule_max_seconds), held))
 
 
 class SendAccepted(TaskAccepted):
@@ -113,6 +123,7 @@ def send_message(path: AccountPath, body: SendRequest) -> tuple[Response, int]:
             body,
             idempotency_key=_idempotency_key(),
             max_bytes=st.settings.send_max_bytes,
+            max_delay=max_schedule_delay(st.settings),
         )
     except TooManyTasksInFlight as exc:
         response = error_response(exc.status, exc.code, exc.message, exc.details)
@@ -133,8 +144,15 @@ def send_message(path: AccountPath, body: SendRequest) -> tuple[Response, int]:
     return response, 202 if result.created else 200
 
 
-def _outbox_json(row: OutboxEntry) -> dict[str, Any]:
-    return OutboxOut.model_validate(outbox_view(row)).model_dump(mode="json")
+def _task_states(session: Session, rows: list[OutboxEntry]) -> dict[str, str]:
+    ids = [r.task_id for r in rows if r.task_id]
+    if not ids:
+        return {}
+    return dict(session.execute(select(TaskRecord.id, TaskRecord.state).where(TaskRecord.id.in_(ids))).all())
+
+
+def _outbox_json(row: OutboxEntry, task_state: str | None) -> dict[str, Any]:
+    return OutboxOut.model_validate(outbox_view(row, task_state)).model_dump(mode="json")
 
 
 @bp.get("/<account_id>/outbox/<outbox_id>", responses={200: OutboxOut, **ERRORS})
@@ -146,22 +164,41 @@ def get_outbox_entry(path: OutboxPath) -> Response:
     row = session.get(OutboxEntry, path.outbox_id) if is_id(path.outbox_id) else None
     if row is None or row.account_id != account.id:
         raise NotFound("outbox entry not found")
-    return jsonify(_outbox_json(row))
+    return jsonify(_outbox_json(row, _task_states(session, [row]).get(row.task_id or "")))
 
 
 class OutboxPage(BaseModel):
     items: list[OutboxOut]
 
 
+class OutboxQuery(BaseModel):
+    state: str | None = Field(
+        default=None,
+        pattern="^(scheduled|queued|sending|accepted|sent|failed|cancelled)$",
+        description="Only messages in this state, e.g. scheduled ones still waiting (cancellable).",
+    )
+
+
 @bp.get("/<account_id>/outbox", responses={200: OutboxPage, **ERRORS})
-def list_outbox(path: AccountPath) -> Response:
-    """The account's last 100 messages sent through Mailroom, newest first."""
+def list_outbox(path: AccountPath, query: OutboxQuery) -> Response:
+    """The account's newest 100 messages sent through Mailroom (of one ``state`` if given),
+    newest first. A scheduled one is cancelled with ``POST /api/tasks/{task_id}/cancel``."""
     session = db_session()
     account = accounts.get_account(session, path.account_id, principal())
-    rows = session.scalars(
-        select(OutboxEntry)
-        .where(OutboxEntry.account_id == account.id)
-        .order_by(OutboxEntry.created_at.desc(), OutboxEntry.id.desc())
-        .limit(100)
+    wanted = OutboxEntry.account_id == account.id
+    if query.state in ("queued", "scheduled", "cancelled"):
+        # Cancellation shows in the task record: read the waiting rows and decide below.
+        stored = ["queued", "scheduled", "cancelled"]
+    else:
+        stored = [query.state] if query.state else []
+    statement = select(OutboxEntry).where(wanted)
+    if stored:
+        statement = statement.where(OutboxEntry.state.in_(stored))
+    rows = list(
+        session.scalars(statement.order_by(OutboxEntry.created_at.desc(), OutboxEntry.id.desc()).limit(100))
     )
-    return jsonify({"items": [_outbox_json(r) for r in rows]})
+    states = _task_states(session, rows)
+    items = [_outbox_json(r, states.get(r.task_id or "")) for r in rows]
+    if query.state:
+        items = [i for i in items if i["state"] == query.state]
+    return jsonify({"items": items})
