@@ -1,0 +1,218 @@
+"""Benchmark of sending: ``POST /api/accounts/{id}/send`` end to end.
+
+The API runs under gunicorn as deployed; one send worker (prefork, ``--concurrency`` pool
+children) sends to a private aiosmtpd and files each Sent copy in a private Dovecot; the
+account's Sent folder is synced first, so every copy is also stored as a message row.
+Each figure is printed beside its reference, measured in the same run:
+
+1. end to end: messages/s from the first request until every outbox row is ``sent``
+   (``--messages`` requests from 16 client threads), beside raw aiosmtplib sending the same
+   bytes on one reused connection to the same aiosmtpd (goal: >= 100/s on 2 cores);
+2. the 202's p99 latency at a fixed offered load (``--rate`` requests/s for
+   ``--duration`` s, open loop), beside ``GET /healthz`` at the same load (goal < 25 ms).
+
+Run: ``.venv/bin/python bench/bench_send.py [--messages 1000] [--rate 50] [--duration 10]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import aiosmtplib
+import requests
+from sqlalchemy import func, select
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "src")]
+
+from bench.environment import SMTP_LOGIN, BenchEnvironment, fmt, percentile, print_table  # noqa: E402
+from bench.loadgen import Gunicorn, http_call, run_fixed_rate  # noqa: E402
+from services.models import OutboxEntry  # noqa: E402
+from tests.servers.workers import CeleryWorker  # noqa: E402
+
+CLIENT_THREADS = 16
+BENCH_SETTINGS = {"rate_limit_enabled": False, "max_tasks_in_flight_per_queue": 100_000}
+
+
+def body(n: int) -> dict[str, object]:
+    return {
+        "to": [{"email": f"rcpt{n % 50}@example.test", "name": f"Recipient {n % 50}"}],
+        "subject": f"Bench message {n}",
+        "text": "Hello,\n\n" + "This is a benchmark message body line.\n" * 40,
+    }
+
+
+def post_many(url: str, key: str, count: int) -> list[float]:
+    """POST ``count`` sends from CLIENT_THREADS threads; returns each request's latency."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    counter = iter(range(count))
+
+    def worker() -> None:
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {key}"
+        for n in iter(lambda: next(counter, None), None):
+            started = time.perf_counter()
+            response = session.post(url, json=body(n), timeout=30)
+            if response.status_code != 202:
+                raise RuntimeError(f"send answered {response.status_code}: {response.text[:300]}")
+            with lock:
+                latencies.append(time.perf_counter() - started)
+
+    threads = [threading.Thread(target=worker) for _ in range(CLIENT_THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return latencies
+
+
+def wait_all_sent(env: BenchEnvironment, account_id: str, count: int, timeout: float = 600) -> None:
+    sessions = env.sessions()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with sessions() as session:
+            done = session.scalar(
+                select(func.count()).where(OutboxEntry.account_id == account_id, OutboxEntry.state == "sent")
+            )
+            failed = session.scalar(
+                select(func.count()).where(
+                    OutboxEntry.account_id == account_id, OutboxEntry.state == "failed"
+                )
+            )
+        if failed:
+            raise RuntimeError(f"{failed} sends failed")
+        if done == count:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"only {done} of {count} sent within {timeout} s")
+
+
+def raw_smtp(port: int, raw: bytes, count: int) -> float:
+    """Messages/s of aiosmtplib sending ``raw`` ``count`` times on one connection."""
+
+    async def run() -> float:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, use_tls=False)
+        await client.connect()
+        await client.login(*SMTP_LOGIN)
+        started = time.perf_counter()
+        for _ in range(count):
+            await client.sendmail("bench@example.test", ["rcpt@example.test"], raw)
+        elapsed = time.perf_counter() - started
+        await client.quit()
+        return count / elapsed
+
+    return asyncio.run(run())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--messages", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=50.0)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--concurrency", type=int, default=2)
+    args = parser.parse_args()
+
+    with (
+        BenchEnvironment(dovecot=True, smtp=True, **BENCH_SETTINGS) as env,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        assert env.smtp is not None
+        owner = env.create_owner(env.sessions())
+        api = Gunicorn(env, Path(tmp))
+        env.add_cleanup(api.stop)
+        api.start()
+        subprocess_env = env.subprocess_env()
+        sync = CeleryWorker(["sync"], env=subprocess_env, name="bench-sync", log_dir=tmp)
+        send = CeleryWorker(
+            ["send"], env=subprocess_env, concurrency=args.concurrency, name="bench-send", log_dir=tmp
+        )
+        for worker in (sync, send):
+            env.add_cleanup(worker.stop)
+            worker.start()
+        headers = {"Authorization": f"Bearer {owner.api_key}"}
+        base = f"{api.url}/api/accounts/{owner.account_id}"
+        task_id = requests.post(f"{base}/sync", headers=headers, timeout=30).json()["task_id"]
+        while (
+            requests.get(f"{api.url}/api/tasks/{task_id}", headers=headers, timeout=30).json()["state"]
+            != "succeeded"
+        ):
+            time.sleep(0.1)
+        # Warm up: pool children, connections, caches.
+        post_many(f"{base}/send", owner.api_key, 20)
+        wait_all_sent(env, owner.account_id, 20)
+
+        env.smtp.clear()
+        started = time.perf_counter()
+        latencies = post_many(f"{base}/send", owner.api_key, args.messages)
+        accepted_in = time.perf_counter() - started
+        wait_all_sent(env, owner.account_id, args.messages + 20)
+        end_to_end = args.messages / (time.perf_counter() - started)
+        received = env.smtp.received()
+        assert len(received) == args.messages, len(received)
+        raw_rate = raw_smtp(env.smtp.port, received[0]["data"], args.messages)
+
+        fixed = run_fixed_rate(
+            "send",
+            lambda: _send_call(f"{base}/send", owner.api_key),
+            args.rate,
+            args.duration,
+        )
+        health = run_fixed_rate(
+            "healthz", http_call("GET", f"{api.url}/healthz", 200, {}), args.rate, args.duration
+        )
+        wait_all_sent(env, owner.account_id, args.messages + 20 + fixed.ok, timeout=600)
+
+    print_table(
+        f"Send, {args.messages} messages (send worker: {args.concurrency} processes)",
+        ["measure", "Mailroom", "reference"],
+        [
+            [
+                "messages/s end to end (API → SMTP → Sent)",
+                fmt(end_to_end),
+                f"raw aiosmtplib, one connection: {fmt(raw_rate)}",
+            ],
+            ["requests/s accepted (202) by the API", fmt(args.messages / accepted_in), ""],
+            [
+                "202 p50 / p99 under closed-loop load",
+                f"{fmt(percentile(latencies, 50) * 1000)} / {fmt(percentile(latencies, 99) * 1000)} ms",
+                "",
+            ],
+        ],
+    )
+    print_table(
+        f"Open loop at {args.rate:g} requests/s for {args.duration:g} s",
+        ["route", "p50 ms", "p99 ms", "errors"],
+        [
+            [
+                run.label,
+                fmt(percentile(run.latencies, 50) * 1000),
+                fmt(percentile(run.latencies, 99) * 1000),
+                str(sum(run.errors.values())),
+            ]
+            for run in (fixed, health)
+        ],
+    )
+
+
+def _send_call(url: str, key: str):  # type: ignore[no-untyped-def]
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {key}"
+    counter = iter(range(10**9))
+
+    def call() -> None:
+        response = session.post(url, json=body(next(counter)), timeout=30)
+        if response.status_code != 202:
+            raise RuntimeError(f"send answered {response.status_code}")
+
+    return call
+
+
+if __name__ == "__main__":
+    main()
