@@ -8,6 +8,10 @@ imapclient doing the same IMAP work on the same number of messages in the same r
 command like ours; (b) the same as one command for all 5,000 UIDs. Rounds alternate
 Mailroom and raw on fresh mailboxes; medians are reported.
 
+Also end to end: ``POST /api/accounts/{id}/delete`` with the 5,000 ids (the app in this
+process) until the task's record says ``succeeded``, run by a real ``celery worker`` on the
+delete queue (polled every 10 ms).
+
 Run: ``.venv/bin/python bench/bench_delete.py [--messages 5000] [--repeat 3]``.
 """
 
@@ -24,9 +28,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 from bench.environment import BenchEnvironment, fmt, machine_busy_seconds, print_table, ratio  # noqa: E402
+from mailroom.app import create_app  # noqa: E402
 from services import mail_delete  # noqa: E402
 from services.crypto import SecretBox  # noqa: E402
+from services.models import TaskRecord  # noqa: E402
 from services.sync import SyncOptions, sync_account  # noqa: E402
+from services.tenancy import Principal  # noqa: E402
+from tests.servers.workers import CeleryWorker  # noqa: E402
 from tests.services.mailboxes import Mailbox, make_messages, new_mailbox  # noqa: E402
 
 BATCH = mail_delete.BATCH_SIZE
@@ -63,6 +71,44 @@ def mailroom_delete(mb: Mailbox, *, permanent: bool) -> tuple[float, dict[str, A
     return time.perf_counter() - started, result
 
 
+def api_delete(env: BenchEnvironment, client: Any, n: int, *, permanent: bool) -> float:
+    """A fresh owner's 5,000 synced messages deleted through the API and the worker."""
+    assert env.dovecot is not None
+    owner = env.create_owner(env.sessions())
+    user = (owner.mailbox_user, "pw-" + owner.mailbox_user.removeprefix("u"))
+    env.dovecot.append_messages(*user, "INBOX", make_messages(n, prefix="api"))
+    who = Principal(tenant_id=owner.tenant_id, user_id=owner.user_id, role="admin")
+    mb = Mailbox(env.dovecot, *user, owner.account_id, who, env.sessions(), env.settings, box(env))
+    sync_account(
+        mb.sessions,
+        mb.account_id,
+        box=mb.box,
+        settings=mb.settings,
+        options=SyncOptions(),
+        progress=lambda percent, stage: None,
+    )
+    ids = [m.id for m in mb.messages("INBOX")]
+    headers = {"Authorization": f"Bearer {owner.api_key}"}
+    body = {"message_ids": ids, "permanent": permanent}
+    started = time.perf_counter()
+    response = client.post(f"/api/accounts/{owner.account_id}/delete", json=body, headers=headers)
+    assert response.status_code == 202, response.get_json()
+    task_id = response.get_json()["task_id"]
+    while True:
+        with mb.sessions() as session:
+            state = session.get(TaskRecord, task_id).state  # type: ignore[union-attr]
+        if state in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(0.01)
+    seconds = time.perf_counter() - started
+    assert state == "succeeded" and mb.server_uids("INBOX") == [], state
+    return seconds
+
+
+def box(env: BenchEnvironment) -> SecretBox:
+    return SecretBox(env.settings.encryption_keys())
+
+
 def raw_delete(mb: Mailbox, *, permanent: bool, batch: int | None) -> float:
     """Raw imapclient: log in, SELECT, then MOVE or STORE + UID EXPUNGE of every UID."""
     started = time.perf_counter()
@@ -88,9 +134,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     n = args.messages
     with BenchEnvironment(dovecot=True) as env:
+        worker = CeleryWorker(["delete"], env=env.subprocess_env(), name="bench-delete", cwd=ROOT)
+        env.add_cleanup(worker.cleanup)
+        worker.start()
+        client = create_app(env.settings).test_client()
         rows = []
         for permanent in (False, True):
             ours: list[float] = []
+            end_to_end: list[float] = []
             raw_batched: list[float] = []
             raw_one: list[float] = []
             busy = machine_busy_seconds()
@@ -101,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
                 assert done == n and not result["gone"], result
                 assert mb.server_uids("INBOX") == [] and not mb.messages("INBOX")
                 ours.append(seconds)
+                end_to_end.append(api_delete(env, client, n, permanent=permanent))
                 raw_batched.append(
                     raw_delete(fresh_mailbox(env, n, synced=False), permanent=permanent, batch=BATCH)
                 )
@@ -109,16 +161,19 @@ def main(argv: list[str] | None = None) -> None:
                 )
             mode = "permanent (UID EXPUNGE)" if permanent else "move to Trash (UID MOVE)"
             rate = n / statistics.median(ours)
+            rate_api = n / statistics.median(end_to_end)
             rate_b = n / statistics.median(raw_batched)
             rate_one = n / statistics.median(raw_one)
             rows.append(
                 [
                     mode,
                     fmt(rate, 0),
+                    fmt(rate_api, 0),
                     fmt(rate_b, 0),
                     fmt(rate_one, 0),
                     fmt(ratio(rate, rate_b), 2),
                     fmt(ratio(rate, rate_one), 2),
+                    fmt(ratio(rate_api, rate_b), 2),
                     fmt(machine_busy_seconds() - busy, 1),
                 ]
             )
@@ -128,10 +183,12 @@ def main(argv: list[str] | None = None) -> None:
             [
                 "mode",
                 "Mailroom",
+                "API + worker",
                 f"raw, {mail_delete.BATCH_SIZE}/command",
                 "raw, 1 command",
                 f"÷ raw {mail_delete.BATCH_SIZE}",
                 "÷ raw 1 cmd",
+                f"API ÷ raw {mail_delete.BATCH_SIZE}",
                 "busy CPU s",
             ],
             rows,

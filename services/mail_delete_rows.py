@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import ARRAY, String, any_, case, cast, delete, select, text, update
+from sqlalchemy import ARRAY, ColumnElement, String, any_, case, cast, delete, select, text, update
 from sqlalchemy.orm import Session
 
 from services.errors import NotFound, PermanentMailError, TransientMailError
@@ -43,6 +44,14 @@ class DeleteRefused(PermanentMailError):
     status = 409
 
 
+def _id_in(session: Session, column: Any, ids: Sequence[str]) -> ColumnElement[bool]:
+    """``column`` is one of ``ids``: on PostgreSQL one array parameter (``= ANY``), which it
+    plans and binds several times faster than an IN list of thousands of parameters."""
+    if session.get_bind().dialect.name == "postgresql":
+        return column == any_(cast(list(ids), ARRAY(String)))
+    return column.in_(ids)  # type: ignore[no-any-return]
+
+
 def check_deletable(session: Session, principal: Principal, account_id: str, ids: Sequence[str]) -> list[str]:
     """Check, in one query, that every id is a message of ``account_id`` visible to
     ``principal`` (its tenant, and for a member an account of its own); else
@@ -56,7 +65,7 @@ def check_deletable(session: Session, principal: Principal, account_id: str, ids
         .where(
             Message.tenant_id == principal.tenant_id,
             Message.account_id == account_id,
-            Message.id.in_(unique),
+            _id_in(session, Message.id, unique),
         )
     )
     if not principal.is_admin:
@@ -101,12 +110,12 @@ def plan_delete(
     plan = Plan(trash=trash, folders=folders)
     found: set[str] = set()
     m = messages_table.c
-    on_postgresql = session.get_bind().dialect.name == "postgresql"
-    # Core columns, not ORM ones (plain tuples are read faster); on PostgreSQL one array
-    # parameter (= ANY) instead of an IN list of a thousand parameters per statement.
-    for chunk in [ids] if on_postgresql else chunks(ids):
-        wanted = m.id == any_(cast(list(chunk), ARRAY(String))) if on_postgresql else m.id.in_(chunk)
-        query = select(m.id, m.folder_id, m.uid, m.seen).where(m.account_id == account_id, wanted)
+    # Core columns, not ORM ones: plain tuples are read faster. Up to 5,000 ids fit one
+    # statement on either backend (SQLite allows 32,766 parameters).
+    for chunk in chunks(ids, 5000):
+        query = select(m.id, m.folder_id, m.uid, m.seen).where(
+            m.account_id == account_id, _id_in(session, m.id, chunk)
+        )
         for row in session.execute(query):
             found.add(row.id)
             if row.uid < 1:
