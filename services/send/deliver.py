@@ -27,10 +27,10 @@ from services.crypto import SecretBox
 from services.db import transaction
 from services.errors import MailError, NotFound, TaskCancelled
 from services.mail.hosts import resolve_host
-from services.mail.imap import pinned_imap_session
+from services.mail.imap import ImapEndpoint
 from services.mail.smtp import SendOutcome, process_pool
 from services.models import Account, OutboxEntry, OutboxState, utcnow
-from services.send import sent
+from services.send import imap_pool, sent
 from services.settings import Settings
 
 #: States in which the SMTP transaction may still have to happen.
@@ -75,7 +75,7 @@ def deliver(
     if before in NOT_YET_SENT:
         already = None
         if before == OutboxState.SENDING.value and save_sent:
-            already = _look_in_sent(imap, message_id, settings)
+            already = _look_in_sent(account_id, imap, message_id, settings)
         if already is None:
             try:
                 progress(20, "sending")  # the last point where a cancel still stops the send
@@ -106,16 +106,13 @@ def deliver(
             _file_copy(
                 sessions, outbox_id, account_id, imap, settings, raw, message_id, resumed=before == "accepted"
             )
+            return _result(sessions, outbox_id, account_id)
         except MailError as exc:
             if exc.transient:
                 raise  # the next attempt resumes at ``accepted``: no second SMTP send
             problem = f"sent, but the copy could not be filed in Sent: {exc.message}"
     with transaction(sessions) as session:
-        row = _load(session, outbox_id, account_id)
-        row.error = problem
-        row.state = OutboxState.SENT.value
-        row.sent_at = utcnow()
-        row.raw = None  # the server and the Sent folder have it now
+        _mark_sent(_load(session, outbox_id, account_id), problem)
     return _result(sessions, outbox_id, account_id)
 
 
@@ -172,31 +169,45 @@ def _server_answered(exc: MailError) -> bool:
     return isinstance(cause, (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused))
 
 
-def _imap_session(imap: Any, settings: Settings) -> Any:
-    pinned = resolve_host(
-        imap.host, imap.port, allow_private=settings.allow_private_hosts, field="imap.host", tls=imap.tls
+def _imap(account_id: str, imap: ImapEndpoint, settings: Settings) -> Any:
+    pool = imap_pool.process_pool(settings.smtp_idle_seconds, settings.smtp_messages_per_connection)
+    return pool.session(
+        (account_id, imap),
+        imap,
+        timeout=settings.mail_timeout_seconds,
+        allow_private=settings.allow_private_hosts,
     )
-    return pinned_imap_session(pinned, imap, timeout=settings.mail_timeout_seconds)
 
 
-def _look_in_sent(imap: Any, message_id: str, settings: Settings) -> sent.FiledCopy | None:
-    with _imap_session(imap, settings) as client:
-        return sent.find_copy(client, sent.sent_folder(client), message_id)
+def _sent_folder(pooled: Any) -> str:
+    if pooled.sent_folder is None:
+        pooled.sent_folder = sent.sent_folder(pooled.client)
+    return str(pooled.sent_folder)
+
+
+def _look_in_sent(
+    account_id: str, imap: ImapEndpoint, message_id: str, settings: Settings
+) -> sent.FiledCopy | None:
+    with _imap(account_id, imap, settings) as pooled:
+        return sent.find_copy(pooled.client, _sent_folder(pooled), message_id)
 
 
 def _file_copy(
     sessions: sessionmaker[Session],
     outbox_id: str,
     account_id: str,
-    imap: Any,
+    imap: ImapEndpoint,
     settings: Settings,
     raw: bytes,
     message_id: str,
     *,
     resumed: bool,
 ) -> None:
-    with _imap_session(imap, settings) as client:
-        folder = sent.sent_folder(client)
+    """APPEND the copy (never a second one) and, in one transaction, store its row and mark
+    the outbox row ``sent``."""
+    with _imap(account_id, imap, settings) as pooled:
+        client = pooled.client
+        folder = _sent_folder(pooled)
         # Only an attempt that took over an ``accepted`` row can find a copy of its own
         # making: the first attempt reaches this point once.
         copy = sent.find_copy(client, folder, message_id) if resumed else None
@@ -208,6 +219,14 @@ def _file_copy(
             row.sent_message_id = sent.store_copy(
                 session, client, copy, tenant_id=row.tenant_id, account_id=account_id
             )
+            _mark_sent(row, None)
+
+
+def _mark_sent(row: OutboxEntry, problem: str | None) -> None:
+    row.state = OutboxState.SENT.value
+    row.sent_at = utcnow()
+    row.error = problem
+    row.raw = None  # the server and the Sent folder have it now
 
 
 def _result(sessions: sessionmaker[Session], outbox_id: str, account_id: str) -> dict[str, Any]:

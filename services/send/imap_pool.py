@@ -1,0 +1,99 @@
+"""IMAP connections a send worker process keeps per account for filing Sent copies.
+
+Filing a copy is one APPEND (plus a FETCH to store its row); logging in and finding the
+Sent folder again for every message cost more than that. A connection is reused for the
+account's next message while it is younger than ``idle_seconds`` since its last use and
+has filed fewer than ``max_uses`` copies; any fault closes it, so a broken one is never
+reused. Not thread-safe: a prefork worker child runs one task at a time."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import imapclient
+from imapclient.exceptions import IMAPClientError
+
+from services.mail.hosts import resolve_host
+from services.mail.imap import ImapEndpoint, PinnedIMAPClient, _close, _tls_context, classify_imap_error
+
+
+@dataclass
+class _Pooled:
+    client: imapclient.IMAPClient
+    used: float
+    uses: int = 0
+    #: The Sent folder's name, found once per connection.
+    sent_folder: str | None = None
+
+
+@dataclass
+class ImapPool:
+    idle_seconds: float
+    max_uses: int
+    _conns: dict[tuple[object, ...], _Pooled] = field(default_factory=dict)
+
+    @contextmanager
+    def session(
+        self, key: tuple[object, ...], endpoint: ImapEndpoint, *, timeout: float, allow_private: bool
+    ) -> Iterator[_Pooled]:
+        """A logged-in connection for ``key``; faults come out as Mailroom mail errors."""
+        now = time.monotonic()
+        for stale_key, stale in list(self._conns.items()):
+            if now - stale.used > self.idle_seconds:
+                self._drop(stale_key)
+        pooled = self._conns.pop(key, None)
+        if pooled is None:
+            pooled = _Pooled(self._connect(endpoint, timeout, allow_private), now)
+        try:
+            yield pooled
+        except (IMAPClientError, OSError) as exc:
+            _close(pooled.client)
+            raise classify_imap_error(exc, "IMAP") from exc
+        except BaseException:
+            _close(pooled.client)
+            raise
+        pooled.used = time.monotonic()
+        pooled.uses += 1
+        if pooled.uses >= self.max_uses:
+            _close(pooled.client)
+        else:
+            self._conns[key] = pooled
+
+    @staticmethod
+    def _connect(endpoint: ImapEndpoint, timeout: float, allow_private: bool) -> imapclient.IMAPClient:
+        pinned = resolve_host(
+            endpoint.host, endpoint.port, allow_private=allow_private, field="imap.host", tls=endpoint.tls
+        )
+        client: imapclient.IMAPClient | None = None
+        try:
+            client = PinnedIMAPClient(
+                pinned, ssl_context=_tls_context() if endpoint.tls == "ssl" else None, timeout=timeout
+            )
+            if endpoint.tls == "starttls":
+                client.starttls(_tls_context())
+            client.login(endpoint.username, endpoint.password)
+        except Exception as exc:
+            _close(client)
+            raise classify_imap_error(exc, "login") from exc
+        return client
+
+    def _drop(self, key: tuple[object, ...]) -> None:
+        pooled = self._conns.pop(key, None)
+        if pooled is not None:
+            _close(pooled.client)
+
+
+_pools: dict[int, ImapPool] = {}
+
+
+def process_pool(idle_seconds: float, max_uses: int) -> ImapPool:
+    """This process's :class:`ImapPool` (a forked child gets its own)."""
+    pool = _pools.get(os.getpid())
+    if pool is None:
+        _pools.clear()
+        pool = _pools[os.getpid()] = ImapPool(idle_seconds, max_uses)
+    return pool
