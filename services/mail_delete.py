@@ -209,15 +209,17 @@ def _advance_trash(run: _Run) -> None:
     last = trash.last_seen_uid
     if last is None or trash.backfill_below_uid is not None:
         return  # never synced, or a first sync still walking down: leave it to the sync
-    run.client.select_folder(trash.name, readonly=True)
-    above = {u for u in run.client.search(["UID", f"{last + 1}:*"]) if u > last}
-    if not above or not above <= set(run.trash_uids):
+    # One STATUS, not a SELECT of a Trash that may be large: when this run's UIDs are as
+    # many as all the UIDs between last_seen_uid and UIDNEXT, they are exactly those.
+    uidnext = int(run.client.folder_status(trash.name, [b"UIDNEXT"])[b"UIDNEXT"])
+    ours = set(run.trash_uids)
+    if min(ours) <= last or max(ours) >= uidnext or len(ours) != uidnext - 1 - last:
         return  # another client put mail there too: the sync must fetch it
     with transaction(run.sessions) as session:
         session.execute(
             update(Folder)
             .where(Folder.id == trash.id, Folder.last_seen_uid == last)
-            .values(last_seen_uid=max(above))
+            .values(last_seen_uid=uidnext - 1)
             .execution_options(synchronize_session=False)
         )
 

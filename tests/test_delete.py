@@ -258,3 +258,31 @@ def test_a_server_without_move_copies_and_expunges_exactly_those_uids(kit, smtp,
         assert rows(sessions, account_id) == before
     finally:
         server.stop()
+
+
+def test_mail_another_client_put_in_trash_meanwhile_is_still_synced(
+    kit, account, dovecot, mailbox_user, sessions
+) -> None:
+    uids = seed(dovecot, mailbox_user, "INBOX", 4)
+    sync(kit.admin, account["id"])
+    inbox = folder_ids(kit.admin, account["id"], "INBOX")
+    seed(dovecot, mailbox_user, "Trash", 1, tag="elsewhere ")  # not synced yet
+    chosen = [inbox[u] for u in uids[:2]]
+
+    def trash_last_seen() -> int | None:
+        with sessions() as session:
+            return session.scalar(
+                select(Folder.last_seen_uid).where(Folder.account_id == account["id"], Folder.name == "Trash")
+            )
+
+    before = trash_last_seen()
+    assert before is not None
+    task = delete(kit.admin, account["id"], chosen)
+    assert task["state"] == "succeeded" and task["result"]["moved"] == 2, task
+    assert trash_last_seen() == before  # the other message lies between: not skipped
+    sync(kit.admin, account["id"])
+    trash = kit.admin.get(f"/api/accounts/{account['id']}/messages?folder=Trash").get_json()["items"]
+    assert sorted(m["subject"] for m in trash) == ["Delete me 0", "Delete me 1", "Delete me elsewhere 0"]
+    assert {m["id"] for m in trash} >= set(chosen)
+    assert sorted(m["uid"] for m in trash) == dovecot.uids(*mailbox_user, "Trash")
+    assert_counts_exact(sessions, account["id"])
