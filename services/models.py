@@ -297,6 +297,7 @@ class OutboxEntry(Base):
         # An Idempotency-Key names one send per tenant; NULL keys (no header) never collide.
         UniqueConstraint("tenant_id", "idempotency_key"),
         Index("ix_outbox_account_created", "account_id", "created_at"),
+        Index("ix_outbox_account_sending", "account_id", "sending_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -316,6 +317,8 @@ class OutboxEntry(Base):
     size: Mapped[int] = mapped_column(Integer, default=0)
     save_sent: Mapped[bool] = mapped_column(Boolean, default=True)
     send_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # When the SMTP transaction was allowed to start: the per-account rate limit's clock.
+    sending_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     accepted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     smtp_reply: Mapped[str | None] = mapped_column(Text)

@@ -97,6 +97,11 @@ class Settings(BaseSettings):
         description="How far ahead send_at may be; also kept below the visibility timeout minus "
         "the hard time limit and the longest retry delay.",
     )
+    send_rate_per_account: float = Field(
+        default=0.0,
+        ge=0,
+        description="Messages per second one account may send (0: no limit); more wait their turn.",
+    )
     smtp_messages_per_connection: int = Field(
         default=100, ge=1, description="Messages sent over one SMTP connection before a fresh one."
     )

@@ -313,3 +313,13 @@ def test_send_at_too_far_ahead_or_without_a_zone_is_422(kit, account) -> None:
     for send_at in (far, "2030-01-01T09:00:00"):
         response = send(kit, account, {"to": ["a@example.test"], "text": "x", "send_at": send_at})
         assert response.status_code == 422, response.get_json()
+
+
+def test_the_smtp_connection_is_reused_for_the_accounts_next_messages(kit, account, smtp) -> None:
+    body = {"to": ["a@example.test"], "text": "reuse", "save_sent": False}
+    peers = []
+    for _ in range(3):
+        accepted = send(kit, account, body).get_json()
+        assert kit.admin.wait_task(accepted["task_id"])["state"] == "succeeded"
+        peers.append(tuple(delivered(smtp, accepted["message_id"])[0]["peer"]))
+    assert len(set(peers)) == 1, peers  # one client port: one connection, one login

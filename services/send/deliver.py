@@ -17,9 +17,12 @@ server files sent mail itself — and only sends when it is absent.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from services import accounts
@@ -78,6 +81,7 @@ def deliver(
             already = _look_in_sent(account_id, imap, message_id, settings)
         if already is None:
             try:
+                _take_turn(sessions, outbox_id, account_id, settings.send_rate_per_account, progress)
                 progress(20, "sending")  # the last point where a cancel still stops the send
             except TaskCancelled:
                 _set_state(sessions, outbox_id, account_id, OutboxState.CANCELLED)
@@ -114,6 +118,35 @@ def deliver(
     with transaction(sessions) as session:
         _mark_sent(_load(session, outbox_id, account_id), problem)
     return _result(sessions, outbox_id, account_id)
+
+
+def _take_turn(
+    sessions: sessionmaker[Session],
+    outbox_id: str,
+    account_id: str,
+    rate: float,
+    progress: Callable[[float, str], None],
+) -> None:
+    """Wait until the account may send again (``rate`` messages per second, over every
+    worker), then record this send's start. The account row's lock makes the check and the
+    record one step, so two workers never take the same turn. Waiting holds this worker;
+    each wait is at most one interval and a cancel checkpoint."""
+    if rate <= 0:
+        return
+    interval = timedelta(seconds=1 / rate)
+    while True:
+        with transaction(sessions) as session:
+            session.execute(select(Account.id).where(Account.id == account_id).with_for_update())
+            last = session.scalar(
+                select(func.max(OutboxEntry.sending_at)).where(OutboxEntry.account_id == account_id)
+            )
+            now = utcnow()
+            if last is None or now >= last + interval:
+                _load(session, outbox_id, account_id).sending_at = now
+                return
+            wait = (last + interval - now).total_seconds()
+        progress(10, "waiting for the account's send rate")
+        time.sleep(wait)
 
 
 def _set_state(sessions: sessionmaker[Session], outbox_id: str, account_id: str, value: OutboxState) -> None:

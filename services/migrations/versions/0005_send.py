@@ -55,6 +55,7 @@ def upgrade() -> None:
         sa.Column("size", sa.Integer(), nullable=False),
         sa.Column("save_sent", sa.Boolean(), nullable=False),
         sa.Column("send_at", UTCDateTime(timezone=True), nullable=True),
+        sa.Column("sending_at", UTCDateTime(timezone=True), nullable=True),
         sa.Column("accepted_at", UTCDateTime(timezone=True), nullable=True),
         sa.Column("sent_at", UTCDateTime(timezone=True), nullable=True),
         sa.Column("smtp_reply", sa.Text(), nullable=True),
@@ -75,9 +76,11 @@ def upgrade() -> None:
     )
     op.create_index("ix_outbox_tenant_id", "outbox", ["tenant_id"])
     op.create_index("ix_outbox_account_created", "outbox", ["account_id", "created_at"])
+    op.create_index("ix_outbox_account_sending", "outbox", ["account_id", "sending_at"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_outbox_account_sending", table_name="outbox")
     op.drop_index("ix_outbox_account_created", table_name="outbox")
     op.drop_index("ix_outbox_tenant_id", table_name="outbox")
     op.drop_table("outbox")
