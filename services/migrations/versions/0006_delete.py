@@ -1,4 +1,5 @@
-"""delete
+"""delete: no schema change. A move updates the message row in place (folder, UID) and a
+permanent delete deletes it; the task's parameters and result live in its record.
 
 Revision ID: 0006
 Revises: 0005
