@@ -92,7 +92,6 @@ class DeleteParams(DeleteRequest):
     in_trash: list[MessageId] = Field(default_factory=list, max_length=5000)
 
 
-
 class SpamCheckParams(_Strict):
     message_ids: list[str] | None = Field(default=None, min_length=1, max_length=1000)
     folder: str | None = Field(default=None, min_length=1, max_length=1000)
