@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from services import accounts
+from services import accounts, task_records
 from services.crypto import SecretBox
 from services.db import transaction
 from services.errors import MailError, NotFound, TaskCancelled
@@ -57,20 +57,25 @@ def deliver(
     settings: Settings,
     progress: Callable[[float, str], None],
 ) -> dict[str, Any]:
-    """Send the outbox row's message and file its Sent copy; returns the task's result."""
+    """Send the outbox row's message and file its Sent copy; returns the task's result.
+    ``progress`` is called (a cancel checkpoint) only while waiting for the send rate."""
     with transaction(sessions) as session:
         row = _load(session, outbox_id, account_id)
         if row.task_id is None:
             row.task_id = task_id  # the API died between its two commits
         before = row.state
+        stop = before in NOT_YET_SENT and task_records.must_stop(session, task_id)
         if before in NOT_YET_SENT:
-            row.state = OutboxState.SENDING.value
+            # A cancel that came in since the attempt started still stops the send here.
+            row.state = (OutboxState.CANCELLED if stop else OutboxState.SENDING).value
         account = session.get(Account, account_id)
         assert account is not None
         smtp = accounts.smtp_endpoint(account, box)
         imap = accounts.imap_endpoint(account, box)
         raw, message_id, save_sent = row.raw, row.message_id_header, row.save_sent
         sender, recipients = row.envelope_from, list(row.recipients)
+    if stop:
+        raise TaskCancelled()
     if before in (OutboxState.SENT.value, OutboxState.FAILED.value, OutboxState.CANCELLED.value):
         return _result(sessions, outbox_id, account_id)
     assert raw is not None
@@ -82,7 +87,6 @@ def deliver(
         if already is None:
             try:
                 _take_turn(sessions, outbox_id, account_id, settings.send_rate_per_account, progress)
-                progress(20, "sending")  # the last point where a cancel still stops the send
             except TaskCancelled:
                 _set_state(sessions, outbox_id, account_id, OutboxState.CANCELLED)
                 raise
@@ -107,17 +111,26 @@ def deliver(
     problem = None
     if save_sent:
         try:
-            _file_copy(
-                sessions, outbox_id, account_id, imap, settings, raw, message_id, resumed=before == "accepted"
+            # An attempt that took over a row ``sending`` or ``accepted`` may find a copy
+            # filed before (by its predecessor or by the server): it never appends another.
+            return _file_copy(
+                sessions,
+                outbox_id,
+                account_id,
+                imap,
+                settings,
+                raw,
+                message_id,
+                resumed=before not in ("queued", "scheduled"),
             )
-            return _result(sessions, outbox_id, account_id)
         except MailError as exc:
             if exc.transient:
                 raise  # the next attempt resumes at ``accepted``: no second SMTP send
             problem = f"sent, but the copy could not be filed in Sent: {exc.message}"
     with transaction(sessions) as session:
-        _mark_sent(_load(session, outbox_id, account_id), problem)
-    return _result(sessions, outbox_id, account_id)
+        row = _load(session, outbox_id, account_id)
+        _mark_sent(row, problem)
+        return _result_of(row)
 
 
 def _take_turn(
@@ -235,14 +248,14 @@ def _file_copy(
     message_id: str,
     *,
     resumed: bool,
-) -> None:
+) -> dict[str, Any]:
     """APPEND the copy (never a second one) and, in one transaction, store its row and mark
     the outbox row ``sent``."""
     with _imap(account_id, imap, settings) as pooled:
         client = pooled.client
         folder = _sent_folder(pooled)
-        # Only an attempt that took over an ``accepted`` row can find a copy of its own
-        # making: the first attempt reaches this point once.
+        # Only an attempt that took over a row left ``sending`` or ``accepted`` can find a
+        # copy filed before; a first attempt reaches this point once and skips the search.
         copy = sent.find_copy(client, folder, message_id) if resumed else None
         if copy is None:
             copy = sent.append_copy(client, folder, raw, message_id)
@@ -253,6 +266,7 @@ def _file_copy(
                 session, client, copy, tenant_id=row.tenant_id, account_id=account_id
             )
             _mark_sent(row, None)
+            return _result_of(row)
 
 
 def _mark_sent(row: OutboxEntry, problem: str | None) -> None:
@@ -264,17 +278,20 @@ def _mark_sent(row: OutboxEntry, problem: str | None) -> None:
 
 def _result(sessions: sessionmaker[Session], outbox_id: str, account_id: str) -> dict[str, Any]:
     with transaction(sessions) as session:
-        row = _load(session, outbox_id, account_id)
-        return {
-            "outbox_id": row.id,
-            "state": row.state,
-            "message_id": row.message_id_header,
-            "recipients": row.recipients,
-            "accepted": [r for r in row.recipients if r not in (row.refused or {})],
-            "refused": row.refused or {},
-            "smtp_reply": row.smtp_reply,
-            "error": row.error,
-            "sent_copy": {"folder": row.sent_folder, "uid": row.sent_uid, "message_id": row.sent_message_id}
-            if row.sent_folder
-            else None,
-        }
+        return _result_of(_load(session, outbox_id, account_id))
+
+
+def _result_of(row: OutboxEntry) -> dict[str, Any]:
+    return {
+        "outbox_id": row.id,
+        "state": row.state,
+        "message_id": row.message_id_header,
+        "recipients": row.recipients,
+        "accepted": [r for r in row.recipients if r not in (row.refused or {})],
+        "refused": row.refused or {},
+        "smtp_reply": row.smtp_reply,
+        "error": row.error,
+        "sent_copy": {"folder": row.sent_folder, "uid": row.sent_uid, "message_id": row.sent_message_id}
+        if row.sent_folder
+        else None,
+    }
