@@ -53,6 +53,8 @@ def test_every_route_with_another_tenants_id_is_404(app, kit, other_kit, account
     """Walk the app's URL map, so a route added later cannot forget the tenant check."""
     task_id = kit.admin.post(f"/api/accounts/{account['id']}/verify").get_json()["task_id"]
     ids = {"account_id": account["id"], "task_id": task_id, "message_id": _a_message_id(kit, account)}
+    sent = kit.admin.post(f"/api/accounts/{account['id']}/send", json={"to": ["a@b.test"], "text": "x"})
+    ids["outbox_id"] = sent.get_json()["outbox_id"]
     checked = 0
     for rule in app.url_map.iter_rules():
         if not rule.rule.startswith("/api/") or not rule.arguments:

@@ -104,6 +104,16 @@ def _idempotency_key() -> str | None:
     return key
 
 
+@bp.before_request
+def _account_first() -> None:
+    """Another tenant's (or an unknown) account is a 404 before the body is validated, as on
+    every route: whether a body would have been valid says nothing about someone else's
+    account."""
+    account_id = (request.view_args or {}).get("account_id")
+    if request.method == "POST" and isinstance(account_id, str):
+        accounts.get_account(db_session(), account_id, principal())
+
+
 @bp.post(
     "/<account_id>/send",
     responses={200: SendAccepted, 202: SendAccepted, 413: ErrorResponse, **ERRORS},
