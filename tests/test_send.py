@@ -323,3 +323,17 @@ def test_the_smtp_connection_is_reused_for_the_accounts_next_messages(kit, accou
         assert kit.admin.wait_task(accepted["task_id"])["state"] == "succeeded"
         peers.append(tuple(delivered(smtp, accepted["message_id"])[0]["peer"]))
     assert len(set(peers)) == 1, peers  # one client port: one connection, one login
+
+
+def test_4xx_until_retries_run_out_fails_and_the_outbox_says_so(kit, account, smtp) -> None:
+    smtp.set_reject(451, "4.3.0 still busy", stage="mail")
+    try:
+        accepted = send(kit, account, {"to": ["a@example.test"], "text": "x", "save_sent": False}).get_json()
+        task = kit.admin.wait_task(accepted["task_id"], timeout=60)
+    finally:
+        smtp.clear_reject()
+    assert task["state"] == "failed" and task["attempts"] == 4, task
+    assert "451" in task["error"]["message"]
+    assert delivered(smtp, accepted["message_id"]) == []
+    [row] = _outbox(kit, account, "?state=failed")
+    assert row["id"] == accepted["outbox_id"]

@@ -177,11 +177,14 @@ def _params(row: OutboxEntry) -> dict[str, Any]:
 
 
 def effective_state(row: OutboxEntry, task_state: str | None) -> str:
-    """The row's state, or ``cancelled`` when its task was cancelled before it ran (the
-    worker then never sees the row, so the task record is what says so)."""
+    """The row's state; for a row still waiting, ``cancelled`` or ``failed`` when its task
+    ended so (cancelled before it ran, or out of retries after 4xx replies): the worker
+    then never wrote the row again, so the task record is what says so."""
     waiting = row.state in (OutboxState.QUEUED.value, OutboxState.SCHEDULED.value)
     if waiting and task_state == TaskState.CANCELLED.value:
         return OutboxState.CANCELLED.value
+    if waiting and task_state == TaskState.FAILED.value:
+        return OutboxState.FAILED.value
     return row.state
 
 

@@ -196,9 +196,9 @@ def list_outbox(path: AccountPath, query: OutboxQuery) -> Response:
     session = db_session()
     account = accounts.get_account(session, path.account_id, principal())
     wanted = OutboxEntry.account_id == account.id
-    if query.state in ("queued", "scheduled", "cancelled"):
-        # Cancellation shows in the task record: read the waiting rows and decide below.
-        stored = ["queued", "scheduled", "cancelled"]
+    if query.state in ("queued", "scheduled", "cancelled", "failed"):
+        # A waiting row's cancel or failure shows in its task record: decide below.
+        stored = ["queued", "scheduled", query.state]
     else:
         stored = [query.state] if query.state else []
     statement = select(OutboxEntry).where(wanted)
