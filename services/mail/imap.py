@@ -109,11 +109,9 @@ def imap_session(
         yield client
 
 
-@contextmanager
-def pinned_imap_session(
-    pinned: PinnedHost, endpoint: ImapEndpoint, *, timeout: float
-) -> Iterator[imapclient.IMAPClient]:
-    """:func:`imap_session` for an already checked :class:`PinnedHost`."""
+def login_pinned(pinned: PinnedHost, endpoint: ImapEndpoint, *, timeout: float) -> imapclient.IMAPClient:
+    """A client connected to ``pinned`` (TLS as ``endpoint`` says) and logged in; the
+    caller closes it. Faults come out classified, as for :func:`imap_session`."""
     client: imapclient.IMAPClient | None = None
     try:
         client = PinnedIMAPClient(
@@ -125,6 +123,15 @@ def pinned_imap_session(
     except Exception as exc:
         _close(client)
         raise classify_imap_error(exc, "login") from exc
+    return client
+
+
+@contextmanager
+def pinned_imap_session(
+    pinned: PinnedHost, endpoint: ImapEndpoint, *, timeout: float
+) -> Iterator[imapclient.IMAPClient]:
+    """:func:`imap_session` for an already checked :class:`PinnedHost`."""
+    client = login_pinned(pinned, endpoint, timeout=timeout)
     try:
         yield client
     except (IMAPClientError, OSError) as exc:

@@ -18,7 +18,7 @@ import imapclient
 from imapclient.exceptions import IMAPClientError
 
 from services.mail.hosts import resolve_host
-from services.mail.imap import ImapEndpoint, PinnedIMAPClient, _close, _tls_context, classify_imap_error
+from services.mail.imap import ImapEndpoint, _close, classify_imap_error, login_pinned
 
 
 @dataclass
@@ -68,18 +68,7 @@ class ImapPool:
         pinned = resolve_host(
             endpoint.host, endpoint.port, allow_private=allow_private, field="imap.host", tls=endpoint.tls
         )
-        client: imapclient.IMAPClient | None = None
-        try:
-            client = PinnedIMAPClient(
-                pinned, ssl_context=_tls_context() if endpoint.tls == "ssl" else None, timeout=timeout
-            )
-            if endpoint.tls == "starttls":
-                client.starttls(_tls_context())
-            client.login(endpoint.username, endpoint.password)
-        except Exception as exc:
-            _close(client)
-            raise classify_imap_error(exc, "login") from exc
-        return client
+        return login_pinned(pinned, endpoint, timeout=timeout)
 
     def _drop(self, key: tuple[object, ...]) -> None:
         pooled = self._conns.pop(key, None)
