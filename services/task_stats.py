@@ -139,28 +139,38 @@ class Preflight:
     estimate: float | None
 
 
-def _preflight_statement(capped: bool, checked: bool) -> Select[Any]:
-    """The preflight SELECT, built once per shape: building and cache-keying it on every
-    dispatch cost more CPU than running it."""
-    columns: list[Any] = [
+def _estimate_subquery() -> Any:
+    """The running mean of this account's tasks of this type (NULL when none succeeded)."""
+    return (
         select(durations.c.recent_seconds)
         .where(durations.c.account_id == bindparam("account_id"), durations.c.type == bindparam("type"))
         .scalar_subquery()
-        .label("estimate")
-    ]
-    if capped:
-        bounded = (
-            select(literal_column("1"))
-            .select_from(tasks)
-            .where(
-                tasks.c.tenant_id == bindparam("tenant_id"),
-                tasks.c.queue == bindparam("queue"),
-                text(IN_FLIGHT_SQL),
-            )
-            .limit(bindparam("cap", type_=Integer))
-            .subquery()
+    )
+
+
+def _in_flight_count() -> Any:
+    """The tenant's tasks in flight on the queue, counted up to ``cap`` only (the partial
+    index is read no further than the cap)."""
+    bounded = (
+        select(literal_column("1"))
+        .select_from(tasks)
+        .where(
+            tasks.c.tenant_id == bindparam("tenant_id"),
+            tasks.c.queue == bindparam("queue"),
+            text(IN_FLIGHT_SQL),
         )
-        columns.append(select(func.count()).select_from(bounded).scalar_subquery().label("in_flight"))
+        .limit(bindparam("cap", type_=Integer))
+        .subquery()
+    )
+    return select(func.count()).select_from(bounded).scalar_subquery()
+
+
+def _preflight_statement(capped: bool, checked: bool) -> Select[Any]:
+    """The preflight SELECT, built once per shape: building and cache-keying it on every
+    dispatch cost more CPU than running it."""
+    columns: list[Any] = [_estimate_subquery().label("estimate")]
+    if capped:
+        columns.append(_in_flight_count().label("in_flight"))
     if checked:
         columns.append(_visible_account().scalar_subquery().label("visible"))
     return select(*columns)
@@ -177,31 +187,13 @@ def _checked_insert_statement(capped: bool, checked: bool) -> Any:
     """INSERT … SELECT of one queued record that happens only when the account check and
     the cap allow it, with the estimate read in the same statement; RETURNING tells
     whether it happened and what the estimate was. Built once per shape."""
-    estimate = func.coalesce(
-        select(durations.c.recent_seconds)
-        .where(durations.c.account_id == bindparam("account_id"), durations.c.type == bindparam("type"))
-        .scalar_subquery(),
-        bindparam("default_estimate", type_=Float),
-    )
+    estimate = func.coalesce(_estimate_subquery(), bindparam("default_estimate", type_=Float))
     names = [column.key for column in tasks.columns if column.key != "estimated_duration"]
     row = [bindparam(name, type_=tasks.c[name].type).label(name) for name in names]
     row.append(estimate.label("estimated_duration"))
     conditions: list[Any] = []
     if capped:
-        bounded = (
-            select(literal_column("1"))
-            .select_from(tasks)
-            .where(
-                tasks.c.tenant_id == bindparam("tenant_id"),
-                tasks.c.queue == bindparam("queue"),
-                text(IN_FLIGHT_SQL),
-            )
-            .limit(bindparam("cap", type_=Integer))
-            .subquery()
-        )
-        conditions.append(
-            select(func.count()).select_from(bounded).scalar_subquery() < bindparam("cap", type_=Integer)
-        )
+        conditions.append(_in_flight_count() < bindparam("cap", type_=Integer))
     if checked:
         conditions.append(_visible_account().exists())
     chosen = select(*row).where(*conditions) if conditions else select(*row)
