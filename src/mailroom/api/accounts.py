@@ -10,7 +10,6 @@ from flask_openapi3 import APIBlueprint, Tag
 from mailroom.api.common import ERRORS, SECURITY, page_info
 from mailroom.auth import principal
 from mailroom.context import db_session, state
-from mailroom.errors import error_response
 from mailroom.schemas import (
     AccountCreate,
     AccountOut,
@@ -22,9 +21,9 @@ from mailroom.schemas import (
 )
 from services import accounts
 from services.accounts import AccountInput, endpoint_view
-from services.models import Account
+from services.models import Account, TaskRecord
 from services.task_inputs import SyncParams
-from tasks.dispatch import Dispatched, TooManyTasksInFlight, dispatch
+from tasks.dispatch import dispatch
 
 tag = Tag(name="accounts", description="Connected IMAP/SMTP mailboxes")
 bp = APIBlueprint("accounts", __name__, url_prefix="/api/accounts", abp_tags=[tag], abp_security=SECURITY)
@@ -110,18 +109,27 @@ def delete_account(path: AccountPath) -> tuple[str, int]:
     return "", 204
 
 
-def accepted(result: Dispatched) -> tuple[Response, int]:
-    record = result.record
-    body = TaskAccepted(
+def accepted(
+    record: TaskRecord,
+    *,
+    created: bool,
+    model: type[TaskAccepted] = TaskAccepted,
+    status: int = 202,
+    **extra: Any,
+) -> tuple[Response, int]:
+    """The answer of a route that queued work: the task, where to poll it (also as
+    ``Location``), and whether an equivalent task in flight was returned instead."""
+    body = model(
         task_id=record.id,
         state=record.state,
         queue=record.queue,
         status_url=url_for("tasks.get_task", task_id=record.id),
-        deduplicated=not result.created,
+        deduplicated=not created,
+        **extra,
     )
     response = jsonify(body.model_dump())
     response.headers["Location"] = body.status_url
-    return response, 202
+    return response, status
 
 
 def queue_task(account_id: str, type: str, params: dict[str, Any]) -> tuple[Response, int]:
@@ -131,22 +139,17 @@ def queue_task(account_id: str, type: str, params: dict[str, Any]) -> tuple[Resp
     429 with ``Retry-After``."""
     who = principal()
     st = state()
-    try:
-        result = dispatch(
-            st.celery,
-            db_session(),
-            type=type,
-            tenant_id=who.tenant_id,
-            user_id=who.user_id,
-            account_id=account_id,
-            params=params,
-            visible_to=who,  # the account check, in the same round trip as the cap
-        )
-    except TooManyTasksInFlight as exc:
-        response = error_response(exc.status, exc.code, exc.message, exc.details)
-        response.headers["Retry-After"] = str(exc.retry_after)
-        return response, exc.status
-    return accepted(result)
+    result = dispatch(
+        st.celery,
+        db_session(),
+        type=type,
+        tenant_id=who.tenant_id,
+        user_id=who.user_id,
+        account_id=account_id,
+        params=params,
+        visible_to=who,  # the account check, in the same round trip as the cap
+    )
+    return accepted(result.record, created=result.created)
 
 
 @bp.post("/<account_id>/verify", responses={202: TaskAccepted, **ERRORS})

@@ -9,16 +9,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from flask import Response, jsonify, request, url_for
+from flask import Response, jsonify, request
 from flask_openapi3 import APIBlueprint, Tag
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from mailroom.api.accounts import accepted
 from mailroom.api.common import ERRORS, SECURITY
 from mailroom.auth import principal
 from mailroom.context import db_session, state
-from mailroom.errors import error_response
 from mailroom.schemas import AccountPath, ErrorResponse, TaskAccepted
 from services import accounts
 from services.errors import NotFound, ValidationFailed
@@ -26,7 +26,6 @@ from services.models import OutboxEntry, TaskRecord, is_id
 from services.send.outbox import accept_send, outbox_view
 from services.send.request import SendRequest
 from services.settings import Settings
-from tasks.dispatch import TooManyTasksInFlight
 
 tag = Tag(name="send", description="Sending mail from an account")
 bp = APIBlueprint("send", __name__, url_prefix="/api/accounts", abp_tags=[tag], abp_security=SECURITY)
@@ -124,34 +123,24 @@ def send_message(path: AccountPath, body: SendRequest) -> tuple[Response, int]:
     ``Idempotency-Key`` header, repeating the request returns the first one's task (200);
     the same key with another body is a 409. Content over the size limit is a 413."""
     st = state()
-    try:
-        result = accept_send(
-            st.celery,
-            db_session(),
-            principal(),
-            path.account_id,
-            body,
-            idempotency_key=_idempotency_key(),
-            max_bytes=st.settings.send_max_bytes,
-            max_delay=max_schedule_delay(st.settings),
-        )
-    except TooManyTasksInFlight as exc:
-        response = error_response(exc.status, exc.code, exc.message, exc.details)
-        response.headers["Retry-After"] = str(exc.retry_after)
-        return response, exc.status
-    record = result.record
-    out = SendAccepted(
-        task_id=record.id,
-        state=record.state,
-        queue=record.queue,
-        status_url=url_for("tasks.get_task", task_id=record.id),
-        deduplicated=not result.created,
+    result = accept_send(
+        st.celery,
+        db_session(),
+        principal(),
+        path.account_id,
+        body,
+        idempotency_key=_idempotency_key(),
+        max_bytes=st.settings.send_max_bytes,
+        max_delay=max_schedule_delay(st.settings),
+    )
+    return accepted(
+        result.record,
+        created=result.created,
+        model=SendAccepted,
+        status=202 if result.created else 200,
         outbox_id=result.outbox.id,
         message_id=result.outbox.message_id_header,
     )
-    response = jsonify(out.model_dump())
-    response.headers["Location"] = out.status_url
-    return response, 202 if result.created else 200
 
 
 def _task_states(session: Session, rows: list[OutboxEntry]) -> dict[str, str]:
