@@ -58,7 +58,14 @@ from services.settings import Settings
 from services.sync.commands import uid_set
 from services.sync.pipeline import BatchWriter
 
-__all__ = ["AccountBusy", "DeleteRefused", "SyncRequired", "check_deletable", "delete_messages"]
+__all__ = [
+    "AccountBusy",
+    "DeleteRefused",
+    "SyncRequired",
+    "check_deletable",
+    "delete_messages",
+    "move_uids",
+]
 
 #: UIDs per IMAP command: short command lines, and a cancel checkpoint every batch.
 BATCH_SIZE = 500
@@ -90,6 +97,45 @@ def _drain(client: imapclient.IMAPClient) -> None:
     # imaplib keeps every untagged EXPUNGE/FETCH; a 5,000-message delete must not hoard them.
     for key in ("EXPUNGE", "FETCH", "COPYUID", "EXISTS", "RECENT"):
         client._imap.untagged_responses.pop(key, None)
+
+
+def _has(client: imapclient.IMAPClient, capability: str) -> bool:
+    return bool(client.has_capability(capability))
+
+
+def move_uids(client: imapclient.IMAPClient, uids: Iterable[int], target: str) -> dict[int, int]:
+    """Move the messages with these UIDs from the folder selected on ``client`` to the
+    folder ``target``; return old UID → new UID (from COPYUID) for every message moved.
+
+    ``UID MOVE`` where the server has MOVE; else ``UID COPY``, then ``\\Deleted`` and
+    ``UID EXPUNGE`` of exactly the copied UIDs, so another ``\\Deleted`` message of the
+    folder stays. UIDs the folder no longer has are simply absent from the map. Needs
+    UIDPLUS (COPYUID and UID EXPUNGE): without it :class:`DeleteRefused` is raised and
+    nothing is touched. Commands carry at most :data:`BATCH_SIZE` UIDs each. Leaves the
+    folder selected, and never closes it (CLOSE would expunge every ``\\Deleted``
+    message)."""
+    if not _has(client, "UIDPLUS"):
+        raise DeleteRefused(
+            "the IMAP server lacks UIDPLUS: without COPYUID and UID EXPUNGE a move could not "
+            "be followed or could take other \\Deleted messages with it; nothing was moved"
+        )
+    ordered = sorted(set(uids))
+    mapping: dict[int, int] = {}
+    for start in range(0, len(ordered), BATCH_SIZE):
+        batch = ordered[start : start + BATCH_SIZE]
+        _drain(client)
+        if _has(client, "MOVE"):
+            client.move(batch, target)
+            new = _copyuid(client)
+        else:
+            client.copy(batch, target)
+            new = _copyuid(client)
+            if new:
+                client.add_flags(sorted(new), [b"\\Deleted"], silent=True)
+                client.uid_expunge(sorted(new))
+        _drain(client)
+        mapping.update(new)
+    return mapping
 
 
 def _check_validity(folder: Folder, validity: Any) -> None:
@@ -153,21 +199,10 @@ def _move_folder(run: _Run, source: Folder, rows: list[Row]) -> None:
     client = run.client
     for batch in _batches(rows, run.batch_size):
         uids = [r.uid for r in batch]
-        _drain(client)
-        if run.has_move:
-            client.move(uids, trash.name)
-            new = _copyuid(client)
-        else:
-            client.copy(uids, trash.name)
-            new = _copyuid(client)
-            if new:
-                # Only the copied UIDs: a \Deleted message of someone else's stays.
-                client.add_flags(sorted(new), [b"\\Deleted"], silent=True)
-                client.uid_expunge(sorted(new))
-            # A crash between COPY and UID EXPUNGE leaves a copy in Trash and the original
-            # here (marked \Deleted); the rows still describe the original, so a retry
-            # moves it again. That window is the cost of a server without MOVE.
-        _drain(client)
+        # A crash between COPY and UID EXPUNGE (server without MOVE) leaves a copy in Trash
+        # and the original here (marked \Deleted); the rows still describe the original, so
+        # a retry moves it again. That window is the cost of a server without MOVE.
+        new = move_uids(client, uids, trash.name)
         run.moved += len(new)
         run.trash_uids.extend(new.values())
         run.plan.gone += [r.id for r in batch if r.uid not in new]
