@@ -91,6 +91,16 @@ class MailError(MailroomError):
     code = "mail_error"
     status = 502
     transient = False
+    # What the metrics count it as: "imap" or "smtp", and a short kind ("auth", "timeout",
+    # "connect", "tls", "unavailable", "rejected", "smtp_4xx", "smtp_5xx", "other").
+    protocol: str | None = None
+    kind = "other"
+
+    def tagged(self, protocol: str, kind: str) -> MailError:
+        """Name the protocol and kind of this fault (for metrics); returns ``self``."""
+        self.protocol = protocol
+        self.kind = kind
+        return self
 
 
 class TransientMailError(MailError):

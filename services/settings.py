@@ -105,6 +105,12 @@ class Settings(BaseSettings):
     smtp_messages_per_connection: int = Field(
         default=100, ge=1, description="Messages sent over one SMTP connection before a fresh one."
     )
+    outbox_retention_hours: int = Field(
+        default=72,
+        ge=24,
+        description="Hours a finished outbox row is kept after its request (at least 24: an "
+        "Idempotency-Key replays its first request for as long as the row exists).",
+    )
 
     # --- message bodies (GET /api/messages/{id}?body=1) ----------------------------------
     body_max_bytes: int = Field(default=1024 * 1024, ge=1024)
@@ -112,6 +118,11 @@ class Settings(BaseSettings):
     body_fetch_concurrency: int = Field(default=3, ge=1, le=100)
     body_cache_ttl_seconds: int = Field(default=24 * 3600, ge=60)
     body_cache_tenant_bytes: int = Field(default=50 * 1024 * 1024, ge=0)
+
+    # --- spam checks ---------------------------------------------------------------------
+    spam_max_message_bytes: int = Field(
+        default=1024 * 1024, ge=4096, le=64 * 1024 * 1024, description="Bytes of a message a spam check reads."
+    )
 
     # --- API rate limits (per tenant; per client address before authentication) ---------
     rate_limit_enabled: bool = True
@@ -128,6 +139,14 @@ class Settings(BaseSettings):
     flower_port: int = Field(default=5555, ge=1, le=65535)
     metrics_token: str | None = Field(
         default=None, description="When set, GET /metrics needs `Authorization: Bearer <token>`."
+    )
+    worker_metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="When set, each Celery worker serves its pool's metrics on this port "
+        "(needs PROMETHEUS_MULTIPROC_DIR); unset, the API's /metrics shows them when they share "
+        "its PROMETHEUS_MULTIPROC_DIR, as under `mailroom run`.",
     )
     log_level: str = Field(default="INFO")
 

@@ -7,12 +7,14 @@ access (PEP 562), from settings read at that moment.
 
 from __future__ import annotations
 
+import os
 import ssl
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
 from services.settings import Settings, load_settings
+from tasks import metrics
 from tasks.queues import (
     EXCHANGE,
     PERIODIC_TASKS,
@@ -89,7 +91,23 @@ def make_celery(settings: Settings) -> Celery:
         },
     )
     app.conf.mailroom_settings = settings
+    _watch_worker_processes(settings)
     return app
+
+
+def _watch_worker_processes(settings: Settings) -> None:
+    """Worker metrics: the main process serves its children's files when a port is set; a
+    child that exits stops counting in the live gauges."""
+
+    def serve(**_: Any) -> None:
+        if settings.worker_metrics_port is not None:
+            metrics.serve_worker_metrics(settings.worker_metrics_port)
+
+    def forget(pid: int | None = None, **_: Any) -> None:
+        metrics.forget_process(pid or os.getpid())
+
+    signals.worker_init.connect(serve, weak=False)
+    signals.worker_process_shutdown.connect(forget, weak=False)
 
 
 _app: Celery | None = None

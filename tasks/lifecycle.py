@@ -30,6 +30,7 @@ from services.db import tenant_sessions, transaction
 from services.errors import MailroomError, TaskCancelled, ValidationFailed, is_transient
 from services.models import Account, TaskState
 from services.settings import Settings
+from tasks import metrics
 from tasks.runtime import Runtime, get_runtime
 
 log = logging.getLogger("mailroom.tasks")
@@ -169,8 +170,27 @@ def run_attempt(
             # would not be idempotent for the client.
             return {"skipped": f"task is {record.state}"}
         attempt = record.attempts + 1
+        ready_at = metrics.ready_time(record.created_at, record.next_retry_at, task.request.eta, attempt)
+        observed = metrics.AttemptMetrics(record.type, record.queue, ready_at)
 
     ctx = TaskContext(task_id, tenant_id, user_id, account_id, None, runtime, attempt)
+    try:
+        result = _run_body(task, body, params_model, ctx, raw_params, observed)
+    finally:
+        observed.end("failed")  # only when nothing above ended it (e.g. a hard time limit)
+    return result
+
+
+def _run_body(
+    task: Task,
+    body: Body,
+    params_model: type[BaseModel],
+    ctx: TaskContext,
+    raw_params: dict[str, Any],
+    observed: metrics.AttemptMetrics,
+) -> dict[str, Any]:
+    runtime, task_id = ctx.runtime, ctx.task_id
+    tenant_id, user_id, account_id = ctx.tenant_id, ctx.user_id, ctx.account_id
     try:
         try:
             ctx.params = params_model.model_validate(raw_params)
@@ -190,9 +210,11 @@ def run_attempt(
         with ctx.session() as session:
             task_records.mark_cancelled(session, task_id, "cancelled while running")
         log.info("task %s cancelled", task_id)
+        observed.end("cancelled")
         return {"cancelled": True}
     except SoftTimeLimitExceeded:
         _fail(runtime, task_id, "the task ran past its time limit", "time_limit")
+        observed.end("failed")
         raise
     except Exception as exc:
         deleted = account_id is not None and _account_gone(runtime, account_id)
@@ -200,13 +222,18 @@ def run_attempt(
             # The account was deleted while the task worked on it; whatever broke (a row
             # it wrote to vanished) is a consequence, not a fault worth an internal error.
             _fail(runtime, task_id, "the account was deleted while the task ran", "not_found")
+            observed.end("skipped")
             return {"skipped": "account deleted"}
-        _handle_error(task, runtime, task_id, exc)
+        retrying = _handle_error(task, runtime, task_id, exc)
+        observed.end("retried" if retrying else "failed", error=exc)
+        if retrying is not None:
+            raise retrying from exc
         raise
     with ctx.session() as session:
         task_records.mark_succeeded(session, task_id, result)
         # The running duration statistics dispatch estimates from (O(1) to read there).
         task_stats.record_success(session, task_id)
+    observed.end("succeeded", result)
     return result
 
 
@@ -232,8 +259,9 @@ def _client_error(exc: Exception) -> tuple[str, str, str | None]:
     return "internal_error", f"internal error while running the task (reference {ref})", ref
 
 
-def _handle_error(task: Task, runtime: Runtime, task_id: str, exc: Exception) -> None:
-    """Retry a transient fault with backoff while retries remain; fail anything else."""
+def _handle_error(task: Task, runtime: Runtime, task_id: str, exc: Exception) -> Exception | None:
+    """Retry a transient fault with backoff while retries remain (returns the ``Retry`` to
+    raise); fail anything else (returns None)."""
     code, message, ref = _client_error(exc)
     if ref is not None:
         log.error("task %s: %s (reference %s)", task_id, code, ref, exc_info=exc)
@@ -245,7 +273,8 @@ def _handle_error(task: Task, runtime: Runtime, task_id: str, exc: Exception) ->
         with transaction(runtime.sessions) as session:
             task_records.mark_retrying(session, task_id, message, code, delay, ref=ref)
         log.info("task %s: transient error, retry %d in %.1fs: %s", task_id, retries + 1, delay, message)
-        raise task.retry(countdown=delay, exc=exc)
+        return task.retry(countdown=delay, exc=exc, throw=False)
     if is_transient(exc):
         message = f"gave up after {retries + 1} attempts: {message}"
     _fail(runtime, task_id, message, code, ref)
+    return None

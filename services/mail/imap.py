@@ -29,23 +29,32 @@ def classify_imap_error(exc: BaseException, what: str) -> MailError:
     """Turn a low-level IMAP or socket fault into a transient or permanent Mailroom error."""
     if isinstance(exc, MailError):
         return exc
-    text = str(exc)
+    return _classify_imap(exc, what, str(exc))
+
+
+def _classify_imap(exc: BaseException, what: str, text: str) -> MailError:
     if isinstance(exc, LoginError):
-        return AuthenticationFailed(f"{what}: the IMAP server refused the login: {text}")
+        return AuthenticationFailed(f"{what}: the IMAP server refused the login: {text}").tagged(
+            "imap", "auth"
+        )
     if isinstance(exc, (socket.timeout, TimeoutError)):
-        return TransientMailError(f"{what}: timed out talking to the IMAP server")
+        return TransientMailError(f"{what}: timed out talking to the IMAP server").tagged("imap", "timeout")
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return PermanentMailError(f"{what}: the IMAP server's TLS certificate is not valid: {text}")
+        message = f"{what}: the IMAP server's TLS certificate is not valid: {text}"
+        return PermanentMailError(message).tagged("imap", "tls")
     if isinstance(exc, (ConnectionError, OSError, IMAPClientAbortError)):
-        return TransientMailError(f"{what}: IMAP connection failed: {text or type(exc).__name__}")
+        message = f"{what}: IMAP connection failed: {text or type(exc).__name__}"
+        return TransientMailError(message).tagged("imap", "connect")
     if isinstance(exc, IMAPClientError):
         upper = text.upper()
         if any(code in upper for code in ("[UNAVAILABLE]", "[INUSE]", "[LIMIT]", "[SERVERBUG]")):
-            return TransientMailError(f"{what}: the IMAP server is unavailable: {text}")
+            message = f"{what}: the IMAP server is unavailable: {text}"
+            return TransientMailError(message).tagged("imap", "unavailable")
         if "[AUTHENTICATIONFAILED]" in upper or "[AUTHORIZATIONFAILED]" in upper:
-            return AuthenticationFailed(f"{what}: the IMAP server refused the login: {text}")
-        return PermanentMailError(f"{what}: the IMAP server answered: {text}")
-    return PermanentMailError(f"{what}: {type(exc).__name__}: {text}")
+            message = f"{what}: the IMAP server refused the login: {text}"
+            return AuthenticationFailed(message).tagged("imap", "auth")
+        return PermanentMailError(f"{what}: the IMAP server answered: {text}").tagged("imap", "rejected")
+    return PermanentMailError(f"{what}: {type(exc).__name__}: {text}").tagged("imap", "other")
 
 
 def _tls_context() -> ssl.SSLContext:

@@ -37,21 +37,29 @@ def classify_smtp_error(exc: BaseException, what: str) -> MailError:
     """SMTP 4xx, network faults and timeouts are transient; 5xx and bad logins are not."""
     if isinstance(exc, MailError):
         return exc
+    return _classify_smtp(exc, what)
+
+
+def _classify_smtp(exc: BaseException, what: str) -> MailError:
     if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
-        return AuthenticationFailed(f"{what}: the SMTP server refused the login: {exc.code} {exc.message}")
+        message = f"{what}: the SMTP server refused the login: {exc.code} {exc.message}"
+        return AuthenticationFailed(message).tagged("smtp", "auth")
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         message = f"{what}: the SMTP server answered {exc.code} {exc.message}"
-        return TransientMailError(message) if 400 <= exc.code < 500 else PermanentMailError(message)
+        if 400 <= exc.code < 500:
+            return TransientMailError(message).tagged("smtp", "smtp_4xx")
+        return PermanentMailError(message).tagged("smtp", "smtp_5xx")
     cert_error = _cause_of_type(exc, ssl.SSLCertVerificationError)
     if cert_error is not None:  # aiosmtplib wraps a failed implicit-TLS handshake in SMTPConnectError
-        return PermanentMailError(f"{what}: the SMTP server's TLS certificate is not valid: {cert_error}")
+        message = f"{what}: the SMTP server's TLS certificate is not valid: {cert_error}"
+        return PermanentMailError(message).tagged("smtp", "tls")
     if isinstance(exc, (aiosmtplib.SMTPTimeoutError, TimeoutError)):
-        return TransientMailError(f"{what}: timed out talking to the SMTP server")
+        return TransientMailError(f"{what}: timed out talking to the SMTP server").tagged("smtp", "timeout")
     if isinstance(exc, (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPServerDisconnected, OSError)):
-        return TransientMailError(f"{what}: SMTP connection failed: {exc}")
+        return TransientMailError(f"{what}: SMTP connection failed: {exc}").tagged("smtp", "connect")
     if isinstance(exc, aiosmtplib.SMTPException):
-        return PermanentMailError(f"{what}: {exc}")
-    return PermanentMailError(f"{what}: {type(exc).__name__}: {exc}")
+        return PermanentMailError(f"{what}: {exc}").tagged("smtp", "other")
+    return PermanentMailError(f"{what}: {type(exc).__name__}: {exc}").tagged("smtp", "other")
 
 
 async def connect_smtp(pinned: PinnedHost, endpoint: SmtpEndpoint, *, timeout: float) -> aiosmtplib.SMTP:

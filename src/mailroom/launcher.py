@@ -190,7 +190,7 @@ class Launcher:
             env.update(self._start_redis(settings.data_dir / "redis"))
         if settings.is_sqlite and "allow_private_hosts" not in settings.model_fields_set:
             env["MAILROOM_ALLOW_PRIVATE_HOSTS"] = "true"
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # only the API's processes share metrics files
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # set per command below
         return env
 
     def _commands(self, settings: Settings) -> list[tuple[str, list[str], dict[str, str]]]:
@@ -203,9 +203,11 @@ class Launcher:
         commands: list[tuple[str, list[str], dict[str, str]]] = [
             ("api", api, {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
         ]
+        # The workers write their metrics beside the API's, so the API's /metrics is the one
+        # scrape of the whole local stack.
         for queue in QUEUES:
             worker = ["worker", "-Q", queue, "-c", "1", "--hostname", f"{queue}@%h", "--loglevel", "INFO"]
-            commands.append((queue, [*celery, *worker], {}))
+            commands.append((queue, [*celery, *worker], {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}))
         beat = ["beat", "--schedule", str(settings.data_dir / "celerybeat-schedule"), "--loglevel", "INFO"]
         commands.append(("beat", [*celery, *beat], {}))
         if self.flower:
