@@ -78,6 +78,7 @@ def list_messages(
     folder: str | None = None,
     unread: bool | None = None,
     flagged: bool | None = None,
+    is_spam: bool | None = None,
     from_: str | None = None,
     subject: str | None = None,
     since: datetime | None = None,
@@ -89,7 +90,8 @@ def list_messages(
     descending; undated messages last), and the cursor of the next page (None on the last).
     Walking the cursors returns every message exactly once.
 
-    Filters combine with AND: ``folder`` (name or id), ``unread``, ``flagged``, ``from_`` and
+    Filters combine with AND: ``folder`` (name or id), ``unread``, ``flagged``, ``is_spam``
+    (checked messages with that verdict; unchecked ones match neither), ``from_`` and
     ``subject`` (case-insensitive substrings), ``since`` (at or after) and ``until``
     (before). ``limit`` is clamped to 1..:data:`MAX_LIMIT`. A malformed cursor raises
     :class:`InvalidRequest`."""
@@ -100,6 +102,7 @@ def list_messages(
         folder=folder,
         unread=unread,
         flagged=flagged,
+        is_spam=is_spam,
         from_=from_,
         subject=subject,
         since=since,
@@ -118,6 +121,7 @@ def list_messages_named(
     folder: str | None = None,
     unread: bool | None = None,
     flagged: bool | None = None,
+    is_spam: bool | None = None,
     from_: str | None = None,
     subject: str | None = None,
     since: datetime | None = None,
@@ -140,6 +144,8 @@ def list_messages_named(
         query = query.where(Message.seen.is_(not unread))
     if flagged is not None:
         query = query.where(Message.flagged.is_(flagged))
+    if is_spam is not None:
+        query = query.where(Message.is_spam.is_(is_spam))
     if from_:
         query = query.where(Message.from_addr.icontains(from_, autoescape=True))
     if subject:

@@ -24,6 +24,8 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     desc,
+    false,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -175,6 +177,12 @@ class Account(Base):
     # (services.accounts explains why it has no expiry of its own).
     sync_task_id: Mapped[str | None] = mapped_column(String(36))
     capabilities: Mapped[list[str] | None] = mapped_column(JSON)
+    # Whether a send files its copy in \Sent; off for servers that file sent mail themselves
+    # (a message's own save_sent overrides it).
+    save_sent_copy: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    # Spam: queue a check of new INBOX mail after each sync; move spam to \Junk.
+    spam_auto_scan: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    spam_move_to_junk: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
@@ -246,8 +254,13 @@ class Message(Base):
     size: Mapped[int] = mapped_column(Integer, default=0)
     snippet: Mapped[str] = mapped_column(Text, default="")
     attachments: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # Spam scoring (services.spam_store): the calibrated score, the verdict at the tenant's
+    # threshold (the user's own label wins), the reasons, and when it was scored.
     spam_score: Mapped[float | None] = mapped_column(Float)
-    spam_verdict: Mapped[str | None] = mapped_column(String(16))
+    is_spam: Mapped[bool | None] = mapped_column(Boolean)
+    indicators: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    spam_label: Mapped[str | None] = mapped_column(String(8))  # "spam" | "ham": the user's word
+    spam_checked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
@@ -272,6 +285,42 @@ class BodyCacheEntry(Base):
     size: Mapped[int] = mapped_column(Integer)  # bytes of content, for the per-tenant bound
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class DeleteJournalEntry(Base):
+    """What a delete is about to do to one folder's messages, committed before its first
+    IMAP command and cleared once its rows are written (services.mail_delete_journal): a
+    delete that finds an entry left by an attempt that died brings the rows in line with
+    the server from it."""
+
+    __tablename__ = "delete_journal"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    source_folder_id: Mapped[str] = mapped_column(ForeignKey("folders.id", ondelete="CASCADE"))
+    # Trash for a move; NULL for a permanent delete.
+    target_folder_id: Mapped[str | None] = mapped_column(ForeignKey("folders.id", ondelete="CASCADE"))
+    # The target's UIDNEXT before the first command: every copy this delete made is above it.
+    target_uidnext: Mapped[int | None] = mapped_column(BigInteger)
+    uids: Mapped[str] = mapped_column(Text)  # the source UIDs, as an IMAP UID set ("4:9,12")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class SpamSettings(Base):
+    """A tenant's spam settings and its own learned layer over the shipped model (one row
+    per tenant, made on first use; services.spam_store)."""
+
+    __tablename__ = "spam_settings"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    threshold: Mapped[float] = mapped_column(Float)
+    allow: Mapped[list[str]] = mapped_column(JSON, default=list)
+    block: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # services.spam.TenantLayer.to_bytes(); None until the tenant first labels a message.
+    layer: Mapped[bytes | None] = mapped_column(LargeBinary)
+    learned: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
 
 class OutboxState(enum.StrEnum):
@@ -312,7 +361,8 @@ class OutboxEntry(Base):
     subject: Mapped[str] = mapped_column(Text, default="")
     envelope_from: Mapped[str] = mapped_column(String(320))
     recipients: Mapped[list[str]] = mapped_column(JSON, default=list)
-    # The message exactly as sent and filed; dropped once the row is ``sent``.
+    # The message exactly as sent and filed; dropped once no attempt can need it again (the
+    # row is sent, failed or cancelled: services.send.retention).
     raw: Mapped[bytes | None] = mapped_column(LargeBinary)
     size: Mapped[int] = mapped_column(Integer, default=0)
     save_sent: Mapped[bool] = mapped_column(Boolean, default=True)

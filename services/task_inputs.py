@@ -5,7 +5,7 @@ message put on a queue by anything else cannot make a task do something odd."""
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -92,12 +92,33 @@ class DeleteParams(DeleteRequest):
     in_trash: list[MessageId] = Field(default_factory=list, max_length=5000)
 
 
-class SpamCheckParams(_Strict):
-    message_ids: list[str] | None = Field(default=None, min_length=1, max_length=1000)
-    folder: str | None = Field(default=None, min_length=1, max_length=1000)
+class SpamCheckRequest(_Strict):
+    """What a client sends to ``POST /api/accounts/{id}/spam-check``: message ids, or a
+    folder (optionally only its messages never checked)."""
+
+    message_ids: list[MessageId] | None = Field(
+        default=None, min_length=1, max_length=1000, description="Mailroom message ids of this account."
+    )
+    folder: str | None = Field(default=None, min_length=1, max_length=1000, description="A folder's name.")
+    only_unscored: bool = Field(default=False, description="With folder: only messages never checked.")
 
     @model_validator(mode="after")
-    def _one_target(self) -> SpamCheckParams:
+    def _one_target(self) -> SpamCheckRequest:
         if (self.message_ids is None) == (self.folder is None):
             raise ValueError("give either message_ids or folder")
+        if self.folder is not None and "\x00" in self.folder:
+            raise ValueError("folder names must not contain NUL")
+        return self
+
+
+class SpamCheckParams(SpamCheckRequest):
+    """The check_spam task's parameters: the request, or a user's label to learn from
+    (``learn``, with exactly one message id; the API records the label first)."""
+
+    learn: Literal["spam", "ham"] | None = None
+
+    @model_validator(mode="after")
+    def _learn_one(self) -> SpamCheckParams:
+        if self.learn is not None and (self.message_ids is None or len(self.message_ids) != 1):
+            raise ValueError("learn needs exactly one message id")
         return self

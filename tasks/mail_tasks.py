@@ -3,22 +3,21 @@ service, report progress. The life around them (states, retries, cancel) is in l
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from services import accounts, mail_delete
+from celery import current_app
+
+from services import accounts, mail_delete, spam_store
 from services.errors import MailroomError, Superseded
 from services.send.deliver import deliver
 from services.sync import SyncOptions, sync_account
 from services.task_inputs import DeleteParams, SendParams, SpamCheckParams, SyncParams, VerifyParams
+from tasks.dispatch import dispatch
 from tasks.lifecycle import TaskContext, mailroom_task
 from tasks.queues import QUEUES
 
-
-class NotAvailableYet(MailroomError):
-    """The task type is accepted and validated, but this Mailroom cannot do its work yet."""
-
-    code = "not_implemented"
-    status = 501
+log = logging.getLogger("mailroom.tasks")
 
 
 @mailroom_task("mailroom.sync_emails", SyncParams, max_retries=QUEUES["sync"].max_retries)
@@ -46,6 +45,7 @@ def sync_emails(ctx: TaskContext) -> dict[str, Any]:
     )
     with ctx.session() as session:
         accounts.release_sync_lock(session, account_id, ctx.task_id)
+    _queue_auto_scan(ctx, summary)
     return summary
 
 
@@ -119,5 +119,44 @@ def delete_emails(ctx: TaskContext) -> dict[str, Any]:
 
 @mailroom_task("mailroom.check_spam", SpamCheckParams, max_retries=QUEUES["spam"].max_retries)
 def check_spam(ctx: TaskContext) -> dict[str, Any]:
-    """Score messages for spam (validated; scoring comes next)."""
-    raise NotAvailableYet("spam scoring is not available in this version of Mailroom")
+    """Score messages for spam, store the verdicts and move spam to \\Junk where the
+    account says so; or learn from a user's label (services.spam_check)."""
+    from services import spam_check
+
+    return spam_check.check_spam(
+        ctx.runtime.sessions,
+        ctx.account_id or "",
+        ctx.params,
+        box=ctx.runtime.box,
+        settings=ctx.settings,
+        # Every batch writes its progress: each is a cancel checkpoint.
+        progress=lambda percent, stage: ctx.progress(percent, stage, force=True),
+    )
+
+
+def _queue_auto_scan(ctx: TaskContext, summary: dict[str, Any]) -> None:
+    """After a sync that stored new INBOX mail of an account with ``spam_auto_scan``, queue
+    one check of its unchecked INBOX messages on the spam queue (never run inline: a flood
+    of spam work must not hold up a sync worker). One already queued and not started will
+    find the new ones too, so none is added then."""
+    if not summary.get("folders", {}).get("INBOX", {}).get("new"):
+        return
+    with ctx.session() as session:
+        account = ctx.load_account(session)
+        if not account.spam_auto_scan or spam_store.auto_scan_queued(session, account.id):
+            return
+    try:
+        dispatch(
+            current_app,
+            ctx.runtime.sessions,
+            type="spam_check",
+            tenant_id=ctx.tenant_id,
+            user_id=ctx.user_id,
+            account_id=ctx.account_id,
+            params={"folder": "INBOX", "only_unscored": True},
+            origin=spam_store.AUTO_SCAN_ORIGIN,
+        )
+    except MailroomError as exc:
+        # Over the tenant's cap or the broker down: the sync itself succeeded, and the next
+        # sync (or a client's spam-check) picks these messages up, as only_unscored.
+        log.warning("task %s: automatic spam check not queued: %s", ctx.task_id, exc.message)

@@ -16,6 +16,7 @@ from mailroom.errors import register_error_handlers, validation_error_response
 from mailroom.input_guard import check_json_text, check_request_text
 from mailroom.metrics import install_metrics
 from mailroom.ratelimit import install_rate_limits
+from mailroom.webpage import install_web_page
 from services.crypto import SecretBox
 from services.db import make_engine, make_sessionmaker
 from services.errors import InvalidRequest, UnsupportedMediaType
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     app.before_request(check_request_text)
     install_request_session(app)
     register_error_handlers(app)
+    install_web_page(app)  # before the blueprints: `/` is the page
 
     from mailroom.api import accounts, admin, messages, probes, tasks
 
@@ -88,6 +90,9 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     app.register_api(delete_api.bp)
 
     app.register_api(send_api.bp)
+    from mailroom.api import spam as spam_api
+
+    app.register_api(spam_api.bp)
 
     @app.get("/openapi.json", doc_ui=False)
     def openapi_document() -> Response:

@@ -37,6 +37,9 @@ QUEUEING_ROUTES = frozenset(
         ("POST", "/api/accounts/<account_id>/sync"),
         ("POST", "/api/accounts/<account_id>/send"),
         ("POST", "/api/accounts/<account_id>/delete"),
+        ("POST", "/api/accounts/<account_id>/spam-check"),
+        ("POST", "/api/messages/<message_id>/spam"),
+        ("POST", "/api/messages/<message_id>/ham"),
     }
 )
 

@@ -100,6 +100,12 @@ class EndpointOut(BaseModel):
     username: str
 
 
+SAVE_SENT_COPY = (
+    "File a copy of each sent message in the \\Sent folder (default true); false for servers that "
+    "file sent mail themselves. A send's own save_sent overrides it for that message."
+)
+
+
 class AccountCreate(Strict):
     email: EmailAddress
     name: str = Field(default="", max_length=200)
@@ -107,6 +113,11 @@ class AccountCreate(Strict):
     smtp: EndpointIn
     sync_interval: int | None = Field(
         default=None, ge=60, le=7 * 86400, description="Seconds between periodic syncs (default 900)."
+    )
+    save_sent_copy: bool = Field(default=True, description=SAVE_SENT_COPY)
+    spam_auto_scan: bool = Field(default=False, description="Check new INBOX mail for spam after each sync.")
+    spam_move_to_junk: bool = Field(
+        default=False, description="Move messages judged spam to the \\Junk folder."
     )
 
 
@@ -116,6 +127,9 @@ class AccountPatch(Strict):
     imap: EndpointPatch | None = None
     smtp: EndpointPatch | None = None
     sync_interval: int | None = Field(default=None, ge=60, le=7 * 86400)
+    save_sent_copy: bool | None = Field(default=None, description=SAVE_SENT_COPY)
+    spam_auto_scan: bool | None = None
+    spam_move_to_junk: bool | None = None
 
 
 class AccountOut(BaseModel):
@@ -129,6 +143,9 @@ class AccountOut(BaseModel):
     last_sync_error: str | None
     sync_task_id: str | None = Field(description="The sync in flight, if any.")
     capabilities: list[str] | None = Field(description="IMAP capabilities seen by the last verify.")
+    save_sent_copy: bool = Field(description=SAVE_SENT_COPY)
+    spam_auto_scan: bool
+    spam_move_to_junk: bool
     created_at: datetime
     updated_at: datetime
 

@@ -1,7 +1,11 @@
-"""spam verdicts, indicators, tenant spam settings and per-tenant model layer.
+"""spam verdicts, indicators, tenant spam settings and per-tenant model layer
 
-Placeholder created so that parallel work keeps one migration chain; it is filled in
-with the schema change it names, or says "no schema change".
+``messages`` gets what a spam check stores: ``is_spam`` (at the tenant's threshold, or the
+user's own label), ``indicators`` (the named reasons), ``spam_label`` (what the user said:
+spam or ham) and ``spam_checked_at``; ``spam_score`` stays. The ``spam_verdict`` column of
+0001, which nothing ever wrote, is dropped. ``accounts`` get ``spam_auto_scan`` and
+``spam_move_to_junk`` (both false). ``spam_settings`` holds one row per tenant: threshold,
+allow- and block-list, and the tenant's learned layer over the shipped model.
 
 Revision ID: 0007
 Revises: 0006
@@ -9,8 +13,10 @@ Revises: 0006
 
 from __future__ import annotations
 
-import sqlalchemy as sa  # noqa: F401
-from alembic import op  # noqa: F401
+import sqlalchemy as sa
+from alembic import op
+
+from services.models import UTCDateTime
 
 revision = "0007"
 down_revision = "0006"
@@ -19,8 +25,34 @@ depends_on = None
 
 
 def upgrade() -> None:
-    pass
+    op.add_column("messages", sa.Column("is_spam", sa.Boolean(), nullable=True))
+    op.add_column("messages", sa.Column("indicators", sa.JSON(), nullable=True))
+    op.add_column("messages", sa.Column("spam_label", sa.String(length=8), nullable=True))
+    op.add_column("messages", sa.Column("spam_checked_at", UTCDateTime(timezone=True), nullable=True))
+    # SQLite (3.35+) drops a column in place; no table rebuild, so the ordered indexes stay.
+    op.drop_column("messages", "spam_verdict")
+    for name in ("spam_auto_scan", "spam_move_to_junk"):
+        op.add_column("accounts", sa.Column(name, sa.Boolean(), server_default=sa.false(), nullable=False))
+    op.create_table(
+        "spam_settings",
+        sa.Column("tenant_id", sa.String(length=36), nullable=False),
+        sa.Column("threshold", sa.Float(), nullable=False),
+        sa.Column("allow", sa.JSON(), nullable=False),
+        sa.Column("block", sa.JSON(), nullable=False),
+        sa.Column("layer", sa.LargeBinary(), nullable=True),
+        sa.Column("learned", sa.Integer(), nullable=False),
+        sa.Column("updated_at", UTCDateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["tenant_id"], ["tenants.id"], name=op.f("fk_spam_settings_tenant_id_tenants"), ondelete="CASCADE"
+        ),
+        sa.PrimaryKeyConstraint("tenant_id", name=op.f("pk_spam_settings")),
+    )
 
 
 def downgrade() -> None:
-    pass
+    op.drop_table("spam_settings")
+    for name in ("spam_move_to_junk", "spam_auto_scan"):
+        op.drop_column("accounts", name)
+    op.add_column("messages", sa.Column("spam_verdict", sa.String(length=16), nullable=True))
+    for name in ("spam_checked_at", "spam_label", "indicators", "is_spam"):
+        op.drop_column("messages", name)

@@ -19,7 +19,7 @@ from mailroom.schemas import (
     PageQuery,
     TaskAccepted,
 )
-from services import accounts
+from services import accounts, spam_store
 from services.accounts import AccountInput, endpoint_view
 from services.models import Account, TaskRecord
 from services.task_inputs import SyncParams
@@ -41,6 +41,9 @@ def account_out(account: Account) -> dict[str, Any]:
         last_sync_error=account.last_sync_error,
         sync_task_id=account.sync_task_id,
         capabilities=account.capabilities,
+        save_sent_copy=account.save_sent_copy,
+        spam_auto_scan=account.spam_auto_scan,
+        spam_move_to_junk=account.spam_move_to_junk,
         created_at=account.created_at,
         updated_at=account.updated_at,
     ).model_dump(mode="json")
@@ -62,6 +65,10 @@ def create_account(body: AccountCreate) -> tuple[Response, int]:
         ),
         st.box,
         allow_private=st.settings.allow_private_hosts,
+    )
+    account.save_sent_copy = body.save_sent_copy
+    spam_store.set_account_options(
+        account, auto_scan=body.spam_auto_scan, move_to_junk=body.spam_move_to_junk
     )
     return jsonify(account_out(account)), 201
 
@@ -97,6 +104,11 @@ def update_account(path: AccountPath, body: AccountPatch) -> Response:
         ),
         st.box,
         allow_private=st.settings.allow_private_hosts,
+    )
+    if body.save_sent_copy is not None:
+        account.save_sent_copy = body.save_sent_copy
+    spam_store.set_account_options(
+        account, auto_scan=body.spam_auto_scan, move_to_junk=body.spam_move_to_junk
     )
     return jsonify(account_out(account))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from flask import Response, jsonify
 from flask_openapi3 import APIBlueprint, Tag
@@ -40,6 +40,12 @@ class FolderList(BaseModel):
     items: list[FolderOut]
 
 
+class IndicatorOut(BaseModel):
+    name: str = Field(description="A stable reason name, e.g. link_text_mismatch, statistical_tokens.")
+    weight: float = Field(description="What it added to the score's log-odds (negative: points to ham).")
+    detail: str = Field(description="A short explanation a person can read.")
+
+
 class MessageOut(BaseModel):
     id: str
     account_id: str
@@ -60,8 +66,12 @@ class MessageOut(BaseModel):
     size: int
     snippet: str
     attachments: list[str]
-    spam_score: float | None
-    spam_verdict: str | None
+    spam_score: float | None = Field(description="Calibrated probability of spam (0..1); null until checked.")
+    is_spam: bool | None = Field(
+        description="The verdict at the tenant's threshold (the user's own label wins); null until checked."
+    )
+    indicators: list[IndicatorOut] = Field(description="The reasons behind the score; [] until checked.")
+    spam_label: Literal["spam", "ham"] | None = Field(description="What a user said it is, if anyone did.")
 
 
 class MessagePage(BaseModel):
@@ -73,6 +83,9 @@ class MessageQuery(Lenient):
     folder: str | None = Field(default=None, max_length=1000, description="Folder name or id.")
     unread: bool | None = None
     flagged: bool | None = None
+    is_spam: bool | None = Field(
+        default=None, description="Only messages checked and judged spam (true) or not (false)."
+    )
     from_: str | None = Field(default=None, alias="from", max_length=320, description="Substring of From.")
     subject: str | None = Field(default=None, max_length=998, description="Substring of the subject.")
     since: datetime | None = Field(default=None, description="Messages dated at or after (ISO 8601).")
@@ -114,7 +127,9 @@ def message_out(message: Message, folder_name: str) -> dict[str, Any]:
         snippet=message.snippet,
         attachments=message.attachments or [],
         spam_score=message.spam_score,
-        spam_verdict=message.spam_verdict,
+        is_spam=message.is_spam,
+        indicators=message.indicators or [],  # type: ignore[arg-type]
+        spam_label=message.spam_label,  # type: ignore[arg-type]
     ).model_dump(mode="json", by_alias=True)
 
 
@@ -137,6 +152,7 @@ def list_messages(path: AccountPath, query: MessageQuery) -> Response:
         folder=query.folder,
         unread=query.unread,
         flagged=query.flagged,
+        is_spam=query.is_spam,
         from_=query.from_,
         subject=query.subject,
         since=query.since,
