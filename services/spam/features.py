@@ -1,0 +1,143 @@
+"""Hashed features of a parsed message, shared by the base model and the tenant layers.
+
+A feature is ``crc32(token, namespace) mod 2**HASH_BITS``: stable across processes and
+machines (unlike ``hash()``). Only what a message *says* becomes a feature: words of the
+subject and text, and the domains its links point to. What tells the 2002 training corpus
+from today's mail is left out on purpose: mailers, Received hosts, dates and years, list
+tags and footers, the corpus' anonymised addresses. Sender addresses are features of the
+tenant layer only (a tenant may learn "this sender is spam to us"; the base model must not
+learn which 2002 lists were ham).
+"""
+
+from __future__ import annotations
+
+import re
+from zlib import crc32
+
+from services.spam.parse import ParsedMessage, address_of, domain_of
+
+HASH_BITS = 20
+HASH_MASK = (1 << HASH_BITS) - 1
+MAX_TOKENS = 3000
+
+# Namespaces: the crc32 start value of each kind of token.
+NS_SUBJECT = 0x51
+NS_BODY = 0xB0
+NS_BIGRAM = 0xB2
+NS_URL_DOMAIN = 0x0D
+NS_URL_TLD = 0x7D
+NS_MONEY = 0x24
+NS_SENDER = 0x5E
+NS_SENDER_DOMAIN = 0x5D
+
+_TOKEN = re.compile(r"[^\W\d_][\w'’-]{1,30}|\d[\d,.]*")
+_EMAIL = re.compile(r"[\w.+=-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){1,8}")
+_SUBJECT_TAG = re.compile(r"\[[^\]]{0,40}\]")
+_MONEY = re.compile(r"[$€£]\s?\d")
+_HOST = re.compile(r"^[a-z][a-z0-9+.-]{0,20}://(?:[^/@?#]{0,200}@)?([^/:?#\\\s]{1,255})", re.I)
+# Footers the mailing lists of 2002 added (Mailman, Yahoo! Groups, SourceForge): text
+# after them is the list's, not the sender's.
+_FOOTER = re.compile(
+    r"^_{20,}\s*$|^-{10,} ?yahoo! groups sponsor|^to unsubscribe from this group|^sponsored by: ", re.M | re.I
+)
+# The corpus anonymised its recipients (yyyy@, zzzz@, jm@) and names its own lists.
+_ARTEFACTS = frozenset(
+    {
+        "yyyy",
+        "zzzz",
+        "jmason",
+        "netnoteinc",
+        "spamassassin",
+        "taint",
+        "slashnull",
+        "dogma",
+        "ilug",
+        "linux.ie",
+        "xent",
+        "fork",
+        "exmh",
+        "razor",
+        "sourceforge",
+        "geocrawler",
+        "deathtospamdeathtospamdeathtospam",
+    }
+)
+_TWO_LEVEL = frozenset({"co", "com", "net", "org", "ac", "gov", "edu", "ne", "or"})
+
+
+def strip_footers(text: str) -> str:
+    m = _FOOTER.search(text)
+    return text[: m.start()] if m else text
+
+
+def registered_domain(host: str) -> str:
+    """An approximation of the registrable domain: the last two labels (three under
+    ``co.uk``-like second levels)."""
+    host = host.lower().rstrip(".")
+    labels = host.split(".")
+    if len(labels) >= 3 and labels[-2] in _TWO_LEVEL and len(labels[-1]) == 2:
+        return ".".join(labels[-3:])
+    return ".".join(labels[-2:])
+
+
+def url_host(url: str) -> str:
+    m = _HOST.match(url.strip())
+    return m.group(1).lower().rstrip(".") if m else ""
+
+
+def _add(out: set[int], token: str, ns: int) -> None:
+    out.add(crc32(token.encode("utf-8", "replace"), ns) & HASH_MASK)
+
+
+def words(text: str) -> list[str]:
+    """Lower-case word tokens; numbers become their length class."""
+    out: list[str] = []
+    for tok in _TOKEN.findall(text.lower()):
+        if tok[0].isdigit():
+            out.append("#num" if len(tok) < 6 else "#longnum")
+        elif tok not in _ARTEFACTS:
+            out.append(tok)
+        if len(out) >= MAX_TOKENS:
+            break
+    return out
+
+
+def base_features(parsed: ParsedMessage) -> set[int]:
+    """The features the shipped model is trained on."""
+    feats: set[int] = set()
+    subject = _SUBJECT_TAG.sub(" ", parsed.header("subject"))
+    for tok in words(subject):
+        _add(feats, tok, NS_SUBJECT)
+    text = _EMAIL.sub(" ", strip_footers(parsed.text))
+    toks = words(text)
+    prev = ""
+    for tok in toks:
+        _add(feats, tok, NS_BODY)
+        if prev:
+            _add(feats, prev + " " + tok, NS_BIGRAM)
+        prev = tok
+    if _MONEY.search(text):
+        _add(feats, "money", NS_MONEY)
+    for url in parsed.urls[:100]:
+        host = url_host(url)
+        if not host:
+            continue
+        if host.replace(".", "").isdigit():
+            _add(feats, "ip-host", NS_URL_DOMAIN)
+            continue
+        domain = registered_domain(host)
+        if any(part in domain for part in _ARTEFACTS):
+            continue
+        _add(feats, domain, NS_URL_DOMAIN)
+        _add(feats, domain.rpartition(".")[2], NS_URL_TLD)
+    return feats
+
+
+def sender_features(parsed: ParsedMessage) -> set[int]:
+    """The sender's address and domain: features of a tenant's layer only."""
+    feats: set[int] = set()
+    _, addr = address_of(parsed.header("from"))
+    if "@" in addr:
+        _add(feats, addr, NS_SENDER)
+        _add(feats, registered_domain(domain_of(addr)), NS_SENDER_DOMAIN)
+    return feats

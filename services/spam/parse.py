@@ -1,0 +1,407 @@
+"""A bounded MIME reader for scoring: what the rules and the model look at, never more.
+
+It reads at most :data:`MAX_BYTES` of a message, :data:`MAX_HEADERS` header fields per part,
+:data:`MAX_PARTS` parts, :data:`MAX_DEPTH` levels of nesting and :data:`MAX_TEXT` characters
+of decoded text, within a time budget; every cut is named in ``ParsedMessage.limits``.
+Archives are never decompressed: a zip attachment is judged from its central directory.
+It never raises on what a message contains.
+"""
+
+from __future__ import annotations
+
+import binascii
+import codecs
+import html
+import re
+import time
+from dataclasses import dataclass, field
+
+from services.spam.archive import ZipSummary, read_zip_directory
+
+MAX_BYTES = 4 * 1024 * 1024
+MAX_HEADERS = 500
+MAX_HEADER_BYTES = 256 * 1024
+MAX_PARTS = 64
+MAX_DEPTH = 8
+MAX_TEXT = 200_000
+MAX_PART_DECODE = 2 * 1024 * 1024
+MAX_LINKS = 200
+TIME_BUDGET_SECONDS = 0.5
+
+_ENCODED_WORD = re.compile(rb"=\?([^?\s]{1,40})\?([bBqQ])\?([^?\s]{0,2000})\?=")
+_PARAM = re.compile(r';\s*([a-zA-Z0-9*_.-]{1,40})\s*=\s*("(?:[^"\\]|\\.){0,1000}"|[^;\s]{0,1000})')
+_ADDRESS = re.compile(r"[\w.+'=-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){0,10}")
+_TAG = re.compile(r"<[^>]{0,4000}>")
+_SCRIPT_STYLE = re.compile(r"<(script|style|head)\b[^>]{0,2000}>.{0,200000}?</\1\s*>", re.I | re.S)
+_COMMENT = re.compile(r"<!--.{0,100000}?-->", re.S)
+_ANCHOR = re.compile(r"<a\b([^>]{0,4000})>(.{0,4000}?)</a\s*>", re.I | re.S)
+_HREF = re.compile(r"""href\s*=\s*(?:"([^"]{0,4000})"|'([^']{0,4000})'|([^\s>]{1,4000}))""", re.I)
+_FORM = re.compile(r"<form\b[^>]{0,4000}>", re.I)
+_PASSWORD_INPUT = re.compile(r"<input\b[^>]{0,2000}type\s*=\s*[\"']?password", re.I)
+_HIDDEN_BLOCK = re.compile(
+    r"<(\w{1,10})\b[^>]{0,2000}style\s*=\s*[\"'][^\"']{0,1000}"
+    r"(?:display\s*:\s*none|visibility\s*:\s*hidden|font-size\s*:\s*0(?:\.\d+)?(?:px|pt|em)?\s*[;\"'])"
+    r"[^>]{0,2000}>(.{0,20000}?)</\1\s*>",
+    re.I | re.S,
+)
+_URL = re.compile(r"https?://[^\s<>\"'()\[\]{}]{1,2000}", re.I)
+_WS = re.compile(r"\s+")
+
+
+class _Deadline(Exception):
+    """The time budget ran out."""
+
+
+@dataclass(frozen=True)
+class Link:
+    """A link of the HTML: its target and the text a reader sees."""
+
+    href: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    content_type: str
+    size: int
+    zip: ZipSummary | None = None
+
+
+@dataclass
+class ParsedMessage:
+    """What scoring reads of one message (top-level header values are decoded text)."""
+
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    text: str = ""
+    html: str = ""
+    links: list[Link] = field(default_factory=list)
+    urls: list[str] = field(default_factory=list)
+    attachments: list[Attachment] = field(default_factory=list)
+    hidden_text: str = ""
+    has_form: bool = False
+    has_password_input: bool = False
+    text_parts: int = 0
+    html_parts: int = 0
+    limits: list[str] = field(default_factory=list)
+
+    def header(self, name: str) -> str:
+        """The first value of header ``name`` (lower-case), or ``""``."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return ""
+
+    def header_all(self, name: str) -> list[str]:
+        return [value for key, value in self.headers if key == name]
+
+    def limit(self, what: str) -> None:
+        if what not in self.limits:
+            self.limits.append(what)
+
+
+def decode_charset(data: bytes, charset: str | None, parsed: ParsedMessage | None = None) -> str:
+    """Bytes to text in ``charset``; an unknown or non-text codec falls back to UTF-8."""
+    name = (charset or "utf-8").strip().strip('"').lower() or "utf-8"
+    try:
+        info = codecs.lookup(name)
+        # Codecs such as zlib_codec or base64_codec are not text encodings: never run them.
+        if not getattr(info, "_is_text_encoding", True):
+            raise LookupError(name)
+    except (LookupError, ValueError):
+        if parsed is not None:
+            parsed.limit("unknown_charset")
+        return data.decode("utf-8", "replace")
+    try:
+        return data.decode(info.name, "replace")
+    except Exception:  # noqa: BLE001 - a codec may fail in ways of its own on hostile bytes
+        if parsed is not None:
+            parsed.limit("bad_charset")
+        return data.decode("utf-8", "replace")
+
+
+def _decode_word(match: re.Match[bytes]) -> bytes:
+    charset = match.group(1).decode("ascii", "replace").split("*", 1)[0]
+    payload = match.group(3)
+    try:
+        if match.group(2) in (b"b", b"B"):
+            raw = binascii.a2b_base64(payload + b"=" * (-len(payload) % 4))
+        else:
+            raw = binascii.a2b_qp(payload, header=True)
+    except (binascii.Error, ValueError):
+        return payload
+    return decode_charset(raw, charset).encode("utf-8", "replace")
+
+
+def decode_header_value(raw: bytes) -> str:
+    """An unfolded header value with RFC 2047 encoded words decoded."""
+    if b"=?" in raw:
+        raw = _ENCODED_WORD.sub(_decode_word, raw)
+        raw = re.sub(rb"\?=\s+=\?", b"?==?", raw)
+    return _WS.sub(" ", raw.decode("utf-8", "replace")).strip()
+
+
+def _split_head(data: bytes) -> tuple[bytes, bytes]:
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        idx = data.find(sep)
+        if idx >= 0:
+            # Use whichever separator comes first.
+            other = data.find(b"\n\n" if sep == b"\r\n\r\n" else b"\r\n\r\n")
+            if 0 <= other < idx:
+                continue
+            return data[:idx], data[idx + len(sep) :]
+    return data, b""
+
+
+def _read_headers(head: bytes, parsed: ParsedMessage) -> list[tuple[str, bytes]]:
+    if len(head) > MAX_HEADER_BYTES:
+        head = head[:MAX_HEADER_BYTES]
+        parsed.limit("header_bytes")
+    fields: list[tuple[str, list[bytes]]] = []
+    for line in head.split(b"\n"):
+        if line[:1] in (b" ", b"\t"):
+            if fields:
+                fields[-1][1].append(line.strip())
+            continue
+        if len(fields) >= MAX_HEADERS:
+            parsed.limit("header_count")
+            break
+        key, sep, value = line.partition(b":")
+        if not sep or not key or len(key) > 100 or b" " in key.strip():
+            continue
+        fields.append((key.strip().lower().decode("ascii", "replace"), [value.strip()]))
+    return [(key, b" ".join(chunks)) for key, chunks in fields]
+
+
+def _params(value: str) -> tuple[str, dict[str, str]]:
+    main, _, rest = value.partition(";")
+    params: dict[str, str] = {}
+    for m in _PARAM.finditer(";" + rest):
+        key = m.group(1).lower().rstrip("*")
+        val = m.group(2)
+        if val.startswith('"'):
+            val = val[1:-1].replace('\\"', '"')
+        if "''" in val and m.group(1).endswith("*"):
+            val = val.split("''", 1)[1]
+        params.setdefault(key, val)
+    return main.strip().lower(), params
+
+
+def _transfer_decode(body: bytes, cte: str, parsed: ParsedMessage) -> bytes:
+    cte = cte.strip().lower()
+    try:
+        if cte == "base64":
+            cleaned = re.sub(rb"[^A-Za-z0-9+/]", b"", body[: MAX_PART_DECODE * 4 // 3 + 4])
+            cleaned = cleaned[: len(cleaned) - len(cleaned) % 4]
+            return binascii.a2b_base64(cleaned)
+        if cte == "quoted-printable":
+            return binascii.a2b_qp(body[:MAX_PART_DECODE])
+    except (binascii.Error, ValueError):
+        parsed.limit("bad_transfer_encoding")
+        return b""
+    return body
+
+
+def html_to_text(markup: str) -> str:
+    """The visible text of an HTML fragment (scripts, styles and comments removed)."""
+    markup = _COMMENT.sub(" ", markup)
+    markup = _SCRIPT_STYLE.sub(" ", markup)
+    return html.unescape(_TAG.sub(" ", markup))
+
+
+class _Reader:
+    def __init__(self, parsed: ParsedMessage, deadline: float) -> None:
+        self.parsed = parsed
+        self.deadline = deadline
+        self.parts = 0
+        self.text_chunks: list[str] = []
+        self.text_len = 0
+        self.html_chunks: list[str] = []
+
+    def check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise _Deadline
+
+    def add_text(self, text: str) -> None:
+        room = MAX_TEXT - self.text_len
+        if room <= 0:
+            self.parsed.limit("text_size")
+            return
+        if len(text) > room:
+            text = text[:room]
+            self.parsed.limit("text_size")
+        self.text_chunks.append(text)
+        self.text_len += len(text)
+
+    def part(self, data: bytes, depth: int, top: bool) -> None:
+        self.check_time()
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            self.parsed.limit("part_count")
+            return
+        head, body = _split_head(data)
+        fields = _read_headers(head, self.parsed)
+        if top:
+            self.parsed.headers = [(name, decode_header_value(value)) for name, value in fields]
+        ctype_raw = ""
+        cte = ""
+        disposition = ""
+        for name, value in fields:
+            if name == "content-type" and not ctype_raw:
+                ctype_raw = decode_header_value(value)
+            elif name == "content-transfer-encoding" and not cte:
+                cte = value.decode("ascii", "replace")
+            elif name == "content-disposition" and not disposition:
+                disposition = decode_header_value(value)
+        ctype, params = _params(ctype_raw or "text/plain")
+        disp, dparams = _params(disposition)
+        filename = dparams.get("filename") or params.get("name") or ""
+
+        if ctype.startswith("multipart/"):
+            boundary = params.get("boundary", "")
+            if depth >= MAX_DEPTH:
+                self.parsed.limit("nesting_depth")
+                return
+            if not boundary:
+                self.add_text(body[:MAX_PART_DECODE].decode("utf-8", "replace"))
+                return
+            for sub in _split_multipart(body, boundary.encode("utf-8", "replace")):
+                self.part(sub, depth + 1, False)
+            return
+        if ctype == "message/rfc822" and not filename:
+            if depth >= MAX_DEPTH:
+                self.parsed.limit("nesting_depth")
+                return
+            self.part(body, depth + 1, False)
+            return
+
+        is_attachment = bool(filename) or disp == "attachment"
+        if is_attachment or not (ctype.startswith("text/") or ctype == ""):
+            self.attachment(body, cte, ctype, filename)
+            return
+        if len(body) > MAX_PART_DECODE:
+            body = body[:MAX_PART_DECODE]
+            self.parsed.limit("part_size")
+        decoded = _transfer_decode(body, cte, self.parsed)
+        text = decode_charset(decoded, params.get("charset"), self.parsed)
+        if "\x00" in text:
+            text = text.replace("\x00", " ")
+            self.parsed.limit("nul_bytes")
+        if ctype == "text/html":
+            self.parsed.html_parts += 1
+            self.html_chunks.append(text[:MAX_TEXT])
+            self.add_text(html_to_text(text[:MAX_TEXT]))
+        else:
+            self.parsed.text_parts += 1
+            self.add_text(text)
+
+    def attachment(self, body: bytes, cte: str, ctype: str, filename: str) -> None:
+        encoded_size = len(body)
+        size = encoded_size * 3 // 4 if cte.strip().lower() == "base64" else encoded_size
+        summary = None
+        lower = filename.lower()
+        if ctype in ("application/zip", "application/x-zip-compressed") or lower.endswith(".zip"):
+            if encoded_size > MAX_PART_DECODE * 4:
+                self.parsed.limit("archive_not_read")
+            else:
+                summary = read_zip_directory(_transfer_decode(body, cte, self.parsed))
+        self.parsed.attachments.append(Attachment(filename[:200], ctype, size, summary))
+
+
+def _split_multipart(body: bytes, boundary: bytes) -> list[bytes]:
+    delimiter = b"--" + boundary
+    pieces: list[bytes] = []
+    pos = body.find(delimiter)
+    if pos < 0:
+        return [body] if body.strip() else []
+    while pos >= 0 and len(pieces) <= MAX_PARTS:
+        start = body.find(b"\n", pos)
+        if start < 0:
+            break
+        if body[pos + len(delimiter) : pos + len(delimiter) + 2] == b"--":
+            break
+        nxt = body.find(b"\n" + delimiter, start)
+        end = nxt if nxt >= 0 else len(body)
+        pieces.append(body[start + 1 : end].rstrip(b"\r"))
+        pos = nxt + 1 if nxt >= 0 else -1
+    return pieces
+
+
+def parse_message(raw: bytes, *, time_budget: float = TIME_BUDGET_SECONDS) -> ParsedMessage:
+    """Read ``raw`` within the bounds above; never raises on the message's content."""
+    parsed = ParsedMessage()
+    if len(raw) > MAX_BYTES:
+        raw = raw[:MAX_BYTES]
+        parsed.limit("message_size")
+    reader = _Reader(parsed, time.monotonic() + time_budget)
+    try:
+        reader.part(raw, 0, True)
+        markup = "".join(reader.html_chunks)
+        parsed.html = markup
+        if markup:
+            _read_html(markup, parsed, reader)
+        parsed.text = "".join(reader.text_chunks)
+        reader.check_time()
+        seen = {link.href for link in parsed.links}
+        for m in _URL.finditer(parsed.text[:MAX_TEXT]):
+            if len(parsed.urls) >= MAX_LINKS:
+                break
+            url = m.group(0).rstrip(".,;:!?")
+            if url not in seen:
+                seen.add(url)
+                parsed.urls.append(url)
+    except _Deadline:
+        parsed.limit("time_budget")
+        parsed.text = "".join(reader.text_chunks)
+    except RecursionError:
+        parsed.limit("nesting_depth")
+        parsed.text = "".join(reader.text_chunks)
+    return parsed
+
+
+def _read_html(markup: str, parsed: ParsedMessage, reader: _Reader) -> None:
+    for m in _ANCHOR.finditer(markup):
+        if len(parsed.links) >= MAX_LINKS:
+            parsed.limit("link_count")
+            break
+        href_m = _HREF.search(m.group(1))
+        if not href_m:
+            continue
+        href = html.unescape(href_m.group(1) or href_m.group(2) or href_m.group(3) or "").strip()
+        text = _WS.sub(" ", html.unescape(_TAG.sub(" ", m.group(2)))).strip()
+        parsed.links.append(Link(href[:2000], text[:300]))
+        if href.lower().startswith(("http://", "https://")):
+            parsed.urls.append(href[:2000])
+    reader.check_time()
+    parsed.has_form = _FORM.search(markup) is not None
+    parsed.has_password_input = _PASSWORD_INPUT.search(markup) is not None
+    hidden: list[str] = []
+    for m in _HIDDEN_BLOCK.finditer(markup):
+        words = _WS.sub(" ", html.unescape(_TAG.sub(" ", m.group(2)))).strip()
+        if words:
+            hidden.append(words)
+        if len(hidden) > 50:
+            break
+    parsed.hidden_text = " ".join(hidden)[:5000]
+
+
+def address_of(value: str) -> tuple[str, str]:
+    """``(display name, lower-case address)`` of a From-like header value."""
+    value = value[:1000]
+    lt = value.rfind("<")
+    if lt >= 0:
+        gt = value.find(">", lt)
+        addr = value[lt + 1 : gt if gt > lt else None].strip()
+        name = value[:lt].strip().strip('"').strip()
+    else:
+        m = _ADDRESS.search(value)
+        addr = m.group(0) if m else value.strip()
+        name = ""
+        paren = re.search(r"\(([^)]{0,200})\)", value)
+        if paren:
+            name = paren.group(1).strip()
+    return name, addr.lower()
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].strip().strip(">").rstrip(".").lower()

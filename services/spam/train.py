@@ -1,0 +1,175 @@
+"""Training of the base model, deterministic from the corpus file to the model's bytes.
+
+The corpus is a ``.tar.gz`` of raw messages under ``.../ham/`` and ``.../spam/``. Members are
+read in name order; a message belongs to the validation split when the CRC-32 of its file
+name is divisible by :data:`VALIDATION_MODULUS` (about one in five), so the split does not
+depend on order or on a random generator. The logistic regression is fitted by full-batch
+Adam for a fixed number of steps in float64, with sums in a fixed order (``bincount``,
+``reduceat``); weights are quantized when written, so the last bits of a float never reach
+the file. Platt scaling is then fitted on the validation split.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from zlib import crc32
+
+import numpy as np
+
+from services.spam.features import base_features
+from services.spam.model import model_bytes, model_from_bytes
+from services.spam.parse import parse_message
+
+VALIDATION_MODULUS = 5
+STEPS = 400
+LEARNING_RATE = 0.05
+L2 = 2e-4
+MAX_MEMBER_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Example:
+    name: str
+    is_spam: bool
+    raw: bytes
+
+
+def is_validation(name: str) -> bool:
+    return crc32(PurePosixPath(name).name.encode()) % VALIDATION_MODULUS == 0
+
+
+def read_corpus(path: Path) -> Iterator[Example]:
+    """The messages of a corpus archive, in name order."""
+    with tarfile.open(path, "r:gz") as tar:
+        members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)
+        for member in members:
+            parts = PurePosixPath(member.name).parts
+            if "ham" in parts:
+                label = False
+            elif "spam" in parts:
+                label = True
+            else:
+                continue
+            handle = tar.extractfile(member)
+            if handle is None:
+                continue
+            yield Example(member.name, label, handle.read(MAX_MEMBER_BYTES))
+
+
+def _csr(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    cols = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    return indptr, cols
+
+
+def _margins(w: np.ndarray, bias: float, indptr: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    out = np.full(len(indptr) - 1, bias, dtype=np.float64)
+    if len(cols) == 0:
+        return out
+    nonempty = indptr[1:] > indptr[:-1]
+    sums = np.add.reduceat(w[cols], indptr[:-1][nonempty])
+    out[nonempty] += sums
+    return out
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -40.0, 40.0)))
+
+
+def fit_logistic(rows: list[np.ndarray], labels: np.ndarray, n_features: int) -> tuple[np.ndarray, float]:
+    """Weights (over ``n_features`` compact columns) and bias of an L2 logistic regression."""
+    indptr, cols = _csr(rows)
+    lengths = np.diff(indptr)
+    n = len(rows)
+    w = np.zeros(n_features, dtype=np.float64)
+    bias = 0.0
+    m_w = np.zeros_like(w)
+    v_w = np.zeros_like(w)
+    m_b = v_b = 0.0
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    for step in range(1, STEPS + 1):
+        p = _sigmoid(_margins(w, bias, indptr, cols))
+        r = (p - labels) / n
+        g_w = np.bincount(cols, weights=np.repeat(r, lengths), minlength=n_features) + L2 * w
+        g_b = float(r.sum())
+        m_w = beta1 * m_w + (1 - beta1) * g_w
+        v_w = beta2 * v_w + (1 - beta2) * g_w * g_w
+        m_b = beta1 * m_b + (1 - beta1) * g_b
+        v_b = beta2 * v_b + (1 - beta2) * g_b * g_b
+        c1 = 1 - beta1**step
+        c2 = 1 - beta2**step
+        w -= LEARNING_RATE * (m_w / c1) / (np.sqrt(v_w / c2) + eps)
+        bias -= LEARNING_RATE * (m_b / c1) / (np.sqrt(v_b / c2) + eps)
+    return w, bias
+
+
+def fit_platt(margins: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Platt scaling ``sigmoid(a*z + b)`` by Newton's method, with Platt's smoothed targets."""
+    n_pos = float(labels.sum())
+    n_neg = float(len(labels) - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        return 1.0, 0.0
+    t = np.where(labels > 0, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+    a, b = 1.0, 0.0
+    for _ in range(100):
+        p = _sigmoid(a * margins + b)
+        d = p - t
+        s = p * (1 - p) + 1e-12
+        g = np.array([float((d * margins).sum()), float(d.sum())])
+        h = np.array(
+            [[float((s * margins * margins).sum()), float((s * margins).sum())], [0.0, float(s.sum())]]
+        )
+        h[1, 0] = h[0, 1]
+        h[0, 0] += 1e-9
+        h[1, 1] += 1e-9
+        det = h[0, 0] * h[1, 1] - h[0, 1] * h[1, 0]
+        da = (h[1, 1] * g[0] - h[0, 1] * g[1]) / det
+        db = (h[0, 0] * g[1] - h[1, 0] * g[0]) / det
+        a -= da
+        b -= db
+        if abs(da) < 1e-12 and abs(db) < 1e-12:
+            break
+    return a, b
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model: bytes
+    train_messages: int
+    validation_messages: int
+    features: int
+
+
+def train_model(corpus: Path) -> TrainResult:
+    """Train the base model from the corpus archive; the bytes are the model file."""
+    train_rows: list[np.ndarray] = []
+    train_labels: list[float] = []
+    val_rows: list[np.ndarray] = []
+    val_labels: list[float] = []
+    for ex in read_corpus(corpus):
+        feats = np.array(sorted(base_features(parse_message(ex.raw, time_budget=10.0))), dtype=np.int64)
+        if is_validation(ex.name):
+            val_rows.append(feats)
+            val_labels.append(1.0 if ex.is_spam else 0.0)
+        else:
+            train_rows.append(feats)
+            train_labels.append(1.0 if ex.is_spam else 0.0)
+    all_train = np.concatenate(train_rows) if train_rows else np.zeros(0, dtype=np.int64)
+    columns = np.unique(all_train)
+    compact = [np.searchsorted(columns, r) for r in train_rows]
+    w, bias = fit_logistic(compact, np.array(train_labels), len(columns))
+    # Platt scaling on the validation split, with the weights as they will be stored.
+    provisional = model_from_bytes(model_bytes(columns, w, bias, 1.0, 0.0))
+    margins = np.array([provisional.raw_logit(set(r.tolist())) for r in val_rows], dtype=np.float64)
+    platt_a, platt_b = fit_platt(margins, np.array(val_labels))
+    return TrainResult(
+        model=model_bytes(columns, w, bias, platt_a, platt_b),
+        train_messages=len(train_rows),
+        validation_messages=len(val_rows),
+        features=len(columns),
+    )
