@@ -12,6 +12,7 @@ from services import accounts, task_records
 from services.db import tenant_sessions, transaction, unrestricted_unsafe_sessions
 from services.errors import ServiceUnavailable
 from services.models import Account, utcnow
+from services.send.retention import sweep_outbox
 from tasks.dispatch import dispatch
 from tasks.runtime import get_runtime
 
@@ -62,8 +63,10 @@ def periodic_sync(self: Task) -> dict[str, Any]:
 @shared_task(name="mailroom.cleanup_stale_results", bind=True)
 def cleanup_stale_results(self: Task) -> dict[str, int]:
     """Fail records no worker can still be working on, fail queued records the broker lost,
-    and forget finished records older than the kept history. Celery's own results in Redis
-    expire by themselves (``result_expires``)."""
+    settle the outbox (drop message bytes no attempt can need, delete final rows older than
+    the outbox retention: services.send.retention), and forget finished records older than
+    the kept history. Celery's own results in Redis expire by themselves
+    (``result_expires``)."""
     runtime = get_runtime(self.app)
     s = runtime.settings
     now = utcnow()
@@ -80,6 +83,21 @@ def cleanup_stale_results(self: Task) -> dict[str, int]:
     with transaction(unrestricted_unsafe_sessions(runtime.sessions)) as session:
         stuck = task_records.fail_stuck(session, older_than=now - silent_for)
         lost = task_records.fail_undelivered(session, older_than=now - max(UNDELIVERED_AFTER, silent_for))
+        # Before the history goes: a row whose task ended takes its final state from the record.
+        outbox = sweep_outbox(session, now=now, retention=timedelta(hours=s.outbox_retention_hours))
         forgotten = task_records.delete_history(session, older_than=now - timedelta(days=s.task_history_days))
-    log.info("cleanup: %d stuck, %d undelivered, %d forgotten", stuck, lost, forgotten)
-    return {"stuck_failed": stuck, "undelivered_failed": lost, "history_deleted": forgotten}
+    log.info(
+        "cleanup: %d stuck, %d undelivered, %d forgotten; outbox: %d settled, %d bytes dropped, %d deleted",
+        stuck,
+        lost,
+        forgotten,
+        outbox.settled,
+        outbox.bytes_dropped,
+        outbox.deleted,
+    )
+    return {
+        "stuck_failed": stuck,
+        "undelivered_failed": lost,
+        "history_deleted": forgotten,
+        **outbox.as_dict(),
+    }

@@ -182,7 +182,14 @@ def test_cleanup_stale_results(isolated: Isolated, periodic_worker) -> None:
         )
         session.execute(update(TaskRecord).where(TaskRecord.id == old_done).values(finished_at=long_ago))
     summary = isolated.run_periodic("mailroom.cleanup_stale_results")
-    assert summary == {"stuck_failed": 1, "undelivered_failed": 1, "history_deleted": 1}
+    assert summary == {
+        "stuck_failed": 1,
+        "undelivered_failed": 1,
+        "history_deleted": 1,
+        "outbox_settled": 0,
+        "outbox_bytes_dropped": 0,
+        "outbox_deleted": 0,
+    }
     with isolated.sessions() as session:
         assert session.get(TaskRecord, stuck).error_code == "stuck"
         assert session.get(TaskRecord, lost).state == "failed"

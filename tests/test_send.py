@@ -337,3 +337,41 @@ def test_4xx_until_retries_run_out_fails_and_the_outbox_says_so(kit, account, sm
     assert delivered(smtp, accepted["message_id"]) == []
     [row] = _outbox(kit, account, "?state=failed")
     assert row["id"] == accepted["outbox_id"]
+
+
+def test_the_accounts_save_sent_copy_and_the_per_message_override(
+    kit, dovecot, smtp, mailbox_user, workers
+) -> None:
+    from tests.conftest import account_body
+
+    created = kit.admin.post(
+        "/api/accounts", json={**account_body(dovecot, smtp, mailbox_user), "save_sent_copy": False}
+    )
+    assert created.status_code == 201, created.get_json()
+    account = created.get_json()
+    assert account["save_sent_copy"] is False
+
+    def copies_after(body: dict[str, Any]) -> int:
+        accepted = send(kit, account, {"to": ["a@example.test"], "text": "copy?", **body}).get_json()
+        task = kit.admin.wait_task(accepted["task_id"])
+        assert task["state"] == "succeeded", (task, workers["send"].log_text()[-3000:])
+        assert len(delivered(smtp, accepted["message_id"])) == 1
+        found = len(sent_copies(dovecot, mailbox_user, accepted["message_id"]))
+        assert (task["result"]["sent_copy"] is not None) == (found == 1)
+        return found
+
+    assert copies_after({}) == 0  # the account's setting: the server files sent mail itself
+    assert copies_after({"save_sent": None}) == 0
+    assert copies_after({"save_sent": True}) == 1  # this message asks for a copy
+
+    patched = kit.admin.patch(f"/api/accounts/{account['id']}", json={"save_sent_copy": True})
+    assert patched.status_code == 200 and patched.get_json()["save_sent_copy"] is True
+    assert kit.admin.get(f"/api/accounts/{account['id']}").get_json()["save_sent_copy"] is True
+    assert copies_after({}) == 1
+    assert copies_after({"save_sent": False}) == 0
+    # A PATCH without the field leaves it alone; an account made without it files copies.
+    assert kit.admin.patch(f"/api/accounts/{account['id']}", json={"name": "x"}).get_json()["save_sent_copy"]
+    other = kit.admin.post("/api/accounts", json=account_body(dovecot, smtp, mailbox_user)).get_json()
+    assert other["save_sent_copy"] is True
+    bad = kit.admin.patch(f"/api/accounts/{account['id']}", json={"save_sent_copy": "sometimes"})
+    assert bad.status_code == 422

@@ -12,7 +12,14 @@ An attempt that finds the row ``accepted`` (its predecessor died after DATA) nev
 SMTP again: it only files the copy, after looking for the Message-ID in Sent, so the copy
 is never appended twice. An attempt that finds the row ``sending`` (its predecessor died
 during the SMTP transaction) first looks for the Message-ID in Sent — present when a
-server files sent mail itself — and only sends when it is absent.
+server files sent mail itself, or when the predecessor filed the copy and died before
+recording it — and only sends when it is absent. It looks whether or not this message
+wants a copy filed by Mailroom: an account whose server files sent mail itself
+(``save_sent_copy`` off) is exactly where the lookup finds one.
+
+A row that reaches ``sent``, ``failed`` or ``cancelled`` drops its message bytes in the
+same transaction: no later attempt can need them (services.send.retention sweeps the rows
+whose task ended without the worker writing the row).
 """
 
 from __future__ import annotations
@@ -68,6 +75,8 @@ def deliver(
         if before in NOT_YET_SENT:
             # A cancel that came in since the attempt started still stops the send here.
             row.state = (OutboxState.CANCELLED if stop else OutboxState.SENDING).value
+            if stop:
+                row.raw = None
         account = session.get(Account, account_id)
         assert account is not None
         smtp = accounts.smtp_endpoint(account, box)
@@ -82,13 +91,13 @@ def deliver(
 
     if before in NOT_YET_SENT:
         already = None
-        if before == OutboxState.SENDING.value and save_sent:
+        if before == OutboxState.SENDING.value:
             already = _look_in_sent(account_id, imap, message_id, settings)
         if already is None:
             try:
                 _take_turn(sessions, outbox_id, account_id, settings.send_rate_per_account, progress)
             except TaskCancelled:
-                _set_state(sessions, outbox_id, account_id, OutboxState.CANCELLED)
+                _cancel(sessions, outbox_id, account_id)
                 raise
             outcome = _smtp_send(sessions, outbox_id, account_id, smtp, settings, sender, recipients, raw)
         else:
@@ -100,7 +109,9 @@ def deliver(
         # no transaction id or two-phase commit, so "the server accepted" and "we recorded
         # it" can never be one atomic step; the gap is one round trip's reply plus one
         # commit, with no other work in it. Servers that file sent mail themselves close it
-        # (the Message-ID lookup above finds their copy).
+        # (the Message-ID lookup above finds their copy, whatever save_sent says). What it
+        # costs when it opens: one more delivery of the same bytes with the same Message-ID
+        # (receivers that deduplicate on Message-ID show it once), and still one Sent copy.
         with transaction(sessions) as session:
             row = _load(session, outbox_id, account_id)
             row.state = OutboxState.ACCEPTED.value
@@ -162,9 +173,11 @@ def _take_turn(
         time.sleep(wait)
 
 
-def _set_state(sessions: sessionmaker[Session], outbox_id: str, account_id: str, value: OutboxState) -> None:
+def _cancel(sessions: sessionmaker[Session], outbox_id: str, account_id: str) -> None:
     with transaction(sessions) as session:
-        _load(session, outbox_id, account_id).state = value.value
+        row = _load(session, outbox_id, account_id)
+        row.state = OutboxState.CANCELLED.value
+        row.raw = None
 
 
 def _smtp_send(
@@ -234,8 +247,16 @@ def _sent_folder(pooled: Any) -> str:
 def _look_in_sent(
     account_id: str, imap: ImapEndpoint, message_id: str, settings: Settings
 ) -> sent.FiledCopy | None:
-    with _imap(account_id, imap, settings) as pooled:
-        return sent.find_copy(pooled.client, _sent_folder(pooled), message_id)
+    """The copy of ``message_id`` in Sent, if any. A mailbox where the lookup cannot work
+    (no \\Sent folder, login refused) counts as holding none, so the message is still sent;
+    a transient fault retries the attempt, which looks again."""
+    try:
+        with _imap(account_id, imap, settings) as pooled:
+            return sent.find_copy(pooled.client, _sent_folder(pooled), message_id)
+    except MailError as exc:
+        if exc.transient:
+            raise
+        return None
 
 
 def _file_copy(

@@ -8,8 +8,12 @@ Promises:
 * The message is built here, once; its bytes are stored in the outbox row, committed
   together with the task record, and only the row's id travels in the broker message.
 * ``Idempotency-Key``: the same key and the same body (same account) from the same tenant
-  return the first request's task for as long as its outbox row exists (rows are never
-  removed by Mailroom, so that is at least 24 h); the same key with another body is a 409.
+  return the first request's task for as long as its outbox row exists: a final row is kept
+  for ``outbox_retention_hours`` after the request (at least 24 h; services.send.retention),
+  one still in flight until it ends. The same key with another body is a 409.
+* Whether the Sent copy is filed is decided here, once: the request's ``save_sent`` when
+  given, else the account's ``save_sent_copy`` at this moment (a later change of the
+  account's setting does not change messages already accepted).
   The key is unique per tenant in the database, so two requests racing with one key make
   one send: the loser waits on the winner's insert and then finds it.
 """
@@ -139,7 +143,7 @@ def accept_send(
         recipients=built.recipients,
         raw=built.raw,
         size=len(built.raw),
-        save_sent=body.save_sent,
+        save_sent=account.save_sent_copy if body.save_sent is None else body.save_sent,
     )
     session.add(row)
     try:

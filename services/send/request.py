@@ -149,7 +149,11 @@ class SendRequest(_Strict):
     )
     attachments: list[Attachment] = Field(default_factory=list, max_length=100)
     send_at: datetime | None = Field(default=None, description="Send later (ISO 8601 with a time zone).")
-    save_sent: bool = Field(default=True, description="File a copy in the account's \\Sent folder.")
+    save_sent: bool | None = Field(
+        default=None,
+        description="File a copy in the account's \\Sent folder: true or false for this message; "
+        "null or absent follows the account's save_sent_copy.",
+    )
 
     @model_validator(mode="after")
     def _whole(self) -> SendRequest:

@@ -1,7 +1,9 @@
-"""per-account Sent-copy setting and outbox retention.
+"""per-account Sent-copy setting; outbox retention needs no schema change
 
-Placeholder created so that parallel work keeps one migration chain; it is filled in
-with the schema change it names, or says "no schema change".
+``accounts.save_sent_copy`` (true for existing accounts): whether a send files its copy in
+\\Sent, off for servers that file sent mail themselves. Outbox retention (the hourly
+cleanup deleting final rows after ``MAILROOM_OUTBOX_RETENTION_HOURS`` and dropping the
+message bytes once no attempt can need them) works on the columns of 0005.
 
 Revision ID: 0008
 Revises: 0007
@@ -9,8 +11,8 @@ Revises: 0007
 
 from __future__ import annotations
 
-import sqlalchemy as sa  # noqa: F401
-from alembic import op  # noqa: F401
+import sqlalchemy as sa
+from alembic import op
 
 revision = "0008"
 down_revision = "0007"
@@ -19,8 +21,11 @@ depends_on = None
 
 
 def upgrade() -> None:
-    pass
+    op.add_column(
+        "accounts", sa.Column("save_sent_copy", sa.Boolean(), server_default=sa.true(), nullable=False)
+    )
 
 
 def downgrade() -> None:
-    pass
+    # SQLite (3.35+) drops a column in place.
+    op.drop_column("accounts", "save_sent_copy")
