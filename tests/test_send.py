@@ -100,14 +100,15 @@ def test_message_arrives_byte_exact_and_once_in_sent(
     assert parsed["Bcc"] is None and b"hidden@example.test" not in copy
     assert parsed["Date"] is not None
     if "html" in content:
-        assert parsed.get_body(("html",)).get_content().strip() == content["html"]
+        html = parsed.get_body(("html",))
+        assert html is not None and html.get_content().strip() == content["html"]
     if "attachments" in content:
         [part] = list(parsed.iter_attachments())
         assert part.get_filename() == "data.bin" and part.get_content() == ATTACHMENT
     else:
-        assert (
-            parsed.get_body(("plain",)).get_content().replace("\r\n", "\n").strip() == content["text"].strip()
-        )
+        plain = parsed.get_body(("plain",))
+        assert plain is not None
+        assert plain.get_content().replace("\r\n", "\n").strip() == content["text"].strip()
 
     result = task["result"]
     assert result["state"] == "sent" and result["refused"] == {}
