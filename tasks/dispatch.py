@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -171,6 +172,8 @@ def _dispatch(
             retry=False,
             ignore_result=True,
             eta=eta,
+            # When it was queued, for the oldest waiting message's age (tasks.monitoring).
+            headers={"published_at": time.time()},
         )
     except (OperationalError, KombuError, RedisError, OSError) as exc:
         log.error("publishing task %s failed: %s", record.id, exc)

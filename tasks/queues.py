@@ -83,6 +83,11 @@ def broker_priority(logical: int) -> int:
     return 10 - max(0, min(10, logical))
 
 
+def logical_from_broker(step: int) -> int:
+    """The 0..10 priority (10 = most urgent) of a Redis transport priority step."""
+    return 10 - step
+
+
 def kombu_queues() -> list[Queue]:
     return [Queue(spec.name, EXCHANGE, routing_key=spec.name, durable=True) for spec in QUEUES.values()]
 

@@ -62,7 +62,7 @@ def compose_command() -> list[str]:
 
 @pytest.mark.parametrize(
     "path",
-    [COMPOSE, ENV_EXAMPLE, ROOT / "Dockerfile", *sorted(DEPLOY.iterdir())],
+    [COMPOSE, ENV_EXAMPLE, ROOT / "Dockerfile", *sorted(p for p in DEPLOY.rglob("*") if p.is_file())],
     ids=lambda p: str(p.relative_to(ROOT)),
 )
 def test_every_mailroom_variable_is_a_setting(path: Path) -> None:
@@ -207,3 +207,43 @@ def test_makefile_lists_its_targets() -> None:
     )
     for target in ("help", "venv", "system-deps", "run", "test", "lint", "bench", "clean"):
         assert re.search(rf"^\s+{target}\s", listing.stdout, re.M), listing.stdout
+
+
+def _exported_metric_names() -> set[str]:
+    """Every metric name the API and the workers define (their source is the list)."""
+    names: set[str] = set()
+    for source in (ROOT / "src/mailroom/metrics.py", ROOT / "tasks/metrics.py"):
+        names |= _queried_metric_names(" ".join(re.findall(r'"(mailroom_[a-z_]+)"', source.read_text())))
+    return names
+
+
+def _queried_metric_names(text: str) -> set[str]:
+    found = set(re.findall(r"\bmailroom_[a-z_]+", text))
+    return {re.sub(r"_(bucket|count|sum|total)$", "", name) for name in found}
+
+
+def test_alerts_dashboard_and_autoscaling_query_only_metrics_that_exist() -> None:
+    import json
+
+    exported = _exported_metric_names()
+    assert {"mailroom_worker_tasks", "mailroom_queue_wait_seconds", "mailroom_queue_depth"} <= exported
+    (rules,) = by_kind("PrometheusRule").values()
+    alerts = {rule["alert"]: rule for group in rules["spec"]["groups"] for rule in group["rules"]}
+    assert {
+        "MailroomQueueWaitHigh",
+        "MailroomTaskFailureRate",
+        "MailroomNoWorkerOnQueue",
+        "MailroomBeatSilent",
+        "MailroomDependencyDown",
+    } <= set(alerts)
+    for name, rule in alerts.items():
+        assert rule["labels"]["severity"] in {"warning", "critical"} and rule["annotations"]["summary"], name
+        assert _queried_metric_names(rule["expr"]) <= exported, name
+    dashboard = json.loads((DEPLOY / "grafana" / "mailroom-dashboard.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert len(exprs) >= 10
+    for expr in exprs:
+        assert _queried_metric_names(expr) <= exported, expr
+    for scaled in by_kind("ScaledObject").values():
+        for trigger in scaled["spec"]["triggers"]:
+            assert _queried_metric_names(trigger["metadata"]["query"]) <= exported

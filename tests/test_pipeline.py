@@ -5,6 +5,7 @@ backend), Celery worker subprocesses, Dovecot and aiosmtpd."""
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any
@@ -53,8 +54,8 @@ def test_record_names_the_worker_of_its_queue(kit, account, sessions) -> None:
     ("type", "queue", "params", "code"),
     [
         # Parameters only a buggy or hostile publisher would send: the worker of the task's
-        # own queue must be the one that refuses them (send and delete do real work, tested
-        # in test_send*.py and test_delete*.py; spam scoring comes in a later release).
+        # own queue must be the one that refuses them (send, delete and spam checks do real
+        # work, tested in test_send*.py, test_delete*.py and test_spam_task*.py).
         (
             "send",
             "send",
@@ -62,7 +63,7 @@ def test_record_names_the_worker_of_its_queue(kit, account, sessions) -> None:
             "validation_error",
         ),
         ("delete", "delete", {"message_ids": ["m1"]}, "validation_error"),
-        ("spam_check", "spam", {"folder": "INBOX"}, "not_implemented"),
+        ("spam_check", "spam", {"message_ids": ["m1"], "learn": "spam"}, "validation_error"),
     ],
 )
 def test_each_task_type_runs_on_its_own_queue(app, kit, account, sessions, type, queue, params, code) -> None:
@@ -390,3 +391,28 @@ def test_queue_helpers_see_a_waiting_task(kit, other_kit, account, private_broke
             )
     assert get_queue_stats(celery)["sync"] == 1
     revoke_task(celery, result.record.id)  # no worker listens: a broadcast, harmless
+
+
+def test_queue_details_by_priority_and_oldest_age(kit, account, private_broker, sessions) -> None:
+    """No consumer: what dispatch published waits on the broker, split by priority, and the
+    oldest message's age grows from its dispatch stamp; the scrape shows both."""
+    from mailroom.app import create_app
+    from services.settings import load_settings
+    from tasks.monitoring import get_queue_details
+
+    _, values = private_broker
+    celery = make_celery(load_settings(**values))
+    common = {"tenant_id": kit.tenant_id, "user_id": kit.admin_id, "account_id": account["id"], "params": {}}
+    dispatch(celery, sessions, type="verify", origin="beat", **common)
+    time.sleep(1.0)
+    dispatch(celery, sessions, type="verify", **common)
+    details = get_queue_details(celery)
+    assert details["sync"].by_priority == {10: 1, 5: 1} and details["sync"].depth == 2
+    assert 1.0 <= details["sync"].oldest_age < 30
+    assert details["spam"].depth == 0 and details["spam"].oldest_age is None
+    metrics = Api(create_app(load_settings(**values)), kit.admin_key).get("/metrics").get_data(as_text=True)
+    assert 'mailroom_queue_depth_by_priority{priority="10",queue="sync"} 1.0' in metrics
+    assert 'mailroom_queue_depth{queue="sync"} 2.0' in metrics
+    assert 'mailroom_dependency_up{dependency="result_backend"} 1.0' in metrics
+    age = re.search(r'mailroom_queue_oldest_age_seconds\{queue="sync"\} ([0-9.e+]+)', metrics)
+    assert age and float(age.group(1)) >= 1.0, metrics

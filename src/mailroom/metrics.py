@@ -15,9 +15,10 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from mailroom.context import state
+from mailroom.health import run_checks
 from services import task_stats
 from services.db import unrestricted_unsafe_sessions
-from tasks.monitoring import get_queue_stats
+from tasks.monitoring import get_queue_details
 
 REQUESTS = Counter("mailroom_http_requests_total", "HTTP requests", ["method", "endpoint", "status"])
 LATENCY = Histogram(
@@ -39,12 +40,35 @@ class MailroomCollector(Collector):
         with self.app.app_context():
             st = state()
             depth = GaugeMetricFamily("mailroom_queue_depth", "Messages waiting per queue", labels=["queue"])
+            by_priority = GaugeMetricFamily(
+                "mailroom_queue_depth_by_priority",
+                "Messages waiting per queue and priority (10 = most urgent)",
+                labels=["queue", "priority"],
+            )
+            oldest = GaugeMetricFamily(
+                "mailroom_queue_oldest_age_seconds",
+                "How long the oldest waiting message of each queue has waited (0 when empty)",
+                labels=["queue"],
+            )
             try:
-                for queue, n in get_queue_stats(st.celery).items():
-                    depth.add_metric([queue], n)
+                for queue, detail in get_queue_details(st.celery).items():
+                    depth.add_metric([queue], detail.depth)
+                    for priority, n in sorted(detail.by_priority.items()):
+                        by_priority.add_metric([queue, str(priority)], n)
+                    oldest.add_metric([queue], detail.oldest_age or 0.0)
             except Exception:  # noqa: BLE001 - a scrape must not fail with the broker
                 pass
             yield depth
+            yield by_priority
+            yield oldest
+            up = GaugeMetricFamily(
+                "mailroom_dependency_up",
+                "Whether the API reaches each store it needs (1) or not (0), as /readyz checks",
+                labels=["dependency"],
+            )
+            for name, outcome in run_checks().items():
+                up.add_metric([name], 1.0 if outcome["ok"] else 0.0)
+            yield up
             # Counts across all tenants: the scrape is the operator's view. Never the whole
             # task history: in-flight rows through their partial index, successes from the
             # running totals, failures of the last hour through theirs.
