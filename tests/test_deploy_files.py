@@ -247,3 +247,24 @@ def test_alerts_dashboard_and_autoscaling_query_only_metrics_that_exist() -> Non
     for scaled in by_kind("ScaledObject").values():
         for trigger in scaled["spec"]["triggers"]:
             assert _queried_metric_names(trigger["metadata"]["query"]) <= exported
+
+
+def test_pods_are_locked_down_and_workers_reach_only_public_mail_ports() -> None:
+    for kind in ("Deployment", "Job"):
+        for name, doc in by_kind(kind).items():
+            pod = doc["spec"]["template"]["spec"]
+            assert pod["automountServiceAccountToken"] is False, name
+            assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", name
+    assert "mailroom-api" in by_kind("HorizontalPodAutoscaler")
+    policies = by_kind("NetworkPolicy")
+    mail = policies["mailroom-egress-mail"]["spec"]
+    assert set(mail["podSelector"]["matchExpressions"][0]["values"]) == {f"worker-{q}" for q in QUEUES}
+    (rule,) = mail["egress"]
+    blocks = [peer["ipBlock"] for peer in rule["to"]]
+    v4 = next(b for b in blocks if b["cidr"] == "0.0.0.0/0")
+    assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "169.254.0.0/16"} <= set(v4["except"])
+    assert {p["port"] for p in rule["ports"]} == {143, 993, 25, 465, 587}
+    data = policies["mailroom-egress-dns-and-data"]["spec"]
+    assert data["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "mailroom"}
+    ports = {p["port"] for r in data["egress"] for p in r["ports"]}
+    assert {53, 5432, 6379} <= ports and not ports & {143, 993, 25, 465, 587}
