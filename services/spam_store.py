@@ -20,7 +20,7 @@ Promises:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -204,12 +204,14 @@ def record_label(session: Session, principal: Principal, message_id: str, label:
     return message
 
 
-def learn(session: Session, tenant_id: str, update_layer: Any) -> bytes:
-    """Run ``update_layer(current: bytes | None) -> bytes`` on the tenant's layer under its
-    row lock and store the result; returns it."""
+def learn(
+    session: Session, tenant_id: str, update_layer: Callable[[bytes | None], bytes], count: int = 1
+) -> bytes:
+    """Run ``update_layer(current)`` on the tenant's layer under its row lock, store what
+    it returns (``count`` more messages learned) and return that."""
     row = _locked_row(session, tenant_id)
     row.layer = update_layer(row.layer)
-    row.learned = (row.learned or 0) + 1
+    row.learned = (row.learned or 0) + count
     row.updated_at = utcnow()
     session.flush()
     assert row.layer is not None

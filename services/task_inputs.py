@@ -112,13 +112,14 @@ class SpamCheckRequest(_Strict):
 
 
 class SpamCheckParams(SpamCheckRequest):
-    """The check_spam task's parameters: the request, or a user's label to learn from
-    (``learn``, with exactly one message id; the API records the label first)."""
+    """The check_spam task's parameters: the request, or with ``learn`` the messages a user
+    labelled (the label is recorded before the task is queued) for the tenant's filter to
+    learn from."""
 
     learn: Literal["spam", "ham"] | None = None
 
     @model_validator(mode="after")
-    def _learn_one(self) -> SpamCheckParams:
-        if self.learn is not None and (self.message_ids is None or len(self.message_ids) != 1):
-            raise ValueError("learn needs exactly one message id")
+    def _learn_ids(self) -> SpamCheckParams:
+        if self.learn is not None and self.message_ids is None:
+            raise ValueError("learn needs message_ids")
         return self

@@ -45,7 +45,9 @@ def sync_emails(ctx: TaskContext) -> dict[str, Any]:
     )
     with ctx.session() as session:
         accounts.release_sync_lock(session, account_id, ctx.task_id)
-    _queue_auto_scan(ctx, summary)
+    left_junk = summary.pop("left_junk", [])
+    summary["left_junk"] = len(left_junk)
+    _queue_spam_work(ctx, summary, left_junk)
     return summary
 
 
@@ -127,6 +129,7 @@ def check_spam(ctx: TaskContext) -> dict[str, Any]:
         ctx.runtime.sessions,
         ctx.account_id or "",
         ctx.params,
+        task_id=ctx.task_id,
         box=ctx.runtime.box,
         settings=ctx.settings,
         # Every batch writes its progress: each is a cancel checkpoint.
@@ -134,29 +137,33 @@ def check_spam(ctx: TaskContext) -> dict[str, Any]:
     )
 
 
-def _queue_auto_scan(ctx: TaskContext, summary: dict[str, Any]) -> None:
-    """After a sync that stored new INBOX mail of an account with ``spam_auto_scan``, queue
-    one check of its unchecked INBOX messages on the spam queue (never run inline: a flood
-    of spam work must not hold up a sync worker). One already queued and not started will
-    find the new ones too, so none is added then."""
-    if not summary.get("folders", {}).get("INBOX", {}).get("new"):
-        return
-    with ctx.session() as session:
-        account = ctx.load_account(session)
-        if not account.spam_auto_scan or spam_store.auto_scan_queued(session, account.id):
-            return
-    try:
-        dispatch(
-            current_app,
-            ctx.runtime.sessions,
-            type="spam_check",
-            tenant_id=ctx.tenant_id,
-            user_id=ctx.user_id,
-            account_id=ctx.account_id,
-            params={"folder": "INBOX", "only_unscored": True},
-            origin=spam_store.AUTO_SCAN_ORIGIN,
-        )
-    except MailroomError as exc:
-        # Over the tenant's cap or the broker down: the sync itself succeeded, and the next
-        # sync (or a client's spam-check) picks these messages up, as only_unscored.
-        log.warning("task %s: automatic spam check not queued: %s", ctx.task_id, exc.message)
+def _queue_spam_work(ctx: TaskContext, summary: dict[str, Any], left_junk: list[str]) -> None:
+    """After a sync: teach the tenant's filter from messages a user moved out of Junk (the
+    sync labelled them ham), and, where the account has ``spam_auto_scan`` and the sync
+    stored new INBOX mail, queue one check of its unchecked INBOX messages. Both go on the
+    spam queue, never inline: a flood of spam work must not hold up a sync worker. A check
+    already queued and not started will find the new messages too, so none is added then."""
+    work: list[dict[str, Any]] = [
+        {"message_ids": left_junk[i : i + 1000], "learn": "ham"} for i in range(0, len(left_junk), 1000)
+    ]
+    if summary.get("folders", {}).get("INBOX", {}).get("new"):
+        with ctx.session() as session:
+            account = ctx.load_account(session)
+            if account.spam_auto_scan and not spam_store.auto_scan_queued(session, account.id):
+                work.append({"folder": "INBOX", "only_unscored": True})
+    for params in work:
+        try:
+            dispatch(
+                current_app,
+                ctx.runtime.sessions,
+                type="spam_check",
+                tenant_id=ctx.tenant_id,
+                user_id=ctx.user_id,
+                account_id=ctx.account_id,
+                params=params,
+                origin=spam_store.AUTO_SCAN_ORIGIN if "folder" in params else "sync",
+            )
+        except MailroomError as exc:
+            # Over the tenant's cap, or the broker down: the sync itself succeeded; the next
+            # sync or a client's spam-check picks unchecked messages up (only_unscored).
+            log.warning("task %s: spam check not queued: %s", ctx.task_id, exc.message)

@@ -93,6 +93,8 @@ def sync_account(
                 )
                 _set_account(session, account_id, capabilities=raw_caps)
                 snapshots = _snapshots(session, account_id, folders)
+                moves.junk_ids = frozenset(f.id for f in folders if f.special_use == "junk")
+                moves.trash_ids = frozenset(f.id for f in folders if f.special_use == "trash")
                 # A folder gone from the server may have been renamed: its messages are
                 # matched like moved ones while the other folders sync (see state.py).
                 offer_vanished(session, [f.id for f in gone], moves)
@@ -134,6 +136,8 @@ def sync_account(
         imap_commands=counter.as_dict(),
         capabilities={"condstore": caps.condstore, "qresync": caps.qresync},
         seconds=round(time.monotonic() - started, 3),
+        # Messages a user moved out of Junk: now labelled ham, for the spam filter to learn.
+        left_junk=moves.left_junk,
     )
     return summary
 

@@ -16,7 +16,16 @@ from sqlalchemy import and_, bindparam, delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from services.models import Folder, Message, utcnow
-from services.sync.state import KEY_COLUMNS, MoveTracker, bump_counts, chunks, match_key, messages_table
+from services.sync.state import (
+    KEY_COLUMNS,
+    SPAM_COLUMNS,
+    MoveTracker,
+    bump_counts,
+    chunks,
+    match_key,
+    messages_table,
+    spam_values,
+)
 
 # --- flags ------------------------------------------------------------------------------
 
@@ -101,7 +110,7 @@ def remove_messages(
     """Delete the folder's rows with ``uids`` (or, with ``pending``, its unmatched pending
     rows). A row whose message was already stored in another folder during this run hands
     its id to that row; the others are remembered for later folders of the run."""
-    query = select(Message.id, Message.created_at, Message.seen, *KEY_COLUMNS).where(
+    query = select(Message.id, Message.created_at, Message.seen, *KEY_COLUMNS, *SPAM_COLUMNS).where(
         Message.folder_id == folder_id
     )
     batches = (
@@ -122,14 +131,16 @@ def remove_messages(
                 new_row_id = moved[0][0]
                 moves.inserted[key].remove(moved[0])
                 # The copy stored elsewhere takes over the removed row's identity.
+                spam = moves.handed_over(row.id, folder_id, spam_values(row), moved[0][1])
                 session.execute(
                     update(Message)
                     .where(Message.id == new_row_id)
-                    .values(id=row.id, created_at=row.created_at)
+                    .values(id=row.id, created_at=row.created_at, **spam)
                     .execution_options(synchronize_session=False)
                 )
             else:
                 moves.removed[key].append((row.id, row.created_at))
+                moves.keep(row.id, folder_id, spam_values(row))
     return removed
 
 
@@ -142,10 +153,13 @@ def offer_vanished(session: Session, folder_ids: Sequence[str], moves: MoveTrack
     old row goes in the same transaction. Returns how many rows were offered."""
     offered = 0
     for chunk in chunks(list(folder_ids)):
-        query = select(Message.id, Message.created_at, *KEY_COLUMNS).where(Message.folder_id.in_(chunk))
+        query = select(Message.id, Message.created_at, *KEY_COLUMNS, *SPAM_COLUMNS).where(
+            Message.folder_id.in_(chunk)
+        )
         for row in session.execute(query.order_by(Message.folder_id, Message.uid)):
             key = match_key(row.message_id_header, row.date, row.size, row.subject, row.from_addr)
             moves.removed[key].append((row.id, row.created_at))
+            moves.keep(row.id, None, spam_values(row))  # a renamed folder: its verdicts stay
             offered += 1
     return offered
 

@@ -65,6 +65,23 @@ messages_table = cast(Table, Message.__table__)
 KEY_COLUMNS = (Message.message_id_header, Message.date, Message.size, Message.subject, Message.from_addr)
 
 
+#: What a spam check stored on a message: it moves with the message's id.
+SPAM_COLUMNS = (
+    Message.spam_score,
+    Message.is_spam,
+    Message.indicators,
+    Message.spam_label,
+    Message.spam_checked_at,
+)
+
+
+def spam_values(row: Any) -> dict[str, Any] | None:
+    """A removed row's spam columns, or None when it was never checked nor labelled."""
+    if row.spam_checked_at is None and row.spam_label is None:
+        return None
+    return {c.key: getattr(row, c.key) for c in SPAM_COLUMNS}
+
+
 @dataclass
 class MoveTracker:
     """Rows removed and rows inserted during one sync run, by match key."""
@@ -73,6 +90,27 @@ class MoveTracker:
     inserted: dict[MatchKey, list[tuple[str, str, datetime]]] = field(
         default_factory=lambda: defaultdict(list)
     )
+    #: Removed rows' folder and spam columns, by id, for the row that takes the id over.
+    carried: dict[str, tuple[str | None, dict[str, Any] | None]] = field(default_factory=dict)
+    #: The account's \Junk and \Trash folders: a message a user moves out of Junk (not to
+    #: Trash) counts as ham; its id is listed in ``left_junk`` for the filter to learn from.
+    junk_ids: frozenset[str] = frozenset()
+    trash_ids: frozenset[str] = frozenset()
+    left_junk: list[str] = field(default_factory=list)
+
+    def keep(self, row_id: str, source: str | None, spam: dict[str, Any] | None) -> None:
+        if spam is not None or source in self.junk_ids:
+            self.carried[row_id] = (source, spam)
+
+    def handed_over(
+        self, row_id: str, source: str | None, spam: dict[str, Any] | None, target: str
+    ) -> dict[str, Any]:
+        """The spam columns for the row in ``target`` that takes over ``row_id``."""
+        values = dict(spam or {})
+        if source in self.junk_ids and target not in self.junk_ids | self.trash_ids:
+            values.update(spam_label="ham", is_spam=False)
+            self.left_junk.append(row_id)
+        return values
 
 
 @dataclass(frozen=True)
@@ -307,5 +345,10 @@ def insert_messages(
     total = unread = 0
     if fresh:
         total, unread = _store_new_rows(session, fresh)
+    for row_id in released:
+        if row_id in moves.carried:
+            values = moves.handed_over(row_id, *moves.carried.pop(row_id), scope.folder_id)
+            if values:
+                session.execute(update(messages_table).where(messages_table.c.id == row_id).values(**values))
     bump_counts(session, scope.folder_id, total, unread + unread_change)
     return len(takeovers) + total, len(takeovers) + reused
