@@ -13,9 +13,16 @@ Promises:
 * A moved message keeps its Mailroom id: its row gets the Trash folder and the UID the
   server named in COPYUID. A permanently deleted message's row is deleted. Each batch's
   rows and the folder counts describing them are committed right after its IMAP command
-  succeeds, so a cancel, a crash or a network fault between batches leaves server and
-  database in agreement for every batch done; a retry plans again from the rows, and a
-  message it finds already in Trash (moved by an earlier attempt) counts as moved.
+  succeeds, so a cancel or a fault between batches leaves server and database in agreement
+  for every batch done; a retry plans again from the rows, and a message it finds already
+  in Trash (moved by an earlier attempt) counts as moved.
+* Before its first IMAP command the delete commits a journal of what it is about to do
+  (:mod:`services.mail_delete_journal`); it is cleared after the last batch's rows. An
+  attempt killed between a command and its rows leaves it behind, and the next delete of
+  the account (the retry, or the redelivered task) first brings those rows in line with
+  the server from it: moved messages keep their ids under their Trash UIDs, expunged ones
+  lose their rows, and a message a server without MOVE copied but did not yet expunge is
+  expunged, never copied again. That module's docstring names the window that remains.
 * After the moves, when nothing but this run's messages arrived in Trash since the last
   sync, Trash's ``last_seen_uid`` moves past them, so the next sync does not fetch them
   again (it would skip them anyway: it never stores a UID twice).
@@ -40,8 +47,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from services.accounts import imap_endpoint
 from services.crypto import SecretBox
 from services.db import transaction
-from services.errors import NotFound
+from services.errors import NotFound, TaskCancelled
 from services.mail.imap import imap_session
+from services.mail_delete_journal import (
+    Reconciled,
+    clear_journal,
+    expand_uid_set,
+    has_journal,
+    reconcile,
+    write_journal,
+)
 from services.mail_delete_rows import (
     AccountBusy,
     DeleteRefused,
@@ -73,23 +88,13 @@ BATCH_SIZE = 500
 Report = Callable[[float, str], None]
 
 
-def _expand(text: str) -> list[int]:
-    """A UID set as the server wrote it (``"4:6,9"``), in its order."""
-    out: list[int] = []
-    for part in text.split(","):
-        lo, _, hi = part.partition(":")
-        a, b = int(lo), int(hi or lo)
-        out.extend(range(a, b + 1) if a <= b else range(a, b - 1, -1))
-    return out
-
-
 def _copyuid(client: imapclient.IMAPClient) -> dict[int, int]:
     """Source UID → new UID from the COPYUID response code(s) of the last command."""
     mapping: dict[int, int] = {}
     for raw in client._imap.untagged_responses.pop("COPYUID", []):
         text = raw.decode() if isinstance(raw, bytes) else str(raw)
         _validity, src, dst = text.split()[:3]
-        mapping.update(zip(_expand(src), _expand(dst), strict=True))
+        mapping.update(zip(expand_uid_set(src), expand_uid_set(dst), strict=True))
     return mapping
 
 
@@ -152,7 +157,6 @@ class _Run:
     sessions: sessionmaker[Session]
     client: imapclient.IMAPClient
     plan: Plan
-    has_move: bool
     batch_size: int
     progress: Report
     done: int = 0
@@ -199,9 +203,9 @@ def _move_folder(run: _Run, source: Folder, rows: list[Row]) -> None:
     client = run.client
     for batch in _batches(rows, run.batch_size):
         uids = [r.uid for r in batch]
-        # A crash between COPY and UID EXPUNGE (server without MOVE) leaves a copy in Trash
-        # and the original here (marked \Deleted); the rows still describe the original, so
-        # a retry moves it again. That window is the cost of a server without MOVE.
+        # The journal names this batch (services.mail_delete_journal): a kill after the
+        # server moved (or only copied) it and before its rows are committed is put right
+        # by the next attempt, which finds the copies in Trash and never copies again.
         new = move_uids(client, uids, trash.name)
         run.moved += len(new)
         run.trash_uids.extend(new.values())
@@ -296,35 +300,69 @@ def delete_messages(
         if account is None:
             raise NotFound("account not found")
         endpoint = imap_endpoint(account, box)
+        tenant_id = account.tenant_id
+        left_behind = has_journal(session, account_id)
         plan = plan_delete(session, account_id, ids, permanent, set(in_trash))
         session.expunge_all()  # the folders are read, never written, through the ORM
     progress(0, f"deleting {plan.total} messages")
     with imap_session(
         endpoint, timeout=settings.mail_timeout_seconds, allow_private=settings.allow_private_hosts
     ) as client:
-        caps = {c.decode().upper() if isinstance(c, bytes) else str(c).upper() for c in client.capabilities()}
-        if plan.total and "UIDPLUS" not in caps:
+        if plan.total and not _has(client, "UIDPLUS"):
             raise DeleteRefused(
                 "the IMAP server lacks UIDPLUS: without UID EXPUNGE a delete could take other "
                 "\\Deleted messages with it, so nothing was deleted"
             )
-        involved = [plan.folders[f] for f in {*plan.moves, *plan.expunges}]
-        if plan.moves and plan.trash is not None:
-            involved.append(plan.trash)
-        # Every folder's UIDVALIDITY first, so a stale one refuses the task untouched.
-        for folder in involved:
-            status = client.folder_status(folder.name, [b"UIDVALIDITY"])
-            _check_validity(folder, status.get(b"UIDVALIDITY"))
-        run = _Run(sessions, client, plan, "MOVE" in caps, batch_size, progress)
+        reconciled = Reconciled(deleted=set())
+        if left_behind:
+            # An attempt died between an IMAP command and its rows: put them right, then
+            # plan again from the rows as they are now.
+            reconciled = reconcile(sessions, client, account_id)
+            with transaction(sessions) as session:
+                plan = plan_delete(session, account_id, ids, permanent, set(in_trash))
+                session.expunge_all()
+        trash_uidnext = _check_folders(client, plan)
+        if plan.total:
+            with transaction(sessions) as session:
+                write_journal(session, tenant_id, account_id, plan, trash_uidnext)
+        run = _Run(sessions, client, plan, batch_size, progress)
         with run.writer:
-            _work(run)
-            run.finish()
+            try:
+                _work(run)
+                run.finish()
+            except TaskCancelled:
+                # Every batch the server did is committed once the write in flight is
+                # (it raises here if it failed, and then the journal stays for a retry).
+                run.writer.wait()
+                with transaction(sessions) as session:
+                    clear_journal(session, account_id)
+                raise
+        if plan.total:
+            with transaction(sessions) as session:
+                clear_journal(session, account_id)
         if run.trash_uids:
             _advance_trash(run)
     progress(100, "done")
+    deleted = reconciled.deleted or set()
     return {
         "moved": run.moved + plan.already_moved,
-        "deleted": run.deleted,
-        "gone": plan.gone,
+        "deleted": run.deleted + sum(1 for i in ids if i in deleted),
+        "gone": [i for i in plan.gone if i not in deleted],
         "trash_folder": plan.trash.name if plan.trash is not None and plan.moves else None,
     }
+
+
+def _check_folders(client: imapclient.IMAPClient, plan: Plan) -> int | None:
+    """Every involved folder's UIDVALIDITY, so a stale one refuses the task untouched;
+    returns Trash's UIDNEXT when the plan moves messages there."""
+    involved = [plan.folders[f] for f in {*plan.moves, *plan.expunges}]
+    trash = plan.trash if plan.moves else None
+    uidnext: int | None = None
+    for folder in involved:
+        status = client.folder_status(folder.name, [b"UIDVALIDITY"])
+        _check_validity(folder, status.get(b"UIDVALIDITY"))
+    if trash is not None:
+        status = client.folder_status(trash.name, [b"UIDVALIDITY", b"UIDNEXT"])
+        _check_validity(trash, status.get(b"UIDVALIDITY"))
+        uidnext = int(status[b"UIDNEXT"])
+    return uidnext
