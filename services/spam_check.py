@@ -71,6 +71,7 @@ class _Run:
     learn: str | None
     total: int
     progress: Report
+    batch_size: int = BATCH_SIZE
     client: imapclient.IMAPClient | Any = None
     scored: int = 0
     spam_count: int = 0
@@ -127,12 +128,13 @@ def fetch_raw(client: imapclient.IMAPClient, uids: list[int], cap: int) -> dict[
     return out
 
 
-def _batches(targets: list[Target], cap: int) -> Iterable[list[Target]]:
+def _batches(targets: list[Target], cap: int, count: int) -> Iterable[list[Target]]:
+    """``count`` messages at most, and no more than :data:`BATCH_BYTES` of message text."""
     batch: list[Target] = []
     size = 0
     for target in targets:
         cost = min(target.size or cap, cap)
-        if batch and (len(batch) >= BATCH_SIZE or size + cost > BATCH_BYTES):
+        if batch and (len(batch) >= count or size + cost > BATCH_BYTES):
             yield batch
             batch, size = [], 0
         batch.append(target)
@@ -290,7 +292,7 @@ def _check_folders(run: _Run, targets: list[Target]) -> None:
     for folder_id in sorted(by_folder, key=lambda f: run.folders[f].name):
         folder = run.folders[folder_id]
         _select(run, folder)
-        for batch in _batches(by_folder[folder_id], run.cap):
+        for batch in _batches(by_folder[folder_id], run.cap, run.batch_size):
             _check_batch(run, folder, batch)
     for folder_id, placed in run.placed.items():
         _advance(run, run.folders[folder_id], placed)
@@ -305,6 +307,7 @@ def check_spam(
     box: SecretBox,
     settings: Settings,
     progress: Report,
+    batch_size: int = BATCH_SIZE,
 ) -> dict[str, Any]:
     """Score the messages ``params`` names and act on the verdicts, as the module docstring
     promises. ``progress`` is called after every committed batch and may raise to stop
@@ -341,6 +344,7 @@ def check_spam(
         learn=params.learn,
         total=len(targets),
         progress=progress,
+        batch_size=batch_size,
         gone=len(gone),
         per_message=[] if params.message_ids is not None else None,
     )
