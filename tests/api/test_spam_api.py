@@ -158,7 +158,7 @@ def test_spam_check_routes_queue_what_was_asked(
 
 def test_spam_check_validation_is_422(kit: TenantKit, account: dict[str, Any]) -> None:
     url = f"/api/accounts/{account['id']}/spam-check"
-    for body in (
+    bodies: list[dict[str, Any]] = [
         {},
         {"message_ids": []},
         {"message_ids": ["nope"]},
@@ -167,7 +167,8 @@ def test_spam_check_validation_is_422(kit: TenantKit, account: dict[str, Any]) -
         {"folder": ""},
         {"folder": "INBOX", "learn": "spam"},
         {"folder": "INBOX", "only_unscored": "maybe"},
-    ):
+    ]
+    for body in bodies:
         response = kit.admin.post(url, json=body)
         assert response.status_code == 422, (body, response.get_json())
         assert error_of(response)["code"] == "validation_error"
