@@ -15,6 +15,7 @@ from celery import Celery, signals
 
 from services.settings import Settings, load_settings
 from tasks import metrics
+from tasks.beat import KEY_PREFIX
 from tasks.queues import (
     EXCHANGE,
     PERIODIC_TASKS,
@@ -26,6 +27,11 @@ from tasks.queues import (
 )
 
 TASK_MODULES = ["tasks.mail_tasks", "tasks.periodic"]
+#: Longest sleep between Beat ticks, and how often a waiting Beat asks for the lock.
+BEAT_MAX_LOOP_SECONDS = 15
+#: How long a Beat's lock outlives its last tick: a dead Beat is replaced within this plus
+#: one loop of the waiting Beat.
+BEAT_LOCK_SECONDS = 60
 
 
 def _ssl_options(enabled: bool, verify: bool) -> dict[str, Any] | None:
@@ -77,6 +83,14 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         timezone="UTC",
         enable_utc=True,
+        # Exactly one Beat: schedule and lock in the broker's Redis (tasks/beat.py).
+        beat_scheduler="tasks.beat:MailroomScheduler",
+        beat_max_loop_interval=BEAT_MAX_LOOP_SECONDS,
+        redbeat_redis_url=settings.broker_connection_url,
+        redbeat_redis_use_ssl=_ssl_options(settings.broker_tls, settings.broker_tls_verify),
+        redbeat_redis_options={"socket_connect_timeout": 3, "socket_timeout": 10},
+        redbeat_key_prefix=KEY_PREFIX,
+        redbeat_lock_timeout=BEAT_LOCK_SECONDS,
         beat_schedule={
             "periodic-sync": {
                 "task": PERIODIC_TASKS["periodic_sync"],

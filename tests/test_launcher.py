@@ -125,11 +125,12 @@ def test_run_serves_the_api_with_workers_and_stops_cleanly(data_dir: Path) -> No
         while time.monotonic() < deadline:
             health = requests.get(f"{base}/api/admin/health", headers=auth, timeout=15)
             assert health.status_code == 200, health.text
-            workers = health.json()["workers"]
-            if all(workers.get(q, 0) > 0 for q in QUEUES):
+            workers, beat = health.json()["workers"], health.json()["beat"]
+            if all(workers.get(q, 0) > 0 for q in QUEUES) and beat["ok"]:
                 break
             time.sleep(1)
         assert all(workers.get(q, 0) > 0 for q in QUEUES), (workers, run.output[-4000:])
+        assert beat["ok"] and health.json()["status"] == "ok", (beat, run.output[-4000:])
 
         key_file = data_dir / "bootstrap-admin.key"
         assert key_file.read_text().strip() == key

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import text
 
 from mailroom.context import state
 from services.settings import Settings
+from tasks.beat import last_tick
+from tasks.celery_app import BEAT_MAX_LOOP_SECONDS
 from tasks.monitoring import ping_broker, ping_result_backend, workers_per_queue
 from tasks.queues import QUEUES
 
@@ -72,6 +76,25 @@ def readiness() -> tuple[bool, dict[str, dict[str, bool]]]:
     return all(c["ok"] for c in public.values()), public
 
 
+def _beat_report(celery: Any, broker_ok: bool) -> dict[str, Any]:
+    """The running Beat's last tick (it ticks at least every BEAT_MAX_LOOP_SECONDS); late by
+    more than three loops, or never seen, is not ok."""
+    tick = None
+    if broker_ok:
+        try:
+            tick = last_tick(celery)
+        except Exception:
+            log.warning("reading Beat's heartbeat failed", exc_info=True)
+    if tick is None:
+        return {"ok": False, "last_tick_at": None, "seconds_ago": None}
+    ago = max(0.0, time.time() - tick)
+    return {
+        "ok": ago <= 3 * BEAT_MAX_LOOP_SECONDS,
+        "last_tick_at": datetime.fromtimestamp(tick, UTC).isoformat(),
+        "seconds_ago": round(ago, 1),
+    }
+
+
 def health_report(*, with_workers: bool) -> dict[str, Any]:
     """The admins' view: each check with its (redacted) error, and workers per queue."""
     celery = state().celery
@@ -86,5 +109,7 @@ def health_report(*, with_workers: bool) -> dict[str, Any]:
                 log.warning("counting workers failed", exc_info=True)
         report["workers"] = workers
         ok = ok and all(workers.values())
+    report["beat"] = _beat_report(celery, report["broker"]["ok"])
+    ok = ok and report["beat"]["ok"]
     report["status"] = "ok" if ok else "degraded"
     return report
