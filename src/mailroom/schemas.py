@@ -233,12 +233,19 @@ class CheckOut(BaseModel):
     error: str | None = None
 
 
+class BeatOut(BaseModel):
+    ok: bool = Field(description="A Beat ticked within the last 45 seconds (it ticks at least every 15).")
+    last_tick_at: datetime | None = Field(description="The running Beat's last tick; null if never seen.")
+    seconds_ago: float | None
+
+
 class HealthOut(BaseModel):
     status: Literal["ok", "degraded"]
     database: CheckOut
     broker: CheckOut
     result_backend: CheckOut
     workers: dict[str, int] = Field(description="Live workers consuming each queue.")
+    beat: BeatOut = Field(description="The one Beat that queues periodic syncs and the cleanup.")
 
 
 class CancelAllOut(BaseModel):
