@@ -41,9 +41,7 @@ from services.mail_delete import move_uids
 from services.mail_delete_rows import Row, SyncRequired, move_rows
 from services.models import Account, Folder
 from services.settings import Settings
-from services.spam.layer import TenantLayer
-from services.spam.scorer import score_message
-from services.spam.verdict import Verdict
+from services.spam import LayerFormatError, SpamdClient, TenantLayer, Verdict, score_message
 from services.spam_store import Target, TenantSpam
 from services.task_inputs import SpamCheckParams
 
@@ -100,14 +98,22 @@ class _Run:
         return self.special("inbox")
 
 
-def _spamd_client(settings: Settings) -> Any:
+def _spamd_client(settings: Settings) -> SpamdClient | None:
     """The optional spamd backend, when an address is configured."""
     url = getattr(settings, "spamd_url", None)
-    if not url:
-        return None
-    from services.spam import spamd  # type: ignore[attr-defined]
+    return SpamdClient.from_url(url) if url else None
 
-    return spamd.SpamdClient.from_url(url)
+
+def _layer(data: bytes | None) -> TenantLayer | None:
+    """The stored layer; one that cannot be read scores as none (and the next lesson
+    starts a new one) rather than failing every check of the tenant."""
+    if not data:
+        return None
+    try:
+        return TenantLayer.from_bytes(data)
+    except LayerFormatError:
+        log.error("a tenant's spam layer could not be read; scoring without it")
+        return None
 
 
 def _body(data: dict[bytes, Any]) -> bytes | None:
@@ -169,7 +175,7 @@ def _judged_spam(run: _Run, target: Target, verdict: Verdict) -> bool:
 
 
 def _learned(current: bytes | None, raws: list[bytes], is_spam: bool) -> bytes:
-    layer = TenantLayer.from_bytes(current) if current else TenantLayer()
+    layer = _layer(current) or TenantLayer()
     for raw in raws:
         layer.learn(raw, is_spam)
     return layer.to_bytes()
@@ -336,7 +342,7 @@ def check_spam(
         task_id=task_id,
         tenant_id=tenant_id,
         spam=spam,
-        layer=TenantLayer.from_bytes(spam.layer) if spam.layer else None,
+        layer=_layer(spam.layer),
         spamd=_spamd_client(settings),
         cap=settings.spam_max_message_bytes,
         folders=folders,

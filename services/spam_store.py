@@ -32,11 +32,9 @@ from sqlalchemy.orm import Session
 from services.errors import NotFound, ValidationFailed
 from services.mail_delete_rows import check_deletable
 from services.models import Account, Folder, Message, SpamSettings, TaskRecord, TaskState, utcnow
-from services.spam.verdict import SenderLists, Verdict
+from services.spam import DEFAULT_THRESHOLD, SenderLists, Verdict
 from services.tenancy import Principal, get_scoped, scoped
 
-#: The threshold of a tenant that never set one: a calibrated probability of spam.
-DEFAULT_THRESHOLD = 0.5
 #: Entries one list may hold.
 MAX_LIST_ENTRIES = 5000
 #: Indicators stored per message (the strongest first).

@@ -8,7 +8,7 @@ from typing import Any
 
 from celery import current_app
 
-from services import accounts, mail_delete, spam_store
+from services import accounts, mail_delete, spam_check, spam_store
 from services.errors import MailroomError, Superseded
 from services.send.deliver import deliver
 from services.sync import SyncOptions, sync_account
@@ -123,8 +123,6 @@ def delete_emails(ctx: TaskContext) -> dict[str, Any]:
 def check_spam(ctx: TaskContext) -> dict[str, Any]:
     """Score messages for spam, store the verdicts and move spam to \\Junk where the
     account says so; or learn from a user's label (services.spam_check)."""
-    from services import spam_check
-
     return spam_check.check_spam(
         ctx.runtime.sessions,
         ctx.account_id or "",
