@@ -260,6 +260,9 @@ class Message(Base):
     is_spam: Mapped[bool | None] = mapped_column(Boolean)
     indicators: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     spam_label: Mapped[str | None] = mapped_column(String(8))  # "spam" | "ham": the user's word
+    # The label the tenant's filter last learned from this message: a retried or redelivered
+    # lesson is not learned twice.
+    spam_learned: Mapped[str | None] = mapped_column(String(8))
     spam_checked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)

@@ -209,13 +209,17 @@ def _check_batch(run: _Run, folder: Folder, batch: list[Target]) -> None:
     run.gone += len(batch) - len(present)
     if run.learn is not None and present:
         # One lock of the tenant's row per batch: learners of one tenant take turns.
-        learned = [raw for _t, raw in present]
+        is_spam = run.learn == "spam"
         with transaction(run.sessions) as session:
-            data = spam_store.learn(
-                session, run.tenant_id, lambda cur: _learned(cur, learned, run.learn == "spam"), len(learned)
+            data, count = spam_store.learn(
+                session,
+                run.tenant_id,
+                run.learn,
+                {t.id: raw for t, raw in present},
+                lambda current, raws: _learned(current, raws, is_spam),
             )
-        run.layer = TenantLayer.from_bytes(data)
-        run.learned += len(learned)
+        run.layer = _layer(data)
+        run.learned += count
     verdicts: dict[str, Verdict] = {}
     moves: dict[str, list[Target]] = {}
     targets_to: dict[str, Folder] = {}

@@ -203,17 +203,34 @@ def record_label(session: Session, principal: Principal, message_id: str, label:
 
 
 def learn(
-    session: Session, tenant_id: str, update_layer: Callable[[bytes | None], bytes], count: int = 1
-) -> bytes:
-    """Run ``update_layer(current)`` on the tenant's layer under its row lock, store what
-    it returns (``count`` more messages learned) and return that."""
+    session: Session,
+    tenant_id: str,
+    label: str,
+    raws: dict[str, bytes],
+    teach: Callable[[bytes | None, list[bytes]], bytes],
+) -> tuple[bytes | None, int]:
+    """Teach the tenant's layer ``label`` from the messages ``raws`` (id → raw) that it has
+    not learned that label from yet: ``teach(current layer, raws)`` returns the new layer.
+    Under the tenant's row lock, so learners take turns and a retried or redelivered lesson
+    is not learned twice. Returns the layer and how many messages it learned from."""
+    assert label in LABELS
     row = _locked_row(session, tenant_id)
-    row.layer = update_layer(row.layer)
-    row.learned = (row.learned or 0) + count
-    row.updated_at = utcnow()
-    session.flush()
-    assert row.layer is not None
-    return row.layer
+    done = set(
+        session.scalars(select(Message.id).where(Message.id.in_(list(raws)), Message.spam_learned == label))
+    )
+    todo = [i for i in raws if i not in done]
+    if todo:
+        row.layer = teach(row.layer, [raws[i] for i in todo])
+        row.learned = (row.learned or 0) + len(todo)
+        row.updated_at = utcnow()
+        session.execute(
+            update(Message)
+            .where(Message.id.in_(todo))
+            .values(spam_learned=label)
+            .execution_options(synchronize_session=False)
+        )
+        session.flush()
+    return row.layer, len(todo)
 
 
 # --- verdicts --------------------------------------------------------------------------------

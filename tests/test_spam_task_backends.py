@@ -165,6 +165,13 @@ def test_two_learners_of_one_tenant_lose_nothing(
     with transaction(mb.sessions) as session:
         row = session.get(SpamSettings, mb.principal.tenant_id)
         assert row is not None and row.learned == 6 and row.layer
+        layer = row.layer
+    # A lesson delivered again is not learned twice; the other label is a new lesson.
+    assert run(mb, message_ids=ids[:2], learn="spam")["learned"] == 0
+    with transaction(mb.sessions) as session:
+        row = session.get(SpamSettings, mb.principal.tenant_id)
+        assert row is not None and row.learned == 6 and row.layer == layer
+    assert run(mb, message_ids=ids[:1], learn="ham")["learned"] == 1
 
 
 def test_a_sync_keeps_verdicts_with_moved_ids_and_junk_exits_are_ham(

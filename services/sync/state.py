@@ -71,6 +71,7 @@ SPAM_COLUMNS = (
     Message.is_spam,
     Message.indicators,
     Message.spam_label,
+    Message.spam_learned,
     Message.spam_checked_at,
 )
 

@@ -2,7 +2,8 @@
 
 ``messages`` gets what a spam check stores: ``is_spam`` (at the tenant's threshold, or the
 user's own label), ``indicators`` (the named reasons), ``spam_label`` (what the user said:
-spam or ham) and ``spam_checked_at``; ``spam_score`` stays. The ``spam_verdict`` column of
+spam or ham), ``spam_learned`` (the label the tenant's filter last learned from it) and
+``spam_checked_at``; ``spam_score`` stays. The ``spam_verdict`` column of
 0001, which nothing ever wrote, is dropped. ``accounts`` get ``spam_auto_scan`` and
 ``spam_move_to_junk`` (both false). ``spam_settings`` holds one row per tenant: threshold,
 allow- and block-list, and the tenant's learned layer over the shipped model.
@@ -28,6 +29,7 @@ def upgrade() -> None:
     op.add_column("messages", sa.Column("is_spam", sa.Boolean(), nullable=True))
     op.add_column("messages", sa.Column("indicators", sa.JSON(), nullable=True))
     op.add_column("messages", sa.Column("spam_label", sa.String(length=8), nullable=True))
+    op.add_column("messages", sa.Column("spam_learned", sa.String(length=8), nullable=True))
     op.add_column("messages", sa.Column("spam_checked_at", UTCDateTime(timezone=True), nullable=True))
     # SQLite (3.35+) drops a column in place; no table rebuild, so the ordered indexes stay.
     op.drop_column("messages", "spam_verdict")
@@ -54,5 +56,5 @@ def downgrade() -> None:
     for name in ("spam_move_to_junk", "spam_auto_scan"):
         op.drop_column("accounts", name)
     op.add_column("messages", sa.Column("spam_verdict", sa.String(length=16), nullable=True))
-    for name in ("spam_checked_at", "spam_label", "indicators", "is_spam"):
+    for name in ("spam_checked_at", "spam_learned", "spam_label", "indicators", "is_spam"):
         op.drop_column("messages", name)
