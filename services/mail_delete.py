@@ -36,6 +36,7 @@ Promises:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -47,7 +48,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from services.accounts import imap_endpoint
 from services.crypto import SecretBox
 from services.db import transaction
-from services.errors import NotFound, TaskCancelled
+from services.errors import NotFound
 from services.mail.imap import imap_session
 from services.mail_delete_journal import (
     Reconciled,
@@ -156,39 +157,60 @@ def _check_validity(folder: Folder, validity: Any) -> None:
 class _Run:
     sessions: sessionmaker[Session]
     client: imapclient.IMAPClient
+    account_id: str
     plan: Plan
     batch_size: int
     progress: Report
+    submitted: int = 0
     done: int = 0
     moved: int = 0
     deleted: int = 0
     #: The Trash UIDs this run's moves were given (COPYUID).
     trash_uids: list[int] = field(default_factory=list)
     writer: BatchWriter = field(default_factory=BatchWriter)
+    #: What the progress report raised (a cancel): the run stops at the next batch.
+    stop: BaseException | None = None
+    #: Every batch the server did has its rows committed (set when the run stops early).
+    settled: bool = False
+    #: What an earlier attempt was found to have done (services.mail_delete_journal).
+    reconciled: Reconciled = field(default_factory=lambda: Reconciled(deleted=set()))
 
     def commit(self, write: Callable[[Session], None], count: int, stage: str) -> None:
-        """Commit this batch's rows on the writer thread while the next IMAP command runs,
-        then report the previous batch, committed by now. So a report (the cancel point)
-        follows its batch's commit, and a cancel or an error leaves every batch the server
-        did committed: the writer finishes the one in flight before the run stops."""
-        previous = self.writer.wait()
+        """Commit this batch's rows, then report it, on the writer thread while the next
+        IMAP command runs, so neither waits for the other. A report (the cancel point)
+        follows its batch's commit; a stop it raised is raised here, at the next batch,
+        once that batch's rows are committed too: every batch the server did is."""
+        self.writer.wait()  # a failed write raises here, and the journal stays
+        if self.stop is not None:
+            with transaction(self.sessions) as session:
+                write(session)
+            self.settled = True
+            raise self.stop
+        self.submitted += count
+        if self.submitted >= self.plan.total:  # the last batch: close the run in its transaction
+            write = partial(self._close, write, _trash_uidnext(self))
         self.writer.submit(self._write, write, count, stage)
-        if previous is not None:
-            self._step(*previous)
+
+    def _close(self, write: Callable[[Session], None], trash_uidnext: int | None, session: Session) -> None:
+        write(session)
+        clear_journal(session, self.account_id)
+        if trash_uidnext is not None:
+            _advance_trash(session, self, trash_uidnext)
 
     def finish(self) -> None:
-        previous = self.writer.wait()
-        if previous is not None:
-            self._step(*previous)
+        self.writer.wait()
+        if self.stop is not None:
+            self.settled = True
+            raise self.stop
 
-    def _write(self, write: Callable[[Session], None], count: int, stage: str) -> tuple[int, str]:
+    def _write(self, write: Callable[[Session], None], count: int, stage: str) -> None:
         with transaction(self.sessions) as session:
             write(session)
-        return count, stage
-
-    def _step(self, count: int, stage: str) -> None:
         self.done += count
-        self.progress(min(99.0, 100.0 * self.done / max(1, self.plan.total)), stage)
+        try:
+            self.progress(min(99.0, 100.0 * self.done / max(1, self.plan.total)), stage)
+        except BaseException as exc:  # noqa: BLE001 - handed to the run's thread by commit()
+            self.stop = exc
 
 
 def _batches(rows: list[Row], size: int) -> Iterable[list[Row]]:
@@ -238,29 +260,37 @@ def _expunge_folder(run: _Run, folder: Folder, rows: list[Row]) -> None:
         )
 
 
-def _advance_trash(run: _Run) -> None:
+def _trash_uidnext(run: _Run) -> int | None:
+    """Trash's UIDNEXT after the moves, when the next sync of Trash may go on above the
+    messages this run moved there (see :func:`_advance_trash`); else None."""
+    trash = run.plan.trash
+    if trash is None or not run.trash_uids:
+        return None
+    if trash.last_seen_uid is None or trash.backfill_below_uid is not None:
+        return None  # never synced, or a first sync still walking down: leave it to the sync
+    # One STATUS, not a SELECT of a Trash that may be large.
+    return int(run.client.folder_status(trash.name, [b"UIDNEXT"])[b"UIDNEXT"])
+
+
+def _advance_trash(session: Session, run: _Run, uidnext: int) -> None:
     """Let the next sync of Trash go on above the messages this run moved there, when
     nothing else arrived there since the last sync: their rows are stored already, and the
     sync would otherwise fetch them again only to skip them (``insert_messages`` skips
     stored UIDs, so either way they keep their ids)."""
     trash = run.plan.trash
-    assert trash is not None
+    assert trash is not None and trash.last_seen_uid is not None
     last = trash.last_seen_uid
-    if last is None or trash.backfill_below_uid is not None:
-        return  # never synced, or a first sync still walking down: leave it to the sync
-    # One STATUS, not a SELECT of a Trash that may be large: when this run's UIDs are as
-    # many as all the UIDs between last_seen_uid and UIDNEXT, they are exactly those.
-    uidnext = int(run.client.folder_status(trash.name, [b"UIDNEXT"])[b"UIDNEXT"])
+    # When this run's UIDs are as many as all the UIDs between last_seen_uid and UIDNEXT,
+    # they are exactly those.
     ours = set(run.trash_uids)
     if min(ours) <= last or max(ours) >= uidnext or len(ours) != uidnext - 1 - last:
         return  # another client put mail there too: the sync must fetch it
-    with transaction(run.sessions) as session:
-        session.execute(
-            update(Folder)
-            .where(Folder.id == trash.id, Folder.last_seen_uid == last)
-            .values(last_seen_uid=uidnext - 1)
-            .execution_options(synchronize_session=False)
-        )
+    session.execute(
+        update(Folder)
+        .where(Folder.id == trash.id, Folder.last_seen_uid == last)
+        .values(last_seen_uid=uidnext - 1)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _work(run: _Run) -> None:
@@ -302,54 +332,69 @@ def delete_messages(
         endpoint = imap_endpoint(account, box)
         tenant_id = account.tenant_id
         left_behind = has_journal(session, account_id)
-        plan = plan_delete(session, account_id, ids, permanent, set(in_trash))
-        session.expunge_all()  # the folders are read, never written, through the ORM
-    progress(0, f"deleting {plan.total} messages")
-    with imap_session(
-        endpoint, timeout=settings.mail_timeout_seconds, allow_private=settings.allow_private_hosts
-    ) as client:
-        if plan.total and not _has(client, "UIDPLUS"):
-            raise DeleteRefused(
-                "the IMAP server lacks UIDPLUS: without UID EXPUNGE a delete could take other "
-                "\\Deleted messages with it, so nothing was deleted"
-            )
-        reconciled = Reconciled(deleted=set())
-        if left_behind:
-            # An attempt died between an IMAP command and its rows: put them right, then
-            # plan again from the rows as they are now.
-            reconciled = reconcile(sessions, client, account_id)
-            with transaction(sessions) as session:
-                plan = plan_delete(session, account_id, ids, permanent, set(in_trash))
-                session.expunge_all()
-        trash_uidnext = _check_folders(client, plan)
-        if plan.total:
-            with transaction(sessions) as session:
-                write_journal(session, tenant_id, account_id, plan, trash_uidnext)
-        run = _Run(sessions, client, plan, batch_size, progress)
-        with run.writer:
-            try:
-                _work(run)
-                run.finish()
-            except TaskCancelled:
-                # Every batch the server did is committed once the write in flight is
-                # (it raises here if it failed, and then the journal stays for a retry).
-                run.writer.wait()
-                with transaction(sessions) as session:
-                    clear_journal(session, account_id)
-                raise
-        if plan.total:
-            with transaction(sessions) as session:
-                clear_journal(session, account_id)
-        if run.trash_uids:
-            _advance_trash(run)
+
+    def read_plan(report: bool = True) -> Plan:
+        with transaction(sessions) as session:
+            plan = plan_delete(session, account_id, ids, permanent, set(in_trash))
+            session.expunge_all()  # the folders are read, never written, through the ORM
+        if report:
+            progress(0, f"deleting {plan.total} messages")
+        return plan
+
+    # The plan (thousands of ids) is read while the IMAP login runs.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="delete-plan") as pool:
+        planned = pool.submit(read_plan)
+        with imap_session(
+            endpoint, timeout=settings.mail_timeout_seconds, allow_private=settings.allow_private_hosts
+        ) as client:
+            run = _Run(sessions, client, account_id, planned.result(), batch_size, progress)
+            if left_behind:
+                # An attempt died between an IMAP command and its rows: put them right,
+                # then plan again from the rows as they are now.
+                _require_uidplus(client)
+                run.reconciled = reconcile(sessions, client, account_id)
+                run.plan = read_plan(report=False)
+            _delete(run, account_id, tenant_id)
+    plan = run.plan
     progress(100, "done")
-    deleted = reconciled.deleted or set()
+    deleted = run.reconciled.deleted or set()
     return {
         "moved": run.moved + plan.already_moved,
         "deleted": run.deleted + sum(1 for i in ids if i in deleted),
         "gone": [i for i in plan.gone if i not in deleted],
         "trash_folder": plan.trash.name if plan.trash is not None and plan.moves else None,
     }
+
+
+def _require_uidplus(client: imapclient.IMAPClient) -> None:
+    if not _has(client, "UIDPLUS"):
+        raise DeleteRefused(
+            "the IMAP server lacks UIDPLUS: without UID EXPUNGE a delete could take other "
+            "\\Deleted messages with it, so nothing was deleted"
+        )
+
+
+def _delete(run: _Run, account_id: str, tenant_id: str) -> None:
+    """The run's IMAP work and row writes, between committing the journal and clearing it.
+    Trash's UIDNEXT after the moves is read (STATUS) before the last batch's rows are
+    written, so the run ends in one transaction: those rows, the journal cleared and
+    Trash's ``last_seen_uid`` moved on."""
+    sessions, client, plan = run.sessions, run.client, run.plan
+    if plan.total:
+        _require_uidplus(client)
+    trash_uidnext = _check_folders(client, plan)
+    if plan.total:
+        with transaction(sessions) as session:
+            write_journal(session, tenant_id, account_id, plan, trash_uidnext)
+    with run.writer:
+        try:
+            _work(run)  # its last batch's transaction clears the journal
+            run.finish()
+        except BaseException:
+            if run.settled:  # stopped between batches with every batch written
+                with transaction(sessions) as session:
+                    clear_journal(session, account_id)
+            raise
 
 
 def _check_folders(client: imapclient.IMAPClient, plan: Plan) -> int | None:
