@@ -11,6 +11,12 @@ Each figure is printed beside its reference, measured in the same run:
 2. the 202's p99 latency at a fixed offered load (``--rate`` requests/s for
    ``--duration`` s, open loop), beside ``GET /healthz`` at the same load (goal < 25 ms).
 
+Beside them, where the CPU went during the end-to-end phase: CPU milliseconds per message
+of each part (the API, the send worker, PostgreSQL, Dovecot, the SMTP server, Redis),
+their sum, and how much of the machine others used meanwhile. CPU per message changes
+little when the machine is shared, while messages/s does; 2 cores give 2,000 CPU ms per
+second, so the sum bounds what the whole stack can reach on this machine.
+
 Run: ``.venv/bin/python bench/bench_send.py [--messages 1000] [--rate 50] [--duration 10]``.
 """
 
@@ -23,15 +29,24 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
+import psutil
 import requests
 from sqlalchemy import func, select
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
-from bench.environment import SMTP_LOGIN, BenchEnvironment, fmt, percentile, print_table  # noqa: E402
+from bench.environment import (  # noqa: E402
+    SMTP_LOGIN,
+    BenchEnvironment,
+    fmt,
+    machine_busy_seconds,
+    percentile,
+    print_table,
+)
 from bench.loadgen import Gunicorn, http_call, run_fixed_rate  # noqa: E402
 from services.models import OutboxEntry  # noqa: E402
 from tests.servers.workers import CeleryWorker  # noqa: E402
@@ -40,7 +55,7 @@ CLIENT_THREADS = 16
 BENCH_SETTINGS = {"rate_limit_enabled": False, "max_tasks_in_flight_per_queue": 100_000}
 
 
-def body(n: int) -> dict[str, object]:
+def body(n: int) -> dict[str, Any]:
     return {
         "to": [{"email": f"rcpt{n % 50}@example.test", "name": f"Recipient {n % 50}"}],
         "subject": f"Bench message {n}",
@@ -92,6 +107,40 @@ def wait_all_sent(env: BenchEnvironment, account_id: str, count: int, timeout: f
             return
         time.sleep(0.05)
     raise TimeoutError(f"only {done} of {count} sent within {timeout} s")
+
+
+def tree_cpu_seconds(roots: list[int | None]) -> float:
+    """CPU seconds (user + system) used so far by the processes ``roots`` and their
+    descendants (and their reaped children)."""
+    seen: set[int] = set()
+    total = 0.0
+    for root in roots:
+        if root is None:
+            continue
+        try:
+            procs = [psutil.Process(root)]
+            procs += procs[0].children(recursive=True)
+        except psutil.NoSuchProcess:
+            continue
+        for proc in procs:
+            if proc.pid in seen:
+                continue
+            seen.add(proc.pid)
+            try:
+                t = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def postmaster_pid(env: BenchEnvironment) -> int | None:
+    assert env.postgres is not None
+    pid_file = env.postgres.data_dir / "postmaster.pid"
+    try:
+        return int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def raw_smtp(port: int, raw: bytes, count: int) -> float:
@@ -149,11 +198,28 @@ def main() -> None:
         wait_all_sent(env, owner.account_id, 20)
 
         env.smtp.clear()
+        assert env.dovecot is not None and env.redis is not None and api.proc is not None
+        parts: dict[str, list[int | None]] = {
+            "API (gunicorn)": [api.proc.pid],
+            "send worker": [send.pid],
+            "PostgreSQL": [postmaster_pid(env)],
+            "Dovecot": [env.dovecot.pid],
+            "SMTP server": [env.smtp.pid],
+            "Redis": [env.redis.pid],
+        }
+        cpu_before = {name: tree_cpu_seconds(pids) for name, pids in parts.items()}
+        busy_before = machine_busy_seconds()
         started = time.perf_counter()
         latencies = post_many(f"{base}/send", owner.api_key, args.messages)
         accepted_in = time.perf_counter() - started
         wait_all_sent(env, owner.account_id, args.messages + 20)
-        end_to_end = args.messages / (time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        end_to_end = args.messages / elapsed
+        busy = machine_busy_seconds() - busy_before
+        cpu_ms = {
+            name: (tree_cpu_seconds(pids) - cpu_before[name]) * 1000 / args.messages
+            for name, pids in parts.items()
+        }
         received = env.smtp.received()
         assert len(received) == args.messages, len(received)
         raw_rate = raw_smtp(env.smtp.port, received[0]["data"], args.messages)
@@ -183,6 +249,20 @@ def main() -> None:
                 "202 p50 / p99 under closed-loop load",
                 f"{fmt(percentile(latencies, 50) * 1000)} / {fmt(percentile(latencies, 99) * 1000)} ms",
                 "",
+            ],
+        ],
+    )
+    ours = sum(cpu_ms.values()) * args.messages / 1000
+    print_table(
+        "CPU per message during the end-to-end phase",
+        ["part", "CPU ms / message"],
+        [
+            *[[name, fmt(value, 2)] for name, value in cpu_ms.items()],
+            ["sum", fmt(sum(cpu_ms.values()), 2)],
+            [
+                "machine busy meanwhile (all processes), of which not ours",
+                f"{fmt(100 * busy / (elapsed * psutil.cpu_count()))} % / "
+                f"{fmt(100 * max(0.0, busy - ours) / (elapsed * psutil.cpu_count()))} %",
             ],
         ],
     )

@@ -26,20 +26,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from services import accounts, task_records
+from services import accounts
 from services.crypto import SecretBox
 from services.db import transaction
 from services.errors import MailError, NotFound, TaskCancelled
 from services.mail.hosts import resolve_host
 from services.mail.imap import ImapEndpoint
 from services.mail.smtp import SendOutcome, process_pool
-from services.models import Account, OutboxEntry, OutboxState, utcnow
+from services.models import Account, OutboxEntry, OutboxState, TaskRecord, TaskState, utcnow
 from services.send import imap_pool, sent
 from services.settings import Settings
 
@@ -52,6 +53,62 @@ def _load(session: Session, outbox_id: str, account_id: str) -> OutboxEntry:
     if row is None or row.account_id != account_id:
         raise NotFound("outbox entry not found")
     return row
+
+
+@dataclass
+class _Claimed:
+    """What an attempt knows of its row once it has claimed it (and learns as it goes): the
+    task's result is made from this, not from another read of the row."""
+
+    outbox_id: str
+    tenant_id: str
+    before: str
+    message_id: str
+    recipients: list[str]
+    smtp_reply: str | None
+    refused: dict[str, str]
+    error: str | None
+    sent_copy: dict[str, Any] | None
+
+    def result(self, state: str) -> dict[str, Any]:
+        return {
+            "outbox_id": self.outbox_id,
+            "state": state,
+            "message_id": self.message_id,
+            "recipients": self.recipients,
+            "accepted": [r for r in self.recipients if r not in self.refused],
+            "refused": self.refused,
+            "smtp_reply": self.smtp_reply,
+            "error": self.error,
+            "sent_copy": self.sent_copy,
+        }
+
+
+def _running(task_id: str) -> Any:
+    """True while the attempt of ``task_id`` may go on (task_records.must_stop, inverted),
+    as a column of the claiming SELECT: one round trip instead of two."""
+    return (
+        select(TaskRecord.id)
+        .where(
+            TaskRecord.id == task_id,
+            TaskRecord.state == TaskState.RUNNING.value,
+            TaskRecord.cancel_requested.is_(False),
+        )
+        .exists()
+    )
+
+
+def _update(session: Session, outbox_id: str, **values: Any) -> None:
+    """Write ``values`` to the row in one UPDATE (no read first: this attempt holds the task's
+    message, so no other attempt writes the row meanwhile)."""
+    result = session.execute(
+        update(OutboxEntry)
+        .where(OutboxEntry.id == outbox_id)
+        .values(**values, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    if getattr(result, "rowcount", 1) == 0:
+        raise NotFound("outbox entry not found")  # its account was deleted meanwhile
 
 
 def deliver(
@@ -67,26 +124,44 @@ def deliver(
     """Send the outbox row's message and file its Sent copy; returns the task's result.
     ``progress`` is called (a cancel checkpoint) only while waiting for the send rate."""
     with transaction(sessions) as session:
-        row = _load(session, outbox_id, account_id)
+        # The row (locked), its account and whether the attempt may go on: one SELECT.
+        found = session.execute(
+            select(OutboxEntry, Account, _running(task_id))
+            .join(Account, Account.id == OutboxEntry.account_id)
+            .where(OutboxEntry.id == outbox_id, OutboxEntry.account_id == account_id)
+            .with_for_update(of=OutboxEntry)
+        ).first()
+        if found is None:
+            raise NotFound("outbox entry not found")
+        row, account, running = found
         if row.task_id is None:
             row.task_id = task_id  # the API died between its two commits
         before = row.state
-        stop = before in NOT_YET_SENT and task_records.must_stop(session, task_id)
+        stop = before in NOT_YET_SENT and not running
         if before in NOT_YET_SENT:
             # A cancel that came in since the attempt started still stops the send here.
             row.state = (OutboxState.CANCELLED if stop else OutboxState.SENDING).value
             if stop:
                 row.raw = None
-        account = session.get(Account, account_id)
-        assert account is not None
         smtp = accounts.smtp_endpoint(account, box)
         imap = accounts.imap_endpoint(account, box)
         raw, message_id, save_sent = row.raw, row.message_id_header, row.save_sent
-        sender, recipients = row.envelope_from, list(row.recipients)
+        sender = row.envelope_from
+        claimed = _Claimed(
+            outbox_id=row.id,
+            tenant_id=row.tenant_id,
+            before=before,
+            message_id=message_id,
+            recipients=list(row.recipients),
+            smtp_reply=row.smtp_reply,
+            refused=dict(row.refused or {}),
+            error=row.error,
+            sent_copy=_copy_of(row.sent_folder, row.sent_uid, row.sent_message_id),
+        )
     if stop:
         raise TaskCancelled()
     if before in (OutboxState.SENT.value, OutboxState.FAILED.value, OutboxState.CANCELLED.value):
-        return _result(sessions, outbox_id, account_id)
+        return claimed.result(before)
     assert raw is not None
 
     if before in NOT_YET_SENT:
@@ -99,7 +174,9 @@ def deliver(
             except TaskCancelled:
                 _cancel(sessions, outbox_id, account_id)
                 raise
-            outcome = _smtp_send(sessions, outbox_id, account_id, smtp, settings, sender, recipients, raw)
+            outcome = _smtp_send(
+                sessions, outbox_id, account_id, smtp, settings, sender, claimed.recipients, raw
+            )
         else:
             outcome = SendOutcome(reply="found in Sent after an interrupted attempt", refused={})
         # THE REMAINING WINDOW: between the server's reply to DATA (inside _smtp_send) and
@@ -108,40 +185,43 @@ def deliver(
         # after this commit) and sends again. It cannot be closed from our side: SMTP has
         # no transaction id or two-phase commit, so "the server accepted" and "we recorded
         # it" can never be one atomic step; the gap is one round trip's reply plus one
-        # commit, with no other work in it. Servers that file sent mail themselves close it
-        # (the Message-ID lookup above finds their copy, whatever save_sent says). What it
-        # costs when it opens: one more delivery of the same bytes with the same Message-ID
-        # (receivers that deduplicate on Message-ID show it once), and still one Sent copy.
+        # commit of one UPDATE, with no other work in it. Servers that file sent mail
+        # themselves close it (the Message-ID lookup above finds their copy, whatever
+        # save_sent says). What it costs when it opens: one more delivery of the same bytes
+        # with the same Message-ID (receivers that deduplicate on Message-ID show it once),
+        # and still one Sent copy.
+        claimed.smtp_reply, claimed.refused = outcome.reply, outcome.refused
         with transaction(sessions) as session:
-            row = _load(session, outbox_id, account_id)
-            row.state = OutboxState.ACCEPTED.value
-            row.accepted_at = utcnow()
-            row.smtp_reply = outcome.reply
-            row.refused = outcome.refused or None
+            _update(
+                session,
+                outbox_id,
+                state=OutboxState.ACCEPTED.value,
+                accepted_at=utcnow(),
+                smtp_reply=outcome.reply,
+                refused=outcome.refused or None,
+            )
 
-    problem = None
     if save_sent:
         try:
             # An attempt that took over a row ``sending`` or ``accepted`` may find a copy
             # filed before (by its predecessor or by the server): it never appends another.
-            return _file_copy(
+            _file_copy(
                 sessions,
-                outbox_id,
+                claimed,
                 account_id,
                 imap,
                 settings,
                 raw,
-                message_id,
-                resumed=before not in ("queued", "scheduled"),
+                resumed=before not in (OutboxState.QUEUED.value, OutboxState.SCHEDULED.value),
             )
+            return claimed.result(OutboxState.SENT.value)
         except MailError as exc:
             if exc.transient:
                 raise  # the next attempt resumes at ``accepted``: no second SMTP send
-            problem = f"sent, but the copy could not be filed in Sent: {exc.message}"
+            claimed.error = f"sent, but the copy could not be filed in Sent: {exc.message}"
     with transaction(sessions) as session:
-        row = _load(session, outbox_id, account_id)
-        _mark_sent(row, problem)
-        return _result_of(row)
+        _update(session, outbox_id, **_sent_values(claimed.error))
+    return claimed.result(OutboxState.SENT.value)
 
 
 def _take_turn(
@@ -252,7 +332,8 @@ def _look_in_sent(
     a transient fault retries the attempt, which looks again."""
     try:
         with _imap(account_id, imap, settings) as pooled:
-            return sent.find_copy(pooled.client, _sent_folder(pooled), message_id)
+            folder = _sent_folder(pooled)
+            return sent.find_copy(pooled.client, folder, pooled.select(folder), message_id)
     except MailError as exc:
         if exc.transient:
             raise
@@ -261,58 +342,44 @@ def _look_in_sent(
 
 def _file_copy(
     sessions: sessionmaker[Session],
-    outbox_id: str,
+    claimed: _Claimed,
     account_id: str,
     imap: ImapEndpoint,
     settings: Settings,
     raw: bytes,
-    message_id: str,
     *,
     resumed: bool,
-) -> dict[str, Any]:
-    """APPEND the copy (never a second one) and, in one transaction, store its row and mark
-    the outbox row ``sent``."""
+) -> None:
+    """APPEND the copy (never a second one) and FETCH what its message row needs, then, in
+    one transaction, store that row and mark the outbox row ``sent``. The IMAP work is done
+    before the transaction, so the Sent folder's row is locked only for the database's part."""
     with _imap(account_id, imap, settings) as pooled:
-        client = pooled.client
         folder = _sent_folder(pooled)
+        uidvalidity = pooled.select(folder)
         # Only an attempt that took over a row left ``sending`` or ``accepted`` can find a
         # copy filed before; a first attempt reaches this point once and skips the search.
-        copy = sent.find_copy(client, folder, message_id) if resumed else None
+        copy = sent.find_copy(pooled.client, folder, uidvalidity, claimed.message_id) if resumed else None
         if copy is None:
-            copy = sent.append_copy(client, folder, raw, message_id)
-        with transaction(sessions) as session:
-            row = _load(session, outbox_id, account_id)
-            row.sent_folder, row.sent_uid = copy.folder, copy.uid
-            row.sent_message_id = sent.store_copy(
-                session, client, copy, tenant_id=row.tenant_id, account_id=account_id
-            )
-            _mark_sent(row, None)
-            return _result_of(row)
-
-
-def _mark_sent(row: OutboxEntry, problem: str | None) -> None:
-    row.state = OutboxState.SENT.value
-    row.sent_at = utcnow()
-    row.error = problem
-    row.raw = None  # the server and the Sent folder have it now
-
-
-def _result(sessions: sessionmaker[Session], outbox_id: str, account_id: str) -> dict[str, Any]:
+            copy = sent.append_copy(pooled.client, folder, uidvalidity, raw, claimed.message_id)
+        fetched = sent.fetch_copy(pooled.client, copy)
     with transaction(sessions) as session:
-        return _result_of(_load(session, outbox_id, account_id))
+        stored = sent.store_copy(session, copy, fetched, tenant_id=claimed.tenant_id, account_id=account_id)
+        _update(
+            session,
+            claimed.outbox_id,
+            sent_folder=copy.folder,
+            sent_uid=copy.uid,
+            sent_message_id=stored,
+            **_sent_values(None),
+        )
+    claimed.error = None
+    claimed.sent_copy = _copy_of(copy.folder, copy.uid, stored)
 
 
-def _result_of(row: OutboxEntry) -> dict[str, Any]:
-    return {
-        "outbox_id": row.id,
-        "state": row.state,
-        "message_id": row.message_id_header,
-        "recipients": row.recipients,
-        "accepted": [r for r in row.recipients if r not in (row.refused or {})],
-        "refused": row.refused or {},
-        "smtp_reply": row.smtp_reply,
-        "error": row.error,
-        "sent_copy": {"folder": row.sent_folder, "uid": row.sent_uid, "message_id": row.sent_message_id}
-        if row.sent_folder
-        else None,
-    }
+def _sent_values(problem: str | None) -> dict[str, Any]:
+    # raw: the server and the Sent folder have the message now; no attempt needs it again.
+    return {"state": OutboxState.SENT.value, "sent_at": utcnow(), "error": problem, "raw": None}
+
+
+def _copy_of(folder: str | None, uid: int | None, message_id: str | None) -> dict[str, Any] | None:
+    return {"folder": folder, "uid": uid, "message_id": message_id} if folder else None

@@ -1,7 +1,7 @@
 """IMAP connections a send worker process keeps per account for filing Sent copies.
 
-Filing a copy is one APPEND (plus a FETCH to store its row); logging in and finding the
-Sent folder again for every message cost more than that. A connection is reused for the
+Filing a copy is one APPEND (plus a FETCH to store its row); logging in, finding the
+Sent folder and selecting it again for every message cost more than that. A connection is reused for the
 account's next message while it is younger than ``idle_seconds`` since its last use and
 has filed fewer than ``max_uses`` copies; any fault closes it, so a broken one is never
 reused. Not thread-safe: a prefork worker child runs one task at a time."""
@@ -28,6 +28,18 @@ class _Pooled:
     uses: int = 0
     #: The Sent folder's name, found once per connection.
     sent_folder: str | None = None
+    #: The folder selected on this connection and its UIDVALIDITY: the next copy of the
+    #: account's goes to the same folder, so it is selected once, not once per message.
+    selected: str | None = None
+    uidvalidity: int = 0
+
+    def select(self, folder: str) -> int:
+        """Select ``folder`` (read-only) unless it is selected already; its UIDVALIDITY."""
+        if self.selected != folder:
+            self.selected = None
+            status = self.client.select_folder(folder, readonly=True)
+            self.selected, self.uidvalidity = folder, int(status[b"UIDVALIDITY"])
+        return self.uidvalidity
 
 
 @dataclass

@@ -43,46 +43,53 @@ def sent_folder(client: imapclient.IMAPClient) -> str:
     return str(folder)
 
 
-def find_copy(client: imapclient.IMAPClient, folder: str, message_id: str) -> FiledCopy | None:
-    """The message with ``message_id`` in ``folder``, if it is there (selects the folder)."""
-    status = client.select_folder(folder)
+def find_copy(
+    client: imapclient.IMAPClient, folder: str, uidvalidity: int, message_id: str
+) -> FiledCopy | None:
+    """The message with ``message_id`` in ``folder`` (selected by the caller), if it is there."""
     found = client.search(["HEADER", "Message-ID", message_id])
     if not found:
         return None
-    return FiledCopy(folder, int(status[b"UIDVALIDITY"]), max(int(u) for u in found), existed=True)
+    return FiledCopy(folder, uidvalidity, max(int(u) for u in found), existed=True)
 
 
-def append_copy(client: imapclient.IMAPClient, folder: str, raw: bytes, message_id: str) -> FiledCopy:
-    """APPEND ``raw`` flagged \\Seen; its UID from APPENDUID, else found by Message-ID."""
+def append_copy(
+    client: imapclient.IMAPClient, folder: str, uidvalidity: int, raw: bytes, message_id: str
+) -> FiledCopy:
+    """APPEND ``raw`` flagged \\Seen to ``folder`` (selected by the caller); its UID from
+    APPENDUID, else found by Message-ID."""
     answer = client.append(folder, raw, flags=[imapclient.SEEN])
     match = _APPENDUID.search(answer if isinstance(answer, bytes) else str(answer).encode())
     if match:
         return FiledCopy(folder, int(match.group(1)), int(match.group(2)), existed=False)
-    copy = find_copy(client, folder, message_id)
+    copy = find_copy(client, folder, uidvalidity, message_id)
     if copy is None:
         raise PermanentMailError(f"the Sent copy of {message_id} was appended but cannot be found")
     return FiledCopy(copy.folder, copy.uidvalidity, copy.uid, existed=False)
 
 
+def fetch_copy(client: imapclient.IMAPClient, copy: FiledCopy) -> dict[bytes, Any] | None:
+    """What the sync's FETCH would read of the copy (its folder selected by the caller), or
+    None if the server does not have it."""
+    data: dict[int, dict[bytes, Any]] = fetch_messages(client, str(copy.uid), condstore=False)
+    return data.get(copy.uid)
+
+
 def store_copy(
-    session: Session, client: imapclient.IMAPClient, copy: FiledCopy, *, tenant_id: str, account_id: str
+    session: Session, copy: FiledCopy, fetched: dict[bytes, Any] | None, *, tenant_id: str, account_id: str
 ) -> str | None:
-    """Store the filed copy as a message row (see the module's docstring); its id, or None
-    when the folder is not one Mailroom has synced with this UIDVALIDITY."""
+    """Store the filed copy as a message row from ``fetched`` (see the module's docstring);
+    its id, or None when the folder is not one Mailroom has synced with this UIDVALIDITY."""
     folder = session.scalar(
         select(Folder).where(Folder.account_id == account_id, Folder.name == copy.folder).with_for_update()
     )
-    if folder is None or folder.uidvalidity != copy.uidvalidity:
-        return None
-    client.select_folder(copy.folder, readonly=True)
-    data: dict[int, dict[bytes, Any]] = fetch_messages(client, str(copy.uid), condstore=False)
-    if copy.uid not in data:
+    if folder is None or folder.uidvalidity != copy.uidvalidity or fetched is None:
         return None
     scope = FolderScope(tenant_id=tenant_id, account_id=account_id, folder_id=folder.id)
     insert_messages(
         session,
         scope,
-        [message_row(copy.uid, data[copy.uid])],
+        [message_row(copy.uid, fetched)],
         pending=False,
         moves=MoveTracker(),
         track_inserts=False,
