@@ -57,7 +57,10 @@ def test_every_route_with_another_tenants_id_is_404(app, kit, other_kit, account
     ids["outbox_id"] = sent.get_json()["outbox_id"]
     # Bodies valid for the owner, so only the tenant check can refuse them (a body invalid
     # for anyone may be refused first: 422 tells nothing about whose account it is).
-    bodies = {"/api/accounts/<account_id>/delete": {"message_ids": [ids["message_id"]]}}
+    bodies = {
+        "/api/accounts/<account_id>/delete": {"message_ids": [ids["message_id"]]},
+        "/api/accounts/<account_id>/spam-check": {"message_ids": [ids["message_id"]]},
+    }
     checked = 0
     for rule in app.url_map.iter_rules():
         if not rule.rule.startswith("/api/") or not rule.arguments:
