@@ -8,6 +8,7 @@ variable, so an operator sees at once what to fix.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -121,7 +122,10 @@ class Settings(BaseSettings):
 
     # --- spam checks ---------------------------------------------------------------------
     spam_max_message_bytes: int = Field(
-        default=1024 * 1024, ge=4096, le=64 * 1024 * 1024, description="Bytes of a message a spam check reads."
+        default=1024 * 1024,
+        ge=4096,
+        le=64 * 1024 * 1024,
+        description="Bytes of a message a spam check reads.",
     )
 
     # --- API rate limits (per tenant; per client address before authentication) ---------
@@ -149,6 +153,11 @@ class Settings(BaseSettings):
         "its PROMETHEUS_MULTIPROC_DIR, as under `mailroom run`.",
     )
     log_level: str = Field(default="INFO")
+    log_format: Literal["json", "text"] = Field(
+        default="json",
+        description="json: one JSON object per line (time, level, logger, message, task and tenant "
+        "ids); text: a plain line for people. `mailroom run` uses text unless this is set.",
+    )
 
     @field_validator("database_url")
     @classmethod

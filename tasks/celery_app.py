@@ -13,6 +13,7 @@ from typing import Any
 
 from celery import Celery, signals
 
+from services.logs import configure_logging
 from services.settings import Settings, load_settings
 from tasks import metrics
 from tasks.beat import KEY_PREFIX
@@ -120,8 +121,14 @@ def _watch_worker_processes(settings: Settings) -> None:
     def forget(pid: int | None = None, **_: Any) -> None:
         metrics.forget_process(pid or os.getpid())
 
-    signals.worker_init.connect(serve, weak=False)
-    signals.worker_process_shutdown.connect(forget, weak=False)
+    def own_logging(**_: Any) -> None:
+        # Connected, this signal stops Celery from configuring logging: every worker and
+        # Beat logs in Mailroom's format, with the task's context (services/logs.py).
+        configure_logging(settings.log_level, settings.log_format, force=True)
+
+    signals.worker_init.connect(serve, weak=False, dispatch_uid="mailroom-worker-metrics")
+    signals.worker_process_shutdown.connect(forget, weak=False, dispatch_uid="mailroom-forget-process")
+    signals.setup_logging.connect(own_logging, weak=False, dispatch_uid="mailroom-logging")
 
 
 _app: Celery | None = None

@@ -28,6 +28,7 @@ from services import task_records, task_stats
 from services.accounts import check_ownership
 from services.db import tenant_sessions, transaction
 from services.errors import MailroomError, TaskCancelled, ValidationFailed, is_transient
+from services.logs import log_context
 from services.models import Account, TaskState
 from services.settings import Settings
 from tasks import metrics
@@ -133,6 +134,19 @@ def run_attempt(
     account_id: str | None,
     raw_params: dict[str, Any],
 ) -> dict[str, Any]:
+    with log_context(task_id=task.request.id, tenant_id=tenant_id):
+        return _attempt(task, body, params_model, tenant_id, user_id, account_id, raw_params)
+
+
+def _attempt(
+    task: Task,
+    body: Body,
+    params_model: type[BaseModel],
+    tenant_id: str,
+    user_id: str | None,
+    account_id: str | None,
+    raw_params: dict[str, Any],
+) -> dict[str, Any]:
     # Every session of this attempt (the task body's and the services' it calls) sees only
     # the task's tenant: a message naming another tenant's record finds no record.
     shared = get_runtime(task.app)
@@ -174,10 +188,11 @@ def run_attempt(
         observed = metrics.AttemptMetrics(record.type, record.queue, ready_at)
 
     ctx = TaskContext(task_id, tenant_id, user_id, account_id, None, runtime, attempt)
-    try:
-        result = _run_body(task, body, params_model, ctx, raw_params, observed)
-    finally:
-        observed.end("failed")  # only when nothing above ended it (e.g. a hard time limit)
+    with log_context(queue=observed.queue, task_type=observed.task_type, attempt=attempt):
+        try:
+            result = _run_body(task, body, params_model, ctx, raw_params, observed)
+        finally:
+            observed.end("failed")  # only when nothing above ended it (e.g. a hard time limit)
     return result
 
 

@@ -92,9 +92,14 @@ class AttemptMetrics:
         if self.ended:
             return
         self.ended = True
+        duration = time.perf_counter() - self.started
         IN_PROGRESS.labels(self.queue).dec()
         TASKS.labels(self.task_type, self.queue, outcome).inc()
-        RUN_TIME.labels(self.task_type).observe(time.perf_counter() - self.started)
+        RUN_TIME.labels(self.task_type).observe(duration)
+        # One line per attempt; the log context adds task id, tenant, queue and attempt.
+        log.info(
+            "task attempt ended: %s", outcome, extra={"outcome": outcome, "duration_s": round(duration, 3)}
+        )
         if outcome == "succeeded" and result is not None:
             count_messages(self.task_type, result)
         if isinstance(error, MailError) and error.protocol is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 from flask import Request, Response, jsonify, request
@@ -20,6 +19,7 @@ from mailroom.webpage import install_web_page
 from services.crypto import SecretBox
 from services.db import make_engine, make_sessionmaker
 from services.errors import InvalidRequest, UnsupportedMediaType
+from services.logs import configure_logging
 from services.settings import Settings, load_settings
 from tasks.celery_app import make_celery
 
@@ -46,7 +46,7 @@ class ApiRequest(Request):
 def create_app(settings: Settings | None = None) -> OpenAPI:
     """Build the API for ``settings`` (read from the environment when omitted)."""
     settings = settings or load_settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     app = OpenAPI(
         __name__,
         info=Info(title="Mailroom API", version=_version, description=DESCRIPTION),

@@ -191,12 +191,14 @@ class Launcher:
         if settings.is_sqlite and "allow_private_hosts" not in settings.model_fields_set:
             env["MAILROOM_ALLOW_PRIVATE_HOSTS"] = "true"
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # set per command below
+        if "log_format" not in settings.model_fields_set:
+            env["MAILROOM_LOG_FORMAT"] = "text"  # a terminal's reader is a person
         return env
 
     def _commands(self, settings: Settings) -> list[tuple[str, list[str], dict[str, str]]]:
         celery = [sys.executable, "-m", "celery", "-A", "tasks.celery_app"]
         api = [sys.executable, "-m", "gunicorn", "--bind", self.bind, "--workers", "2"]
-        api += ["--threads", "4", "--access-logfile", "-", "--no-control-socket", "mailroom.app:create_app()"]
+        api += ["--threads", "4", "--no-control-socket", "mailroom.app:create_app()"]
         metrics_dir = settings.data_dir / "prometheus"
         shutil.rmtree(metrics_dir, ignore_errors=True)  # an earlier run's counters must not add up
         metrics_dir.mkdir()

@@ -4,6 +4,7 @@ read at scrape time."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from services import task_stats
 from services.db import unrestricted_unsafe_sessions
 from tasks.monitoring import get_queue_details
 
+ACCESS_LOG = logging.getLogger("mailroom.access")
 REQUESTS = Counter("mailroom_http_requests_total", "HTTP requests", ["method", "endpoint", "status"])
 LATENCY = Histogram(
     "mailroom_http_request_duration_seconds",
@@ -105,9 +107,26 @@ def install_metrics(app: Flask) -> None:
     def _observe(response: Response) -> Response:
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
         start = g.get("metrics_start")
+        elapsed = time.perf_counter() - start if start is not None else 0.0
         if start is not None:
-            LATENCY.labels(request.method, endpoint).observe(time.perf_counter() - start)
+            LATENCY.labels(request.method, endpoint).observe(elapsed)
         REQUESTS.labels(request.method, endpoint, str(response.status_code)).inc()
+        # The access log (gunicorn's own is off): never the query string or a header.
+        who = g.get("principal")
+        ACCESS_LOG.info(
+            "%s %s %s",
+            request.method,
+            request.path,
+            response.status_code,
+            extra={
+                "method": request.method,
+                "path": request.path,
+                "route": endpoint,
+                "status": response.status_code,
+                "duration_ms": round(elapsed * 1000, 2),
+                "tenant_id": who.tenant_id if who is not None else None,
+            },
+        )
         return response
 
     app.extensions["mailroom_collector"] = MailroomCollector(app)
