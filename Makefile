@@ -1,7 +1,7 @@
 # Mailroom's developer commands. `make` (or `make help`) lists them.
 #
 # Works from a fresh clone on Debian 12 with python3 and python3-venv: `make test` installs
-# the missing system packages, creates .venv, and runs the whole suite.
+# the missing system packages, creates .venv, builds the web page, and runs the whole suite.
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -19,7 +19,17 @@ PYTEST_ARGS ?= --cov --cov-report=term --cov-fail-under=90 tests
 # Extra options for `mailroom run`, e.g. `make run ARGS="--port 8080 --no-flower"`.
 ARGS ?=
 
-.PHONY: help venv system-deps run test lint bench clean distclean
+.PHONY: help venv system-deps node-deps browser-deps web web-test run test lint bench clean distclean
+
+# The web page (web/): npm ci when the lock file changes, a Vite build when a source changes.
+WEB := web
+WEB_MODULES := $(WEB)/node_modules/.installed
+WEB_STAMP := $(WEB)/.built
+WEB_SOURCES := $(shell find $(WEB)/src -type f 2>/dev/null) \
+	$(addprefix $(WEB)/,index.html package.json package-lock.json tsconfig.json vite.config.ts)
+# Vite 8 needs Node 20.19 or newer; Debian 12's own nodejs package is 18.
+NODE_OK := node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 19) ? 0 : 1)' >/dev/null 2>&1
+NODE_TOO_OLD := echo "web page: needs Node.js 20.19 or newer (found: $$(node --version 2>/dev/null || echo none)); install a newer nodejs, then make web"
 
 help: ## List the targets
 	@echo "Mailroom: make <target>"
@@ -52,10 +62,47 @@ system-deps: ## Install the Debian packages the tests use (Redis, PostgreSQL, Do
 	$(SUDO) apt-get update && \
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing
 
-run: venv ## Run everything locally: private Redis, API, workers, Beat, Flower (prints URLs and an admin key)
+# One check per package, as in system-deps; apt-get only when something is missing.
+node-deps: ## Install Node.js and npm from Debian's packages if missing (they build the web page)
+	@missing=""; \
+	command -v node >/dev/null 2>&1 || missing="$$missing nodejs"; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+		echo "missing:$$missing (no apt-get here: install them with your package manager)"; exit 1; \
+	fi; \
+	echo "installing:$$missing"; \
+	$(SUDO) apt-get update && \
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing
+
+browser-deps: node-deps ## Install Debian's Chromium if missing (the web page's browser test drives it)
+	@[ -x /usr/bin/chromium ] && exit 0; \
+	if ! command -v apt-get >/dev/null 2>&1; then echo "missing: chromium"; exit 1; fi; \
+	echo "installing: chromium"; \
+	$(SUDO) apt-get update && \
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
+
+$(WEB_MODULES): $(WEB)/package.json $(WEB)/package-lock.json | node-deps
+	@$(NODE_OK) || { $(NODE_TOO_OLD); exit 1; }
+	cd $(WEB) && npm ci --no-audit --no-fund
+	touch $@
+
+$(WEB_STAMP): $(WEB_MODULES) $(WEB_SOURCES)
+	cd $(WEB) && npm run build
+	touch $@
+
+web: $(WEB_STAMP) ## Build the web page into web/dist (npm ci and Vite), again only when its sources change
+
+web-test: web ## Vitest: the page's components and its task polling
+	cd $(WEB) && npm test
+
+run: venv ## Run everything locally: private Redis, API and web page, workers, Beat, Flower (prints URLs and an admin key)
+	@$(MAKE) --no-print-directory web || echo "web page not built (see above); the API still answers, with /docs"
 	$(BIN)/mailroom run $(ARGS)
 
-test: system-deps venv ## Run the test suite with the coverage gate
+# The web page's end-to-end test runs inside pytest (tests/web/), against the real stack.
+test: system-deps browser-deps venv ## Run the test suite with the coverage gate, the web page's Vitest tests first
+	@if $(NODE_OK); then $(MAKE) --no-print-directory web-test; else $(NODE_TOO_OLD); echo "web page: its tests are skipped"; fi
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: venv ## ruff check, ruff format --check, mypy
@@ -72,8 +119,9 @@ bench: system-deps venv ## Run every bench/*.py (they print measured figures; no
 
 clean: ## Remove caches, coverage data and build output (keeps .venv and the local data in var/)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache htmlcov build dist .coverage .coverage.* coverage.xml
+	rm -rf $(WEB)/dist $(WEB_STAMP) $(WEB)/test-results
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 	find . -path ./$(VENV) -prune -o -name '*.egg-info' -type d -prune -exec rm -rf {} +
 
-distclean: clean ## clean, and also delete .venv and var/ (the local database and admin key)
-	rm -rf $(VENV) var
+distclean: clean ## clean, and also delete .venv, var/ (the local database and admin key) and web/node_modules
+	rm -rf $(VENV) var $(WEB)/node_modules

@@ -24,6 +24,7 @@ from mailroom.errors import error_response
 #: Paths that belong to the API and never fall back to the page.
 RESERVED_PREFIXES = ("/api", "/docs", "/openapi.json", "/healthz", "/readyz", "/metrics", "/static")
 STATIC_PREFIX = "/static"
+EXTENSION = "mailroom.webpage"
 #: The page may change on every deploy; its hashed assets never do.
 INDEX_HEADERS = {
     "Cache-Control": "no-cache",
@@ -73,19 +74,26 @@ def is_client_route(path: str) -> bool:
 
 def install_web_page(app: Flask, dist: Path | None = None) -> None:
     """Serve the built page from ``dist`` (found with :func:`default_dist_dirs` when
-    omitted). Register before the blueprints, so ``/`` is the page's, not a redirect."""
+    omitted). Register before the blueprints, so ``/`` is the page's, not a redirect.
+    Called again on the same app, it only changes where the page is looked for."""
     candidates = [dist] if dist is not None else default_dist_dirs()
+    if EXTENSION in app.extensions:
+        app.extensions[EXTENSION] = candidates
+        return
+    app.extensions[EXTENSION] = candidates
 
     def current_dist() -> Path | None:
         # Looked up per request, so `make web` while the server runs needs no restart.
-        return find_dist(candidates)
+        return find_dist(app.extensions[EXTENSION])
 
     def index() -> Response:
         found = current_dist()
         if found is None:
-            places = ", ".join(f"<code>{c}</code>" for c in candidates)
+            places = ", ".join(f"<code>{c}</code>" for c in app.extensions[EXTENSION])
             page = NOT_BUILT_PAGE.replace("{places}", places)
-            return Response(page, status=200, content_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"})
+            return Response(
+                page, content_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"}
+            )
         response = send_from_directory(found, "index.html", max_age=0)
         response.headers.update(INDEX_HEADERS)
         return response

@@ -141,9 +141,11 @@ export interface Attachment {
   content: string; // base64
 }
 
+export type Recipient = string | { email: string; name: string };
+
 export interface SendBody {
-  to: string[];
-  cc?: string[];
+  to: Recipient[];
+  cc?: Recipient[];
   subject: string;
   text: string;
   in_reply_to?: string;

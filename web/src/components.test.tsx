@@ -4,7 +4,7 @@ import { beforeEach, describe, expect, it } from "vitest";
 import { App } from "./App";
 import { TaskProgress } from "./components/TaskProgress";
 import { AccountForm, accountBody } from "./pages/AccountForm";
-import { Compose } from "./pages/Compose";
+import { addresses, Compose } from "./pages/Compose";
 import { sanitizedDocument } from "./pages/MessageView";
 import { fakeApi, fakeFetch, task } from "./test/fakeApi";
 import { TrackerProvider } from "./tracker";
@@ -145,6 +145,16 @@ describe("Compose", () => {
   });
 });
 
+describe("recipients", () => {
+  it("are bare addresses, or {email, name} with a display name", () => {
+    expect(addresses('bob@example.test; "Ann Example" <ann@example.test>,\n<c@example.test>')).toEqual([
+      "bob@example.test",
+      { email: "ann@example.test", name: "Ann Example" },
+      "c@example.test",
+    ]);
+  });
+});
+
 describe("message HTML", () => {
   it("is sanitised and loads nothing from outside", () => {
     const doc = sanitizedDocument('<p onclick="x()">Hi</p><script>alert(1)</script><img src="https://t.example/p.gif"><a href="javascript:alert(1)">l</a>');
@@ -152,6 +162,8 @@ describe("message HTML", () => {
     expect(doc).not.toContain("onclick");
     expect(doc).not.toContain("javascript:");
     expect(doc).toContain("<p>Hi</p>");
+    expect(doc).not.toContain("t.example");
+    expect(doc).toContain('alt="[remote image not loaded]"');
     expect(doc).toContain("default-src 'none'");
   });
 });

@@ -7,6 +7,11 @@ import { TaskTable } from "./Tasks";
 
 const REFRESH_MS = 5000;
 
+interface Check {
+  ok: boolean;
+  error?: string | null;
+}
+
 export function AdminPage() {
   const { api } = useTracker();
   const [stats, setStats] = useState<Stats | null>(null);
@@ -35,7 +40,7 @@ export function AdminPage() {
     return () => clearInterval(timer);
   }, [api, load]);
 
-  const queues = Object.keys(stats?.queues ?? health?.workers ?? {});
+  const queues = [...new Set([...Object.keys(stats?.queues ?? {}), ...Object.keys(health?.workers ?? {})])];
   return (
     <>
       <h1 tabIndex={-1}>Admin</h1>
@@ -46,11 +51,13 @@ export function AdminPage() {
         <h2 id="health-h">Health: {health ? health.status : "…"}</h2>
         {health && (
           <ul className="checks-list">
-            {(["database", "broker", "result_backend"] as const).map((k) => (
-              <li key={k}>
-                {k.replace("_", " ")}: {health[k].ok ? "ok" : `failing${health[k].error ? ` (${health[k].error})` : ""}`}
-              </li>
-            ))}
+            {Object.entries(health)
+              .filter((e): e is [string, Check] => typeof e[1] === "object" && e[1] !== null && "ok" in e[1])
+              .map(([k, check]) => (
+                <li key={k}>
+                  {k.replace("_", " ")}: {check.ok ? "ok" : `failing${check.error ? ` (${check.error})` : ""}`}
+                </li>
+              ))}
           </ul>
         )}
       </section>

@@ -1,6 +1,6 @@
 import { FormEvent, useRef, useState } from "react";
 
-import { ApiError, Attachment, describeError, Message, SendBody, TaskAccepted } from "../api";
+import { ApiError, Attachment, describeError, Message, Recipient, SendBody, TaskAccepted } from "../api";
 import { useTracker } from "../tracker";
 
 export function newIdempotencyKey(): string {
@@ -20,11 +20,18 @@ async function readAttachment(file: File): Promise<Attachment> {
   return { filename: file.name, content_type: file.type || "application/octet-stream", content: toBase64(await file.arrayBuffer()) };
 }
 
-function addresses(text: string): string[] {
+/** "a@b.example, Ann <ann@example.test>" as the API takes recipients: a bare address, or
+ * {email, name} when a display name is given. */
+export function addresses(text: string): Recipient[] {
   return text
     .split(/[,;\n]/)
     .map((s) => s.trim())
-    .filter(Boolean);
+    .filter(Boolean)
+    .map((s) => {
+      const named = /^"?([^"<]*?)"?\s*<([^>]+)>$/.exec(s);
+      if (!named) return s;
+      return named[1] ? { email: named[2].trim(), name: named[1].trim() } : named[2].trim();
+    });
 }
 
 /** One compose: one Idempotency-Key for its whole life, so a double click, or a retry

@@ -10,6 +10,15 @@ import { when } from "./Accounts";
 // (no scripts, no forms, no same origin) and a policy that loads nothing from outside.
 const FRAME_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; font-src data:";
 
+// Remote images are tracking pixels as often as not: dropped, with a note in their place.
+DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+  if (node.tagName === "IMG" && !/^data:/i.test(node.getAttribute("src") ?? "")) {
+    node.removeAttribute("src");
+    node.removeAttribute("srcset");
+    node.setAttribute("alt", "[remote image not loaded]");
+  }
+});
+
 export function sanitizedDocument(html: string): string {
   const clean = DOMPurify.sanitize(html, { WHOLE_DOCUMENT: false, FORBID_TAGS: ["style", "form"], FORBID_ATTR: ["style"] });
   return `<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="Content-Security-Policy" content="${FRAME_POLICY}"><base target="_blank"></head><body>${clean}</body></html>`;
