@@ -8,6 +8,18 @@
 # docker-compose.test.yml show each role's command.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# The web page is built with Node in its own stage; the final image has its files, no Node.
+ARG NODE_IMAGE=node:20-bookworm-slim
+
+# --- web: build the page (web/) into static files ---------------------------------------------
+FROM ${NODE_IMAGE} AS web
+WORKDIR /web
+# Dependencies first: this layer is rebuilt only when the lock file changes.
+COPY web/package.json web/package-lock.json ./
+RUN npm ci --no-audit --no-fund
+COPY web/index.html web/tsconfig.json web/vite.config.ts ./
+COPY web/src ./src
+RUN npm run build
 
 # --- builder: resolve and install everything into a venv ------------------------------------
 FROM ${PYTHON_IMAGE} AS builder
@@ -39,6 +51,8 @@ RUN groupadd --system --gid 10001 mailroom \
     && mkdir -p /app /tmp/prometheus \
     && chown mailroom:mailroom /app /tmp/prometheus
 COPY --from=builder /opt/mailroom /opt/mailroom
+# Where mailroom.webpage looks first: <venv prefix>/share/mailroom/web.
+COPY --from=web /web/dist /opt/mailroom/share/mailroom/web
 WORKDIR /app
 USER 10001:10001
 EXPOSE 8000
