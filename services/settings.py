@@ -152,6 +152,11 @@ class Settings(BaseSettings):
         "(needs PROMETHEUS_MULTIPROC_DIR); unset, the API's /metrics shows them when they share "
         "its PROMETHEUS_MULTIPROC_DIR, as under `mailroom run`.",
     )
+    worker_heartbeat_file: str | None = Field(
+        default=None,
+        description="When set, each Celery worker touches this file every 5 s while it runs "
+        "(for a liveness probe that a broker outage does not fail).",
+    )
     log_level: str = Field(default="INFO")
     log_format: Literal["json", "text"] = Field(
         default="json",

@@ -17,6 +17,7 @@ from services.logs import configure_logging
 from services.settings import Settings, load_settings
 from tasks import metrics
 from tasks.beat import KEY_PREFIX
+from tasks.liveness import HeartbeatFile
 from tasks.queues import (
     EXCHANGE,
     PERIODIC_TASKS,
@@ -107,6 +108,9 @@ def make_celery(settings: Settings) -> Celery:
     )
     app.conf.mailroom_settings = settings
     _watch_worker_processes(settings)
+    if settings.worker_heartbeat_file:
+        app.steps["worker"].add(HeartbeatFile)
+        app.conf.heartbeat_file = settings.worker_heartbeat_file
     return app
 
 

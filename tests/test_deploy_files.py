@@ -158,7 +158,8 @@ def test_one_worker_deployment_per_queue_with_liveness_and_resources() -> None:
         command = main["command"]
         assert command[command.index("-Q") + 1] == queue and f"{queue}@%h" in command
         probe = " ".join(main["livenessProbe"]["exec"]["command"])
-        assert f"inspect ping -d {queue}@$HOSTNAME" in probe
+        env = {item["name"]: item.get("value") for item in main["env"]}
+        assert env["MAILROOM_WORKER_HEARTBEAT_FILE"] in probe and "-lt 60" in probe
         assert {"cpu", "memory"} <= main["resources"]["requests"].keys()
         assert {"cpu", "memory"} <= main["resources"]["limits"].keys()
 
