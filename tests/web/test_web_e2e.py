@@ -175,6 +175,9 @@ def test_the_page_in_a_real_browser(
     # What the browser did happened on the servers.
     seen = summary["sync_progress_seen"]
     assert seen[-1] == 100 and seen == sorted(seen), seen
+    # Nothing moves while tasks are polled (Chromium's cumulative layout shift, ~0 here).
+    assert summary["layout_shift_while_polling"] < 0.01 and summary["layout_shift_while_cancelling"] < 0.01
+    assert 0 < summary["long_sync_progress_at_cancel"] <= summary["long_sync_progress_final"] < 100
     accounts = {a["email"]: a for a in kit.admin.get("/api/accounts").get_json()["items"]}
     account = accounts[email]
     assert account["name"] == "Browser test" and account["last_sync_at"] is not None

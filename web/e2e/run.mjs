@@ -83,7 +83,14 @@ const browser = await chromium.launch({
 });
 let exitCode = 0;
 try {
-  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 }, reducedMotion: "reduce" });
+  // Layout shifts (Chromium's Layout Instability API), added up while tasks are polled.
+  await context.addInitScript(() => {
+    window.__shift = 0;
+    new PerformanceObserver((list) => {
+      for (const entry of list.getEntries()) if (!entry.hadRecentInput) window.__shift += entry.value;
+    }).observe({ type: "layout-shift", buffered: true });
+  });
   const page = await context.newPage();
   page.setDefaultTimeout(30_000);
   currentPage = page;
@@ -131,6 +138,7 @@ try {
     const label = `Sync: ${email}`;
     const bar = dockTask(page, label).getByRole("progressbar");
     await bar.waitFor();
+    await page.evaluate(() => (window.__shift = 0));
     const deadline = Date.now() + 60_000;
     for (;;) {
       const now = Number(await bar.getAttribute("aria-valuenow"));
@@ -140,6 +148,8 @@ try {
       await page.waitForTimeout(50);
     }
     if ((await waitTaskState(page, label, ["succeeded", "failed", "cancelled"])) !== "succeeded") throw new Error("sync did not succeed");
+    summary.layout_shift_while_polling = await page.evaluate(() => window.__shift);
+    if (summary.layout_shift_while_polling > 0.01) throw new Error(`layout shift ${summary.layout_shift_while_polling} while polling`);
     await card.getByText(/folders, \d+ messages/).waitFor();
     await shot(page, "02-sync-done.png");
   });
@@ -207,10 +217,13 @@ try {
       label,
     );
     summary.long_sync_progress_at_cancel = Number(await bar.getAttribute("aria-valuenow"));
+    await page.evaluate(() => (window.__shift = 0));
     await dockTask(page, label).getByRole("button", { name: "Cancel" }).click();
     const state = await waitTaskState(page, label, ["succeeded", "failed", "cancelled"]);
     if (state !== "cancelled") throw new Error(`the long sync ended ${state}, not cancelled`);
     summary.long_sync_progress_final = Number(await bar.getAttribute("aria-valuenow"));
+    summary.layout_shift_while_cancelling = await page.evaluate(() => window.__shift);
+    if (summary.layout_shift_while_cancelling > 0.01) throw new Error(`layout shift ${summary.layout_shift_while_cancelling} while polling`);
     await shot(page, "06-sync-cancelled.png");
   });
 
