@@ -11,10 +11,12 @@ Promises:
   a cancel, crash or fault between batches leaves every finished batch stored.
 * A moved message keeps its Mailroom id: its row gets the Junk folder and the UID the
   server named in COPYUID (``services.mail_delete.move_uids``). A message a user labelled
-  ham is never moved to Junk by a check.
-* Learning (``learn``): the message is fetched, the tenant's layer learns from it under the
-  tenant's row lock, the message is scored again with the new layer, and (with
-  ``spam_move_to_junk``) spam goes to Junk and ham found in Junk goes back to INBOX.
+  ham is never moved to Junk by a check. A batch's moves hold the account's sync lock for
+  the moves only; while a sync holds it, they are left undone (``move_deferred``).
+* Learning (``learn``): the messages are fetched, the tenant's layer learns from those it
+  has not learned that label from yet (under the tenant's row lock: a retried or
+  redelivered lesson is not learned twice), they are scored again with the new layer, and
+  (with ``spam_move_to_junk``) spam goes to Junk and ham found in Junk back to INBOX.
 * Ids no longer stored, or whose UID the server no longer has, are counted as ``gone``.
 * A folder whose UIDVALIDITY changed since the last sync raises :class:`SyncRequired`
   before anything of it is read: its stored UIDs no longer name its messages.
@@ -62,7 +64,7 @@ class _Run:
     tenant_id: str
     spam: TenantSpam
     layer: TenantLayer | None
-    spamd: Any
+    spamd: SpamdClient | None
     cap: int
     folders: dict[str, Folder]
     move_to_junk: bool
@@ -150,7 +152,8 @@ def _batches(targets: list[Target], cap: int, count: int) -> Iterable[list[Targe
 
 
 def _select(run: _Run, folder: Folder) -> None:
-    selected = run.client.select_folder(folder.name, readonly=False)
+    # EXAMINE (read-only) unless messages may move out of the folder.
+    selected = run.client.select_folder(folder.name, readonly=not run.move_to_junk)
     if folder.uidvalidity is None or selected.get(b"UIDVALIDITY") != folder.uidvalidity:
         raise SyncRequired(
             f"folder {folder.name!r} changed on the server since the last sync (UIDVALIDITY); "
