@@ -376,3 +376,30 @@ def test_the_accounts_save_sent_copy_and_the_per_message_override(
     assert other["save_sent_copy"] is True
     bad = kit.admin.patch(f"/api/accounts/{account['id']}", json={"save_sent_copy": "sometimes"})
     assert bad.status_code == 422
+
+
+def test_a_send_the_broker_could_not_take_frees_its_idempotency_key(kit, account, base_values) -> None:
+    from mailroom.app import create_app
+    from services.settings import load_settings
+    from tests.servers.redis import RedisServer
+    from tests.support import Api
+
+    broker = RedisServer()
+    broker.start()
+    try:
+        api = Api(create_app(load_settings(**{**base_values, "broker_url": broker.url})), kit.admin_key)
+        key = {"Idempotency-Key": "outage-" + uuid.uuid4().hex}
+        body = {"to": ["a@example.test"], "text": "after the outage", "save_sent": False}
+        broker.stop()
+        down = api.post(f"/api/accounts/{account['id']}/send", json=body, headers=key)
+        assert down.status_code == 503, down.get_json()
+        [failed] = _outbox(kit, account)
+        assert failed["state"] == "failed" and "nothing was sent" in failed["error"]
+        broker.start()
+        again = api.post(f"/api/accounts/{account['id']}/send", json=body, headers=key)
+        assert again.status_code == 202, again.get_json()
+        assert again.get_json()["task_id"] != error_of(down)["details"]["task_id"]
+        replay = api.post(f"/api/accounts/{account['id']}/send", json=body, headers=key)
+        assert replay.status_code == 200 and replay.get_json()["task_id"] == again.get_json()["task_id"]
+    finally:
+        broker.stop()

@@ -4,7 +4,8 @@ Promises:
 
 * Nothing is queued unless the whole request is valid, the content fits
   ``send_max_bytes`` (else :class:`PayloadTooLarge`, a 413) and the account is the
-  caller's (else 404).
+  caller's (the caller hands over the account ``accounts.get_account`` gave it, which is a
+  404 for anyone else's; dispatch checks it again in the statement that records the task).
 * The message is built here, once; its bytes are stored in the outbox row, committed
   together with the task record, and only the row's id travels in the broker message.
 * ``Idempotency-Key``: the same key and the same body (same account) from the same tenant
@@ -30,9 +31,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from services import accounts, task_records
-from services.errors import Conflict, MailroomError, ValidationFailed
-from services.models import OutboxEntry, OutboxState, TaskRecord, TaskState, utcnow
+from services import task_records
+from services.errors import Conflict, MailroomError, ServiceUnavailable, ValidationFailed
+from services.models import Account, OutboxEntry, OutboxState, TaskRecord, TaskState, utcnow
 from services.send.mime import build_message
 from services.send.request import SendRequest
 from services.tenancy import Principal
@@ -111,19 +112,20 @@ def accept_send(
     app: Celery,
     session: Session,
     principal: Principal,
-    account_id: str,
+    account: Account,
     body: SendRequest,
     *,
     idempotency_key: str | None,
     max_bytes: int,
     max_delay: float,
 ) -> Accepted:
-    """Validate, build, store and dispatch one send (or answer a replay of one). A
-    ``send_at`` in the future is published to run then (at most ``max_delay`` ahead)."""
-    account = accounts.get_account(session, account_id, principal)
+    """Validate, build, store and dispatch one send from ``account`` (the principal's, as
+    checked by the caller), or answer a replay of one. A ``send_at`` in the future is
+    published to run then (at most ``max_delay`` ahead). When the broker cannot take the
+    task, :class:`ServiceUnavailable` (503) and the Idempotency-Key is free again."""
     check_size(body, max_bytes)
     eta = scheduled_time(body, max_delay)
-    digest = request_hash(account_id, body)
+    digest = request_hash(account.id, body)
     if idempotency_key is not None:
         earlier = _replay(session, principal, idempotency_key, digest)
         if earlier is not None:
@@ -159,17 +161,28 @@ def accept_send(
         return earlier
     # The row and the task record commit together inside dispatch; the row learns its
     # task id in a second short commit (a replay in between is told to retry).
-    result = dispatch(
-        app,
-        session,
-        type="send",
-        tenant_id=principal.tenant_id,
-        user_id=principal.user_id,
-        account_id=account.id,
-        params=_params(row),
-        visible_to=principal,
-        eta=eta,
-    )
+    try:
+        result = dispatch(
+            app,
+            session,
+            type="send",
+            tenant_id=principal.tenant_id,
+            user_id=principal.user_id,
+            account_id=account.id,
+            params=_params(row),
+            visible_to=principal,
+            eta=eta,
+        )
+    except ServiceUnavailable as exc:
+        # Nothing was queued (dispatch recorded its task as failed, and the client gets a
+        # 503 saying "try again"): the row ends failed and lets go of its Idempotency-Key,
+        # so that the retry with the same key sends the message instead of finding this row.
+        row.idempotency_key = None
+        row.task_id = (exc.details or {}).get("task_id") if isinstance(exc.details, dict) else None
+        row.state, row.raw = OutboxState.FAILED.value, None
+        row.error = "the task queue was unavailable; nothing was sent"
+        session.commit()
+        raise
     row.task_id = result.record.id
     session.commit()
     return Accepted(result.record, row, created=True)

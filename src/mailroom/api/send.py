@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from flask import Response, jsonify, request
+from flask import Response, g, jsonify, request
 from flask_openapi3 import APIBlueprint, Tag
 from pydantic import BaseModel, Field
 from sqlalchemy import select
@@ -110,7 +110,8 @@ def _account_first() -> None:
     account."""
     account_id = (request.view_args or {}).get("account_id")
     if request.method == "POST" and isinstance(account_id, str):
-        accounts.get_account(db_session(), account_id, principal())
+        # Kept for the route: the send reads the account once per request.
+        g.send_account = accounts.get_account(db_session(), account_id, principal())
 
 
 @bp.post(
@@ -127,7 +128,7 @@ def send_message(path: AccountPath, body: SendRequest) -> tuple[Response, int]:
         st.celery,
         db_session(),
         principal(),
-        path.account_id,
+        g.send_account,
         body,
         idempotency_key=_idempotency_key(),
         max_bytes=st.settings.send_max_bytes,
