@@ -25,6 +25,7 @@ from sqlalchemy import (
     UniqueConstraint,
     desc,
     false,
+    text,
     true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -232,6 +233,22 @@ class Message(Base):
         *_ordered_index("ix_messages_account_order", "account_id"),
         *_ordered_index("ix_messages_folder_order", "folder_id"),
         Index("ix_messages_match", "account_id", "message_id_header"),
+        # The list filtered to spam (?is_spam=true) in the list's order: only spam rows are
+        # in it, so a page is a short range scan however rare spam is (migration 0007).
+        Index(
+            "ix_messages_account_spam",
+            "account_id",
+            desc("date").nulls_last(),
+            desc("id"),
+            postgresql_where=text("is_spam IS true"),
+        ).ddl_if(dialect="postgresql"),
+        Index(
+            "ix_messages_account_spam",
+            "account_id",
+            desc("date"),
+            desc("id"),
+            sqlite_where=text("is_spam IS 1"),
+        ).ddl_if(dialect="sqlite"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
