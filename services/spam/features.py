@@ -18,22 +18,25 @@ from services.spam.parse import ParsedMessage, address_of, domain_of
 
 HASH_BITS = 20
 HASH_MASK = (1 << HASH_BITS) - 1
-MAX_TOKENS = 3000
+MAX_TOKENS = 2000
+# Text read for tokens: the start of a message says what it is about.
+MAX_FEATURE_TEXT = 20_000
 
 # Namespaces: the crc32 start value of each kind of token.
 NS_SUBJECT = 0x51
 NS_BODY = 0xB0
-NS_BIGRAM = 0xB2
 NS_URL_DOMAIN = 0x0D
 NS_URL_TLD = 0x7D
 NS_MONEY = 0x24
+NS_SHAPE = 0x5A
 NS_SENDER = 0x5E
 NS_SENDER_DOMAIN = 0x5D
 
 _TOKEN = re.compile(r"[^\W\d_][\w'’-]{1,30}|\d[\d,.]*")
-_EMAIL = re.compile(r"[\w.+=-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){1,8}")
 _SUBJECT_TAG = re.compile(r"\[[^\]]{0,40}\]")
 _MONEY = re.compile(r"[$€£]\s?\d")
+_QUOTED = re.compile(r"^[ \t]*>", re.M)
+_ATTRIBUTION = re.compile(r"wrote:?[ \t]*$|^-{2,} ?original message ?-{2,}", re.M)
 _HOST = re.compile(r"^[a-z][a-z0-9+.-]{0,20}://(?:[^/@?#]{0,200}@)?([^/:?#\\\s]{1,255})", re.I)
 # Footers the mailing lists of 2002 added (Mailman, Yahoo! Groups, SourceForge): text
 # after them is the list's, not the sender's.
@@ -86,13 +89,13 @@ def url_host(url: str) -> str:
 
 
 def _add(out: set[int], token: str, ns: int) -> None:
-    out.add(crc32(token.encode("utf-8", "replace"), ns) & HASH_MASK)
+    out.add(crc32(token.encode("utf-8", "surrogatepass"), ns) & HASH_MASK)
 
 
 def words(text: str) -> list[str]:
-    """Lower-case word tokens; numbers become their length class."""
+    """Word tokens of lower-case ``text``; numbers become their length class."""
     out: list[str] = []
-    for tok in _TOKEN.findall(text.lower()):
+    for tok in _TOKEN.findall(text):
         if tok[0].isdigit():
             out.append("#num" if len(tok) < 6 else "#longnum")
         elif tok not in _ARTEFACTS:
@@ -106,18 +109,23 @@ def base_features(parsed: ParsedMessage) -> set[int]:
     """The features the shipped model is trained on."""
     feats: set[int] = set()
     subject = _SUBJECT_TAG.sub(" ", parsed.header("subject"))
-    for tok in words(subject):
+    for tok in words(subject.lower()):
         _add(feats, tok, NS_SUBJECT)
-    text = _EMAIL.sub(" ", strip_footers(parsed.text))
+    text = strip_footers(parsed.text[:MAX_FEATURE_TEXT]).lower()
+    if "@" in text:
+        # Addresses name people and lists, not what is said.
+        text = "\n".join(" ".join(w for w in line.split(" ") if "@" not in w) for line in text.split("\n"))
     toks = words(text)
-    prev = ""
-    for tok in toks:
-        _add(feats, tok, NS_BODY)
-        if prev:
-            _add(feats, prev + " " + tok, NS_BIGRAM)
-        prev = tok
+    feats.update([crc32(t.encode("utf-8", "surrogatepass"), NS_BODY) & HASH_MASK for t in set(toks)])
     if _MONEY.search(text):
         _add(feats, "money", NS_MONEY)
+    # How a message is written, as people still write: replies quote, and say who wrote.
+    if len(_QUOTED.findall(text)) >= 2:
+        _add(feats, "quoted", NS_SHAPE)
+    if _ATTRIBUTION.search(text):
+        _add(feats, "attribution", NS_SHAPE)
+    if parsed.header("in-reply-to") or parsed.header("references"):
+        _add(feats, "in-thread", NS_SHAPE)
     for url in parsed.urls[:100]:
         host = url_host(url)
         if not host:

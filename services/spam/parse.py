@@ -36,14 +36,11 @@ _SCRIPT_STYLE = re.compile(r"<(script|style|head)\b[^>]{0,2000}>.{0,200000}?</\1
 _COMMENT = re.compile(r"<!--.{0,100000}?-->", re.S)
 _ANCHOR = re.compile(r"<a\b([^>]{0,4000})>(.{0,4000}?)</a\s*>", re.I | re.S)
 _HREF = re.compile(r"""href\s*=\s*(?:"([^"]{0,4000})"|'([^']{0,4000})'|([^\s>]{1,4000}))""", re.I)
-_FORM = re.compile(r"<form\b[^>]{0,4000}>", re.I)
-_PASSWORD_INPUT = re.compile(r"<input\b[^>]{0,2000}type\s*=\s*[\"']?password", re.I)
-_HIDDEN_BLOCK = re.compile(
-    r"<(\w{1,10})\b[^>]{0,2000}style\s*=\s*[\"'][^\"']{0,1000}"
-    r"(?:display\s*:\s*none|visibility\s*:\s*hidden|font-size\s*:\s*0(?:\.\d+)?(?:px|pt|em)?\s*[;\"'])"
-    r"[^>]{0,2000}>(.{0,20000}?)</\1\s*>",
-    re.I | re.S,
+_PASSWORD_INPUT = re.compile(r"<input\b[^>]{0,2000}type\s*=\s*[\"']?password")
+_HIDDEN_STYLE = re.compile(
+    r"display\s*:\s*none|visibility\s*:\s*hidden|font-size\s*:\s*0(?:\.\d+)?(?:px|pt|em)?\s*[;\"']"
 )
+_TAG_NAME = re.compile(r"<(\w{1,10})")
 _URL = re.compile(r"https?://[^\s<>\"'()\[\]{}]{1,2000}", re.I)
 _WS = re.compile(r"\s+")
 
@@ -72,7 +69,7 @@ class Attachment:
 class ParsedMessage:
     """What scoring reads of one message (top-level header values are decoded text)."""
 
-    headers: list[tuple[str, str]] = field(default_factory=list)
+    raw_headers: list[tuple[str, bytes]] = field(default_factory=list)
     text: str = ""
     html: str = ""
     links: list[Link] = field(default_factory=list)
@@ -84,16 +81,28 @@ class ParsedMessage:
     text_parts: int = 0
     html_parts: int = 0
     limits: list[str] = field(default_factory=list)
+    _lower: str | None = None
+    _decoded: dict[str, list[str]] = field(default_factory=dict)
+
+    def lower_text(self) -> str:
+        """Subject and the start of the text, lower-cased (what the wording rules read)."""
+        if self._lower is None:
+            self._lower = (self.header("subject") + "\n" + self.text[:8_000]).lower()
+        return self._lower
 
     def header(self, name: str) -> str:
-        """The first value of header ``name`` (lower-case), or ``""``."""
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return ""
+        """The first value of header ``name`` (lower-case), decoded, or ``""``."""
+        values = self.header_all(name)
+        return values[0] if values else ""
 
     def header_all(self, name: str) -> list[str]:
-        return [value for key, value in self.headers if key == name]
+        """Every value of header ``name`` (lower-case), decoded, top first."""
+        values = self._decoded.get(name)
+        if values is None:
+            # Decoded on demand: most of a message's headers are never read.
+            values = [decode_header_value(value) for key, value in self.raw_headers if key == name]
+            self._decoded[name] = values
+        return values
 
     def limit(self, what: str) -> None:
         if what not in self.limits:
@@ -142,35 +151,34 @@ def decode_header_value(raw: bytes) -> str:
 
 
 def _split_head(data: bytes) -> tuple[bytes, bytes]:
-    for sep in (b"\r\n\r\n", b"\n\n"):
-        idx = data.find(sep)
-        if idx >= 0:
-            # Use whichever separator comes first.
-            other = data.find(b"\n\n" if sep == b"\r\n\r\n" else b"\r\n\r\n")
-            if 0 <= other < idx:
-                continue
-            return data[:idx], data[idx + len(sep) :]
+    lf = data.find(b"\n\n")
+    crlf = data.find(b"\r\n\r\n", 0, lf + 4 if lf >= 0 else len(data))
+    if crlf >= 0 and (lf < 0 or crlf < lf):
+        return data[:crlf], data[crlf + 4 :]
+    if lf >= 0:
+        return data[:lf], data[lf + 2 :]
     return data, b""
+
+
+_FIELD_SPLIT = re.compile(rb"\r?\n(?![ \t])")
+_FIELD_NAME = re.compile(rb"([!-9;-~]{1,100})[ \t]*:")
 
 
 def _read_headers(head: bytes, parsed: ParsedMessage) -> list[tuple[str, bytes]]:
     if len(head) > MAX_HEADER_BYTES:
         head = head[:MAX_HEADER_BYTES]
         parsed.limit("header_bytes")
-    fields: list[tuple[str, list[bytes]]] = []
-    for line in head.split(b"\n"):
-        if line[:1] in (b" ", b"\t"):
-            if fields:
-                fields[-1][1].append(line.strip())
-            continue
-        if len(fields) >= MAX_HEADERS:
-            parsed.limit("header_count")
-            break
-        key, sep, value = line.partition(b":")
-        if not sep or not key or len(key) > 100 or b" " in key.strip():
-            continue
-        fields.append((key.strip().lower().decode("ascii", "replace"), [value.strip()]))
-    return [(key, b" ".join(chunks)) for key, chunks in fields]
+    chunks = _FIELD_SPLIT.split(head, MAX_HEADERS)
+    if len(chunks) > MAX_HEADERS:
+        chunks.pop()
+        parsed.limit("header_count")
+    fields: list[tuple[str, bytes]] = []
+    match = _FIELD_NAME.match
+    for chunk in chunks:
+        m = match(chunk)
+        if m:
+            fields.append((m.group(1).lower().decode("ascii"), chunk[m.end() :].strip()))
+    return fields
 
 
 def _params(value: str) -> tuple[str, dict[str, str]]:
@@ -242,7 +250,7 @@ class _Reader:
         head, body = _split_head(data)
         fields = _read_headers(head, self.parsed)
         if top:
-            self.parsed.headers = [(name, decode_header_value(value)) for name, value in fields]
+            self.parsed.raw_headers = fields
         ctype_raw = ""
         cte = ""
         disposition = ""
@@ -373,15 +381,28 @@ def _read_html(markup: str, parsed: ParsedMessage, reader: _Reader) -> None:
         if href.lower().startswith(("http://", "https://")):
             parsed.urls.append(href[:2000])
     reader.check_time()
-    parsed.has_form = _FORM.search(markup) is not None
-    parsed.has_password_input = _PASSWORD_INPUT.search(markup) is not None
+    lower = markup.lower()
+    parsed.has_form = "<form" in lower
+    parsed.has_password_input = "<input" in lower and _PASSWORD_INPUT.search(lower) is not None
     hidden: list[str] = []
-    for m in _HIDDEN_BLOCK.finditer(markup):
-        words = _WS.sub(" ", html.unescape(_TAG.sub(" ", m.group(2)))).strip()
+    pos = 0
+    for _ in range(50):
+        hit = _HIDDEN_STYLE.search(lower, pos)
+        if not hit:
+            break
+        pos = hit.end()
+        # The element whose style hides it: its start tag, then up to its end tag.
+        start = lower.rfind("<", max(0, hit.start() - 2000), hit.start())
+        name = _TAG_NAME.match(lower, start) if start >= 0 else None
+        open_end = lower.find(">", hit.end(), hit.end() + 2000)
+        if name is None or open_end < 0:
+            continue
+        close = lower.find("</" + name.group(1), open_end, open_end + 20_000)
+        if close < 0:
+            continue
+        words = _WS.sub(" ", html.unescape(_TAG.sub(" ", markup[open_end + 1 : close]))).strip()
         if words:
             hidden.append(words)
-        if len(hidden) > 50:
-            break
     parsed.hidden_text = " ".join(hidden)[:5000]
 
 

@@ -19,7 +19,7 @@ from services.spam.verdict import Indicator
 
 Rule = Callable[[ParsedMessage], Indicator | None]
 
-W_LINK_MISMATCH = 2.5
+W_LINK_MISMATCH = 1.0
 W_LOOKALIKE = 2.5
 W_BRAND_SPOOF = 3.0
 W_CREDENTIAL = 2.5
@@ -34,8 +34,19 @@ W_MISSING_MESSAGE_ID = 0.7
 W_BAD_DATE = 0.7
 W_HIDDEN_TEXT = 1.5
 W_AUTH_FAIL = 1.5
-W_FORM = 2.5
+W_FORM = 0.5
+W_PASSWORD_FORM = 2.5
 W_IP_LINK = 1.5
+W_OBFUSCATED = 2.5
+W_SPACED_LETTERS = 2.0
+W_RECIPIENT_IN_SUBJECT = 1.5
+W_MALFORMED_SENDER = 2.0
+W_FREE_HOSTING_SENDER = 1.5
+W_FREE_HOSTING_LINK = 1.0
+W_LURE = 1.5
+# Evidence for ham: a reply within a thread, quoting what it answers.
+W_THREAD_REPLY = -1.0
+W_QUOTED_REPLY = -1.0
 
 EXECUTABLE_EXT = frozenset(
     "exe scr com pif bat cmd vbs vbe js jse wsf wsh hta msi msp cpl jar ps1 lnk reg dll iso img vhd".split()  # noqa: SIM905
@@ -87,6 +98,31 @@ BRANDS: dict[str, tuple[str, ...]] = {
     "at&t": ("att.com", "att.net"),
     "verizon": ("verizon.com",),
     "irs": ("irs.gov",),
+    "hmrc": ("hmrc.gov.uk",),
+    "mercado pago": ("mercadopago.com", "mercadopago.com.br", "mercadolivre.com.br"),
+    "correios": ("correios.com.br",),
+    "receita federal": ("receita.fazenda.gov.br", "gov.br"),
+    "santander": ("santander.com", "santander.com.br", "santander.co.uk"),
+    "bradesco": ("bradesco.com.br",),
+    "itau": ("itau.com.br",),
+    "nubank": ("nubank.com.br",),
+    "caixa": ("caixa.gov.br",),
+    "opensea": ("opensea.io",),
+    "ledger": ("ledger.com",),
+    "trust wallet": ("trustwallet.com",),
+    "kraken": ("kraken.com",),
+    "crypto.com": ("crypto.com",),
+    "spotify": ("spotify.com",),
+    "disney": ("disney.com", "disneyplus.com"),
+    "zoom": ("zoom.us",),
+    "godaddy": ("godaddy.com",),
+    "ionos": ("ionos.com", "ionos.de"),
+    "truist": ("truist.com",),
+    "sirius": ("siriusxm.com",),
+    "steam": ("steampowered.com", "steamcommunity.com"),
+    "roblox": ("roblox.com",),
+    "yahoo": ("yahoo.com",),
+    "aol": ("aol.com",),
     "webmail": (),
     "mailbox": (),
     "admin": (),
@@ -96,7 +132,9 @@ BRANDS: dict[str, tuple[str, ...]] = {
     "it department": (),
 }
 _BRAND_RE = re.compile(
-    r"\b(" + "|".join(re.escape(b) for b in sorted(BRANDS, key=len, reverse=True)) + r")\b"
+    r"(?<![a-z0-9])("
+    + "|".join(re.escape(b) for b in sorted(BRANDS, key=len, reverse=True))
+    + r")(?![a-z0-9])"
 )
 # A domain containing a brand's name without being that brand's, or with the classic digit
 # swaps (paypa1, micros0ft).
@@ -106,31 +144,20 @@ _LOOKALIKE_NAMES = (
     "micros0ft",
     "microsoft",
     "rnicrosoft",
-    "apple",
     "app1e",
-    "amazon",
     "amaz0n",
     "netflix",
     "netfl1x",
     "docusign",
-    "dropbox",
     "office365",
-    "onedrive",
-    "sharepoint",
     "wellsfargo",
-    "chase",
     "coinbase",
     "binance",
     "metamask",
-    "icloud",
-    "outlook",
-    "linkedin",
-    "facebook",
-    "instagram",
-    "whatsapp",
-    "dhl",
-    "fedex",
-    "usps",
+)
+# Domains of the brands themselves (and their clouds), which contain a brand's name by right.
+_BRAND_DOMAINS = frozenset(d for domains in BRANDS.values() for d in domains) | frozenset(
+    ["amazonaws.com", "microsoftonline.com", "microsoftstore.com", "netflix.net", "paypalobjects.com"]
 )
 _DOMAINISH = re.compile(r"(?:https?://)?((?:[a-z0-9-]{1,63}\.){1,6}[a-z]{2,24})\b", re.I)
 _CREDENTIAL = re.compile(
@@ -138,24 +165,74 @@ _CREDENTIAL = re.compile(
     r"confirm (?:your|the) (?:account|identity|email|details|information)|update (?:your )?(?:account|"
     r"billing|payment) (?:information|details)|validate (?:your )?(?:account|mailbox|email)|"
     r"re-?activate|unlock (?:your )?account|mailbox (?:quota|storage|is full)|"
-    r"(?:account|mailbox) (?:verification|upgrade))\b",
-    re.I,
+    r"(?:account|mailbox) (?:verification|upgrade)|"
+    # pt, es, fr, de, it
+    r"senha|contraseña|mot de passe|passwort|kennwort|credenziali|"
+    r"(?:verifi|confirm|atualiz|actualiz)\w{0,6} (?:sua|seu|su|tu|votre|ihr\w{0,2}) "
+    r"(?:conta|cuenta|compte|konto|dados|datos|identit\w{0,3})|"
+    r"acesse sua conta|inicie sesión|connectez-vous|anmelden)\b",
 )
 _PAYMENT = re.compile(
     r"\b(?:invoice|payment|wire transfer|bank (?:details|account)|credit card|billing|refund|"
     r"bitcoin|btc|gift ?cards?|overdue|outstanding balance)\b",
-    re.I,
 )
 _URGENCY = re.compile(
     r"\b(?:urgent(?:ly)?|immediately|within (?:\d{1,3}|twenty[- ]four|forty[- ]eight) ?(?:hours?|hrs|days?)|"
     r"suspend(?:ed|ion)?|deactivat(?:ed|ion)|terminat(?:ed|ion)|(?:will|has) been? (?:locked|closed|"
     r"disabled|restricted|blocked)|locked|restricted|limited|expir(?:e|es|ed|ation)|unusual (?:activity|"
     r"sign-?in)|suspicious (?:activity|login|sign-?in)|final (?:notice|warning|reminder)|action required|"
-    r"last (?:chance|warning|notice)|failure to|as soon as possible|asap|permanently)\b",
-    re.I,
+    r"last (?:chance|warning|notice)|failure to|as soon as possible|asap|permanently|"
+    # pt, es, fr, de, it
+    r"urgente|bloquead[oa]|suspens[aã]o|suspendid[oa]|suspendu|gesperrt|sofort|dringend|imm[ée]diatement|"
+    r"[uú]ltimo aviso|prazo|vencid[oa]|expirad[oa]|bloccat[oa]|scadut[oa]|regularizar|inadimpl\w{0,6})\b",
 )
 _AUTH_RESULT = re.compile(r"\b(spf|dkim|dmarc)\s*=\s*(fail|softfail|permerror|none)\b", re.I)
 _MSGID = re.compile(r"^\s*<[^<>@\s]{1,250}@[^<>@\s]{1,250}>\s*$")
+# Characters that show nothing or imitate letters: Unicode tags and variation selectors,
+# zero-width marks, mathematical alphanumerics ("𝐏𝐥𝐞𝐚𝐬𝐞"). Phishing uses them to hide a brand
+# name from filters while a reader still sees it.
+_INVISIBLE = re.compile("[\U000e0000-\U000e007f\U000e0100-\U000e01ef\u200b\u200d\u2060\u00ad\ufeff]")
+_MATH_LETTERS = re.compile("[\U0001d400-\U0001d7ff]")
+_TEXT_HIDDEN_MARKS = re.compile("[\U000e0000-\U000e007f\U000e0100-\U000e01ef]")
+_SPACED = re.compile(r"(?:\w ){20}")
+_LURE = re.compile(
+    r"\b(?:casino|free spins|jackpot|airdrop|giveaway|winnings|you(?:'ve| have) won|prize|sweepstakes?|"
+    r"lottery|claim (?:your|now)|reward|bonus|crypto ?wallet|usdt|nft|inheritance|beneficiary|"
+    r"million (?:dollars|usd)|investment opportunit\w{1,3}|no deposit|betting)\b",
+)
+_FREE_HOSTING = (
+    "firebaseapp.com",
+    "web.app",
+    "blogspot.com",
+    "weebly.com",
+    "wixsite.com",
+    "ipfs.io",
+    "r2.dev",
+    "pages.dev",
+    "workers.dev",
+    "glitch.me",
+    "herokuapp.com",
+    "ngrok.io",
+    "ngrok-free.app",
+    "000webhostapp.com",
+    "sites.google.com",
+    "storage.googleapis.com",
+    "forms.gle",
+    "azurewebsites.net",
+    "onrender.com",
+    "vercel.app",
+    "netlify.app",
+    "square.site",
+    "godaddysites.com",
+    "webflow.io",
+    "typedream.app",
+    "mybluehost.me",
+    "translate.goog",
+    "wsimg.com",
+    "dweb.link",
+    "trycloudflare.com",
+)
+_VALID_DOMAIN = re.compile(r"^(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
 _IP_HOST = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
 
 
@@ -186,6 +263,8 @@ def _is_lookalike(host: str) -> str | None:
     if "xn--" in host:
         return "punycode"
     domain = registered_domain(host)
+    if domain in _BRAND_DOMAINS:
+        return None
     label = domain.partition(".")[0]
     for name in _LOOKALIKE_NAMES:
         if name in label and label != name:
@@ -224,7 +303,7 @@ def display_name_spoofs_brand(parsed: ParsedMessage) -> Indicator | None:
 
 
 def _urgent_text(parsed: ParsedMessage) -> str:
-    return (parsed.header("subject") + "\n" + parsed.text[:20000]).lower()
+    return parsed.lower_text()
 
 
 def credential_request(parsed: ParsedMessage) -> Indicator | None:
@@ -324,12 +403,10 @@ def auth_results_fail(parsed: ParsedMessage) -> Indicator | None:
 
 
 def credential_form(parsed: ParsedMessage) -> Indicator | None:
-    if parsed.has_password_input or parsed.has_form:
-        return Indicator(
-            "html_form",
-            W_FORM,
-            "a form in the message" + (" asks for a password" if parsed.has_password_input else ""),
-        )
+    if parsed.has_password_input:
+        return Indicator("html_form", W_PASSWORD_FORM, "a form in the message asks for a password")
+    if parsed.has_form:
+        return Indicator("html_form", W_FORM, "a form in the message")
     return None
 
 
@@ -341,7 +418,93 @@ def ip_address_link(parsed: ParsedMessage) -> Indicator | None:
     return None
 
 
+def obfuscated_text(parsed: ParsedMessage) -> Indicator | None:
+    name, _ = address_of(parsed.header("from"))
+    subject = parsed.header("subject")
+    for where, value in (("sender name", name), ("subject", subject)):
+        if _INVISIBLE.search(value) or len(_MATH_LETTERS.findall(value)) >= 3:
+            return Indicator(
+                "obfuscated_text", W_OBFUSCATED, f"invisible or look-alike characters in the {where}"
+            )
+    text = parsed.text[:50_000]
+    astral = bool(text) and max(text) > "\uffff"
+    if (astral and len(_TEXT_HIDDEN_MARKS.findall(text)) >= 5) or (
+        astral and len(_MATH_LETTERS.findall(text)) >= 10
+    ):
+        return Indicator("obfuscated_text", W_OBFUSCATED, "invisible or look-alike characters in the text")
+    # Spelt-out text ("G r e e t i n g s") opens the message; reading the start is enough.
+    if _SPACED.search(text, 0, 2000):
+        return Indicator("obfuscated_text", W_SPACED_LETTERS, "words spelt out letter by letter")
+    return None
+
+
+def recipient_in_subject(parsed: ParsedMessage) -> Indicator | None:
+    _, to = address_of(parsed.header("to"))
+    if "@" not in to or len(to) < 6:
+        return None
+    if to in parsed.header("subject").lower():
+        return Indicator(
+            "recipient_in_subject", W_RECIPIENT_IN_SUBJECT, "the subject names the recipient's address"
+        )
+    return None
+
+
+def malformed_sender(parsed: ParsedMessage) -> Indicator | None:
+    raw = parsed.header("from")
+    if not raw:
+        return Indicator("malformed_sender", W_MALFORMED_SENDER, "no From header")
+    _, addr = address_of(raw)
+    local, at, domain = addr.rpartition("@")
+    if not at or not local or "@" in local or not _VALID_DOMAIN.match(domain):
+        return Indicator("malformed_sender", W_MALFORMED_SENDER, f"From address {addr!r}"[:200])
+    return None
+
+
+def _free_hosted(host: str) -> str | None:
+    for suffix in _FREE_HOSTING:
+        if host == suffix or host.endswith("." + suffix):
+            return suffix
+    return None
+
+
+def free_hosting(parsed: ParsedMessage) -> Indicator | None:
+    _, domain = _sender(parsed)
+    hosted = _free_hosted(domain)
+    if hosted:
+        return Indicator("free_hosting", W_FREE_HOSTING_SENDER, f"sent from {domain}"[:200])
+    for url in parsed.urls[:100]:
+        host = url_host(url)
+        hosted = _free_hosted(host)
+        if hosted:
+            return Indicator("free_hosting", W_FREE_HOSTING_LINK, f"links to {host}"[:200])
+    return None
+
+
+def lure_terms(parsed: ParsedMessage) -> Indicator | None:
+    found = {m.group(0).lower() for m in _LURE.finditer(_urgent_text(parsed))}
+    if len(found) < 2:
+        return None
+    return Indicator("lure_terms", W_LURE, ", ".join(sorted(found)[:5]))
+
+
+_QUOTE_LINE = re.compile(r"^[ \t]*>", re.M)
+
+
+def thread_reply(parsed: ParsedMessage) -> Indicator | None:
+    if not (parsed.header("in-reply-to") or parsed.header("references")):
+        return None
+    if len(_QUOTE_LINE.findall(parsed.text, 0, 20_000)) >= 2:
+        return Indicator("thread_reply", W_THREAD_REPLY + W_QUOTED_REPLY, "a reply in a thread, quoting it")
+    return Indicator("thread_reply", W_THREAD_REPLY, "a reply in a thread")
+
+
 SINGLE_RULES: tuple[Rule, ...] = (
+    thread_reply,
+    obfuscated_text,
+    recipient_in_subject,
+    malformed_sender,
+    free_hosting,
+    lure_terms,
     link_text_mismatch,
     lookalike_domain,
     display_name_spoofs_brand,

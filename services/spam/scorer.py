@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from services.spam.layer import TenantLayer
     from services.spam.spamd import SpamdClient
 
-DEFAULT_THRESHOLD = 0.5
+DEFAULT_THRESHOLD = 0.6
 TIME_BUDGET_SECONDS = 1.0
 MAX_LOGIT = 30.0
 

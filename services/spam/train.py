@@ -43,9 +43,12 @@ def is_validation(name: str) -> bool:
 
 def read_corpus(path: Path) -> Iterator[Example]:
     """The messages of a corpus archive, in name order."""
+    # Read in archive order (a gzip stream cannot seek back cheaply), then sort by name.
+    found: list[Example] = []
     with tarfile.open(path, "r:gz") as tar:
-        members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)
-        for member in members:
+        for member in tar:
+            if not member.isfile():
+                continue
             parts = PurePosixPath(member.name).parts
             if "ham" in parts:
                 label = False
@@ -54,9 +57,10 @@ def read_corpus(path: Path) -> Iterator[Example]:
             else:
                 continue
             handle = tar.extractfile(member)
-            if handle is None:
-                continue
-            yield Example(member.name, label, handle.read(MAX_MEMBER_BYTES))
+            if handle is not None:
+                found.append(Example(member.name, label, handle.read(MAX_MEMBER_BYTES)))
+    found.sort(key=lambda ex: ex.name)
+    yield from found
 
 
 def _csr(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
