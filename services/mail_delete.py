@@ -50,10 +50,10 @@ from services.crypto import SecretBox
 from services.db import transaction
 from services.errors import NotFound
 from services.mail.imap import imap_session
+from services.mail_delete_imap import BATCH_SIZE, drain, move_uids, require_uidplus
 from services.mail_delete_journal import (
     Reconciled,
     clear_journal,
-    expand_uid_set,
     has_journal,
     reconcile,
     write_journal,
@@ -75,6 +75,7 @@ from services.sync.commands import uid_set
 from services.sync.pipeline import BatchWriter
 
 __all__ = [
+    "BATCH_SIZE",
     "AccountBusy",
     "DeleteRefused",
     "SyncRequired",
@@ -83,65 +84,7 @@ __all__ = [
     "move_uids",
 ]
 
-#: UIDs per IMAP command: short command lines, and a cancel checkpoint every batch.
-BATCH_SIZE = 500
-
 Report = Callable[[float, str], None]
-
-
-def _copyuid(client: imapclient.IMAPClient) -> dict[int, int]:
-    """Source UID → new UID from the COPYUID response code(s) of the last command."""
-    mapping: dict[int, int] = {}
-    for raw in client._imap.untagged_responses.pop("COPYUID", []):
-        text = raw.decode() if isinstance(raw, bytes) else str(raw)
-        _validity, src, dst = text.split()[:3]
-        mapping.update(zip(expand_uid_set(src), expand_uid_set(dst), strict=True))
-    return mapping
-
-
-def _drain(client: imapclient.IMAPClient) -> None:
-    # imaplib keeps every untagged EXPUNGE/FETCH; a 5,000-message delete must not hoard them.
-    for key in ("EXPUNGE", "FETCH", "COPYUID", "EXISTS", "RECENT"):
-        client._imap.untagged_responses.pop(key, None)
-
-
-def _has(client: imapclient.IMAPClient, capability: str) -> bool:
-    return bool(client.has_capability(capability))
-
-
-def move_uids(client: imapclient.IMAPClient, uids: Iterable[int], target: str) -> dict[int, int]:
-    """Move the messages with these UIDs from the folder selected on ``client`` to the
-    folder ``target``; return old UID → new UID (from COPYUID) for every message moved.
-
-    ``UID MOVE`` where the server has MOVE; else ``UID COPY``, then ``\\Deleted`` and
-    ``UID EXPUNGE`` of exactly the copied UIDs, so another ``\\Deleted`` message of the
-    folder stays. UIDs the folder no longer has are simply absent from the map. Needs
-    UIDPLUS (COPYUID and UID EXPUNGE): without it :class:`DeleteRefused` is raised and
-    nothing is touched. Commands carry at most :data:`BATCH_SIZE` UIDs each. Leaves the
-    folder selected, and never closes it (CLOSE would expunge every ``\\Deleted``
-    message)."""
-    if not _has(client, "UIDPLUS"):
-        raise DeleteRefused(
-            "the IMAP server lacks UIDPLUS: without COPYUID and UID EXPUNGE a move could not "
-            "be followed or could take other \\Deleted messages with it; nothing was moved"
-        )
-    ordered = sorted(set(uids))
-    mapping: dict[int, int] = {}
-    for start in range(0, len(ordered), BATCH_SIZE):
-        batch = ordered[start : start + BATCH_SIZE]
-        _drain(client)
-        if _has(client, "MOVE"):
-            client.move(batch, target)
-            new = _copyuid(client)
-        else:
-            client.copy(batch, target)
-            new = _copyuid(client)
-            if new:
-                client.add_flags(sorted(new), [b"\\Deleted"], silent=True)
-                client.uid_expunge(sorted(new))
-        _drain(client)
-        mapping.update(new)
-    return mapping
 
 
 def _check_validity(folder: Folder, validity: Any) -> None:
@@ -243,14 +186,14 @@ def _expunge_folder(run: _Run, folder: Folder, rows: list[Row]) -> None:
     client = run.client
     for batch in _batches(rows, run.batch_size):
         uids = [r.uid for r in batch]
-        _drain(client)
+        drain(client)
         # Which of the UIDs the server still has: a SEARCH answer is one short line, cheaper
         # to read than the FETCH answers of a STORE that is not silent.
         present = set(client.search(["UID", uid_set(uids)]))
         if present:
             client.add_flags(sorted(present), [b"\\Deleted"], silent=True)
             client.uid_expunge(sorted(present))  # exactly these UIDs, never a plain EXPUNGE
-        _drain(client)
+        drain(client)
         run.deleted += len(present)
         run.plan.gone += [r.id for r in batch if r.uid not in present]
         run.commit(
@@ -351,7 +294,7 @@ def delete_messages(
             if left_behind:
                 # An attempt died between an IMAP command and its rows: put them right,
                 # then plan again from the rows as they are now.
-                _require_uidplus(client)
+                require_uidplus(client)
                 run.reconciled = reconcile(sessions, client, account_id)
                 run.plan = read_plan(report=False)
             _delete(run, account_id, tenant_id)
@@ -366,14 +309,6 @@ def delete_messages(
     }
 
 
-def _require_uidplus(client: imapclient.IMAPClient) -> None:
-    if not _has(client, "UIDPLUS"):
-        raise DeleteRefused(
-            "the IMAP server lacks UIDPLUS: without UID EXPUNGE a delete could take other "
-            "\\Deleted messages with it, so nothing was deleted"
-        )
-
-
 def _delete(run: _Run, account_id: str, tenant_id: str) -> None:
     """The run's IMAP work and row writes, between committing the journal and clearing it.
     Trash's UIDNEXT after the moves is read (STATUS) before the last batch's rows are
@@ -381,7 +316,7 @@ def _delete(run: _Run, account_id: str, tenant_id: str) -> None:
     Trash's ``last_seen_uid`` moved on."""
     sessions, client, plan = run.sessions, run.client, run.plan
     if plan.total:
-        _require_uidplus(client)
+        require_uidplus(client)
     trash_uidnext = _check_folders(client, plan)
     if plan.total:
         with transaction(sessions) as session:
