@@ -220,6 +220,34 @@ def key_list(tenant_ref: str, as_json: bool) -> None:
 # --- running -----------------------------------------------------------------------------------
 
 
+@main.command("worker-host")
+@click.option(
+    "--queue",
+    "queue_specs",
+    multiple=True,
+    required=True,
+    help="QUEUE[:THREADS], repeatable: run a worker for QUEUE with THREADS threads (default 2).",
+)
+@click.option("--beat", is_flag=True, help="Also run Beat in this process.")
+def worker_host(queue_specs: tuple[str, ...], beat: bool) -> None:
+    """Run one Celery worker per queue in this one process (and Beat with --beat): the
+    embedded stack's way to keep queues apart without an interpreter each. Logs like a
+    celery worker; stops warmly on SIGTERM or Ctrl-C. Production runs one
+    `celery worker -Q QUEUE` per queue instead (deploy/)."""
+    from tasks.embedded import WorkerHost
+    from tasks.queues import QUEUES
+
+    queues: dict[str, int] = {}
+    for spec in queue_specs:
+        name, _, threads = spec.partition(":")
+        if name not in QUEUES:
+            fail(f"unknown queue {name!r}; the queues are {', '.join(QUEUES)}", 2)
+        if threads and (not threads.isdigit() or not 1 <= int(threads) <= 64):
+            fail(f"threads for {name!r} must be a number from 1 to 64", 2)
+        queues[name] = int(threads or 2)
+    sys.exit(WorkerHost(settings_or_exit(), queues, beat=beat).run())
+
+
 @main.command("run")
 @click.option("--port", default=8000, show_default=True, help="API port.")
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -231,6 +259,10 @@ def run(port: int, host: str, no_flower: bool) -> None:
 
     sys.exit(Launcher(host=host, port=port, flower=not no_flower).run())
 
+
+from mailroom.cli_spam import spam  # noqa: E402 - the group registers on the finished main
+
+main.add_command(spam)
 
 if __name__ == "__main__":  # pragma: no cover
     main()
