@@ -127,6 +127,11 @@ class Settings(BaseSettings):
         le=64 * 1024 * 1024,
         description="Bytes of a message a spam check reads.",
     )
+    spamd_url: str | None = Field(
+        default=None,
+        description="An optional SpamAssassin spamd (spamd://host:port); its score joins as the "
+        "`spamassassin` indicator. Unset, or unreachable, the scorer works without it.",
+    )
 
     # --- API rate limits (per tenant; per client address before authentication) ---------
     rate_limit_enabled: bool = True
@@ -178,6 +183,20 @@ class Settings(BaseSettings):
     def _redis_url(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "redis+socket://")):
             raise ValueError("must be a redis://, rediss:// or redis+socket:// URL")
+        return value
+
+    @field_validator("spamd_url")
+    @classmethod
+    def _spamd_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parts = urlsplit(value if "://" in value else f"spamd://{value}")
+        if parts.scheme not in ("spamd", "tcp") or not parts.hostname:
+            raise ValueError("must be spamd://host:port")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as exc:
+            raise ValueError("must be spamd://host:port") from exc
         return value
 
     @field_validator("rate_limit_storage_url")
