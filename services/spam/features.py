@@ -18,7 +18,6 @@ from services.spam.parse import ParsedMessage, address_of, domain_of
 
 HASH_BITS = 20
 HASH_MASK = (1 << HASH_BITS) - 1
-MAX_TOKENS = 2000
 # Text read for tokens: the start of a message says what it is about.
 MAX_FEATURE_TEXT = 20_000
 
@@ -32,7 +31,8 @@ NS_SHAPE = 0x5A
 NS_SENDER = 0x5E
 NS_SENDER_DOMAIN = 0x5D
 
-_TOKEN = re.compile(r"[^\W\d_][\w'’-]{1,30}|\d[\d,.]*")
+_TOKEN = re.compile(r"[^\W\d_][\w'’-]{1,30}")
+_LONG_NUMBER = re.compile(r"\d[\d,.]{5}")
 _SUBJECT_TAG = re.compile(r"\[[^\]]{0,40}\]")
 _MONEY = re.compile(r"[$€£]\s?\d")
 _QUOTED = re.compile(r"^[ \t]*>", re.M)
@@ -92,17 +92,42 @@ def _add(out: set[int], token: str, ns: int) -> None:
     out.add(crc32(token.encode("utf-8", "surrogatepass"), ns) & HASH_MASK)
 
 
-def words(text: str) -> list[str]:
-    """Word tokens of lower-case ``text``; numbers become their length class."""
-    out: list[str] = []
-    for tok in _TOKEN.findall(text):
-        if tok[0].isdigit():
-            out.append("#num" if len(tok) < 6 else "#longnum")
-        elif tok not in _ARTEFACTS:
-            out.append(tok)
-        if len(out) >= MAX_TOKENS:
-            break
+def words(text: str) -> set[str]:
+    """The distinct word tokens of lower-case ``text``; numbers count as ``#num`` (and
+    ``#longnum`` from six characters on), never as themselves (they date mail)."""
+    out = set(_TOKEN.findall(text))
+    out -= _ARTEFACTS
+    if _has_digit(text):
+        out.add("#num")
+        if _LONG_NUMBER.search(text):
+            out.add("#longnum")
     return out
+
+
+def _has_digit(text: str) -> bool:
+    return any(d in text for d in "0123456789")
+
+
+def drop_addresses(text: str) -> str:
+    """``text`` without the whitespace-delimited runs that hold an ``@`` (addresses name
+    people and lists, not what is said)."""
+    at = text.find("@")
+    if at < 0:
+        return text
+    pieces: list[str] = []
+    pos = 0
+    while at >= 0:
+        start = at
+        while start > pos and not text[start - 1].isspace():
+            start -= 1
+        end = at
+        while end < len(text) and not text[end].isspace():
+            end += 1
+        pieces.append(text[pos:start])
+        pos = end
+        at = text.find("@", end)
+    pieces.append(text[pos:])
+    return " ".join(pieces)
 
 
 def base_features(parsed: ParsedMessage) -> set[int]:
@@ -112,11 +137,9 @@ def base_features(parsed: ParsedMessage) -> set[int]:
     for tok in words(subject.lower()):
         _add(feats, tok, NS_SUBJECT)
     text = strip_footers(parsed.text[:MAX_FEATURE_TEXT]).lower()
-    if "@" in text:
-        # Addresses name people and lists, not what is said.
-        text = "\n".join(" ".join(w for w in line.split(" ") if "@" not in w) for line in text.split("\n"))
+    text = drop_addresses(text)
     toks = words(text)
-    feats.update([crc32(t.encode("utf-8", "surrogatepass"), NS_BODY) & HASH_MASK for t in set(toks)])
+    feats.update([crc32(t.encode("utf-8", "surrogatepass"), NS_BODY) & HASH_MASK for t in toks])
     if _MONEY.search(text):
         _add(feats, "money", NS_MONEY)
     # How a message is written, as people still write: replies quote, and say who wrote.

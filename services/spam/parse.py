@@ -43,6 +43,7 @@ _HIDDEN_STYLE = re.compile(
 _TAG_NAME = re.compile(r"<(\w{1,10})")
 _URL = re.compile(r"https?://[^\s<>\"'()\[\]{}]{1,2000}", re.I)
 _WS = re.compile(r"\s+")
+_WORD = re.compile(r"[^\W\d_]+")
 
 
 class _Deadline(Exception):
@@ -83,12 +84,19 @@ class ParsedMessage:
     limits: list[str] = field(default_factory=list)
     _lower: str | None = None
     _decoded: dict[str, list[str]] = field(default_factory=dict)
+    _lower_words: frozenset[str] | None = None
 
     def lower_text(self) -> str:
         """Subject and the start of the text, lower-cased (what the wording rules read)."""
         if self._lower is None:
             self._lower = (self.header("subject") + "\n" + self.text[:8_000]).lower()
         return self._lower
+
+    def lower_words(self) -> frozenset[str]:
+        """The set of words of :meth:`lower_text`."""
+        if self._lower_words is None:
+            self._lower_words = frozenset(_WORD.findall(self.lower_text()))
+        return self._lower_words
 
     def header(self, name: str) -> str:
         """The first value of header ``name`` (lower-case), decoded, or ``""``."""

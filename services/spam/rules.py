@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from email.utils import parsedate_tz
 
+from services.spam import wording
 from services.spam.features import registered_domain, url_host
 from services.spam.parse import ParsedMessage, address_of, domain_of
 from services.spam.verdict import Indicator
@@ -160,32 +161,6 @@ _BRAND_DOMAINS = frozenset(d for domains in BRANDS.values() for d in domains) | 
     ["amazonaws.com", "microsoftonline.com", "microsoftstore.com", "netflix.net", "paypalobjects.com"]
 )
 _DOMAINISH = re.compile(r"(?:https?://)?((?:[a-z0-9-]{1,63}\.){1,6}[a-z]{2,24})\b", re.I)
-_CREDENTIAL = re.compile(
-    r"\b(?:password|passcode|log ?in|sign ?in|verify (?:your|the) (?:account|identity|email|information)|"
-    r"confirm (?:your|the) (?:account|identity|email|details|information)|update (?:your )?(?:account|"
-    r"billing|payment) (?:information|details)|validate (?:your )?(?:account|mailbox|email)|"
-    r"re-?activate|unlock (?:your )?account|mailbox (?:quota|storage|is full)|"
-    r"(?:account|mailbox) (?:verification|upgrade)|"
-    # pt, es, fr, de, it
-    r"senha|contraseña|mot de passe|passwort|kennwort|credenziali|"
-    r"(?:verifi|confirm|atualiz|actualiz)\w{0,6} (?:sua|seu|su|tu|votre|ihr\w{0,2}) "
-    r"(?:conta|cuenta|compte|konto|dados|datos|identit\w{0,3})|"
-    r"acesse sua conta|inicie sesión|connectez-vous|anmelden)\b",
-)
-_PAYMENT = re.compile(
-    r"\b(?:invoice|payment|wire transfer|bank (?:details|account)|credit card|billing|refund|"
-    r"bitcoin|btc|gift ?cards?|overdue|outstanding balance)\b",
-)
-_URGENCY = re.compile(
-    r"\b(?:urgent(?:ly)?|immediately|within (?:\d{1,3}|twenty[- ]four|forty[- ]eight) ?(?:hours?|hrs|days?)|"
-    r"suspend(?:ed|ion)?|deactivat(?:ed|ion)|terminat(?:ed|ion)|(?:will|has) been? (?:locked|closed|"
-    r"disabled|restricted|blocked)|locked|restricted|limited|expir(?:e|es|ed|ation)|unusual (?:activity|"
-    r"sign-?in)|suspicious (?:activity|login|sign-?in)|final (?:notice|warning|reminder)|action required|"
-    r"last (?:chance|warning|notice)|failure to|as soon as possible|asap|permanently|"
-    # pt, es, fr, de, it
-    r"urgente|bloquead[oa]|suspens[aã]o|suspendid[oa]|suspendu|gesperrt|sofort|dringend|imm[ée]diatement|"
-    r"[uú]ltimo aviso|prazo|vencid[oa]|expirad[oa]|bloccat[oa]|scadut[oa]|regularizar|inadimpl\w{0,6})\b",
-)
 _AUTH_RESULT = re.compile(r"\b(spf|dkim|dmarc)\s*=\s*(fail|softfail|permerror|none)\b", re.I)
 _MSGID = re.compile(r"^\s*<[^<>@\s]{1,250}@[^<>@\s]{1,250}>\s*$")
 # Characters that show nothing or imitate letters: Unicode tags and variation selectors,
@@ -195,11 +170,6 @@ _INVISIBLE = re.compile("[\U000e0000-\U000e007f\U000e0100-\U000e01ef\u200b\u200d
 _MATH_LETTERS = re.compile("[\U0001d400-\U0001d7ff]")
 _TEXT_HIDDEN_MARKS = re.compile("[\U000e0000-\U000e007f\U000e0100-\U000e01ef]")
 _SPACED = re.compile(r"(?:\w ){20}")
-_LURE = re.compile(
-    r"\b(?:casino|free spins|jackpot|airdrop|giveaway|winnings|you(?:'ve| have) won|prize|sweepstakes?|"
-    r"lottery|claim (?:your|now)|reward|bonus|crypto ?wallet|usdt|nft|inheritance|beneficiary|"
-    r"million (?:dollars|usd)|investment opportunit\w{1,3}|no deposit|betting)\b",
-)
 _FREE_HOSTING = (
     "firebaseapp.com",
     "web.app",
@@ -302,30 +272,28 @@ def display_name_spoofs_brand(parsed: ParsedMessage) -> Indicator | None:
     return Indicator("display_name_spoofs_brand", W_BRAND_SPOOF, f'"{brand}" sent from {domain}'[:200])
 
 
-def _urgent_text(parsed: ParsedMessage) -> str:
-    return parsed.lower_text()
-
-
 def credential_request(parsed: ParsedMessage) -> Indicator | None:
-    text = _urgent_text(parsed)
-    cred = _CREDENTIAL.search(text)
+    text = parsed.lower_text()
+    cred = wording.first_phrase(text, wording.CREDENTIAL)
     if not cred:
         return None
-    urgent = _URGENCY.search(text)
+    urgent = wording.first_phrase(text, wording.URGENCY)
     if not urgent:
         return None
-    return Indicator("credential_request", W_CREDENTIAL, f'"{cred.group(0)}" with "{urgent.group(0)}"'[:200])
+    return Indicator("credential_request", W_CREDENTIAL, f'"{cred}" with "{urgent}"'[:200])
 
 
 def payment_request(parsed: ParsedMessage) -> Indicator | None:
-    text = _urgent_text(parsed)
-    pay = _PAYMENT.search(text)
+    text = parsed.lower_text()
+    pay = wording.first_word(parsed.lower_words(), wording.PAYMENT_WORDS) or wording.first_phrase(
+        text, wording.PAYMENT_PHRASES
+    )
     if not pay:
         return None
-    urgent = _URGENCY.search(text)
+    urgent = wording.first_phrase(text, wording.URGENCY)
     if not urgent:
         return None
-    return Indicator("payment_request", W_PAYMENT, f'"{pay.group(0)}" with "{urgent.group(0)}"'[:200])
+    return Indicator("payment_request", W_PAYMENT, f'"{pay}" with "{urgent}"'[:200])
 
 
 def risky_attachments(parsed: ParsedMessage) -> list[Indicator]:
@@ -427,7 +395,8 @@ def obfuscated_text(parsed: ParsedMessage) -> Indicator | None:
                 "obfuscated_text", W_OBFUSCATED, f"invisible or look-alike characters in the {where}"
             )
     text = parsed.text[:50_000]
-    astral = bool(text) and max(text) > "\uffff"
+    # Characters beyond the BMP take two UTF-16 units: a cheap test before the searches.
+    astral = not text.isascii() and len(text.encode("utf-16-le", "surrogatepass")) > 2 * len(text)
     if (astral and len(_TEXT_HIDDEN_MARKS.findall(text)) >= 5) or (
         astral and len(_MATH_LETTERS.findall(text)) >= 10
     ):
@@ -481,7 +450,9 @@ def free_hosting(parsed: ParsedMessage) -> Indicator | None:
 
 
 def lure_terms(parsed: ParsedMessage) -> Indicator | None:
-    found = {m.group(0).lower() for m in _LURE.finditer(_urgent_text(parsed))}
+    text = parsed.lower_text()
+    found = set(parsed.lower_words() & wording.LURE_WORDS)
+    found.update(p for p in wording.LURE_PHRASES if p in text)
     if len(found) < 2:
         return None
     return Indicator("lure_terms", W_LURE, ", ".join(sorted(found)[:5]))
