@@ -245,7 +245,7 @@ def _check_batch(run: _Run, folder: Folder, batch: list[Target]) -> None:
             for to_id, moved in moves.items()
         }
         with transaction(run.sessions) as session:
-            spam_store.store_verdicts(session, verdicts, run.spam.threshold)
+            spam_store.store_verdicts(session, run.tenant_id, verdicts, run.spam.threshold)
             for to_id, moved in moves.items():
                 rows = [Row(t.id, t.uid, t.seen) for t in moved]
                 move_rows(session, source=folder, trash=targets_to[to_id], rows=rows, new=new[to_id])

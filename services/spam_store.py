@@ -23,15 +23,24 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import case, func, insert, select, update
+from sqlalchemy import JSON, Boolean, Table, bindparam, case, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from services.errors import NotFound, ValidationFailed
 from services.mail_delete_rows import check_deletable
-from services.models import Account, Folder, Message, SpamSettings, TaskRecord, TaskState, utcnow
+from services.models import (
+    Account,
+    Folder,
+    Message,
+    SpamSettings,
+    TaskRecord,
+    TaskState,
+    UTCDateTime,
+    utcnow,
+)
 from services.spam import DEFAULT_THRESHOLD, SenderLists, Verdict
 from services.tenancy import Principal, get_scoped, scoped
 
@@ -247,27 +256,46 @@ def verdict_values(verdict: Verdict, threshold: float) -> dict[str, Any]:
     }
 
 
-def store_verdicts(session: Session, verdicts: dict[str, Verdict], threshold: float) -> None:
-    """Write each message's verdict (one UPDATE per message, in the caller's transaction).
-    A labelled message keeps its label's verdict."""
+_MESSAGES = cast(Table, Message.__table__)
+_c = _MESSAGES.c
+# Core, executed once with every message's parameters (one round trip a batch, not one a
+# message). A labelled message keeps its label's verdict, whatever the score says.
+_STORE_VERDICT = (
+    update(_MESSAGES)
+    .where(_c.id == bindparam("b_id"), _c.tenant_id == bindparam("b_tenant"))
+    .values(
+        spam_score=bindparam("b_score"),
+        indicators=bindparam("b_indicators", type_=JSON),
+        is_spam=case(
+            (_c.spam_label == "spam", True),
+            (_c.spam_label == "ham", False),
+            else_=bindparam("b_is_spam", type_=Boolean),
+        ),
+        spam_checked_at=bindparam("b_now", type_=UTCDateTime()),
+    )
+)
+
+
+def store_verdicts(session: Session, tenant_id: str, verdicts: dict[str, Verdict], threshold: float) -> None:
+    """Write each of the tenant's messages' verdict, in the caller's transaction. A labelled
+    message keeps its label's verdict."""
+    if not verdicts:
+        return
     now = utcnow()
+    params = []
     for message_id, verdict in verdicts.items():
         values = verdict_values(verdict, threshold)
-        session.execute(
-            update(Message)
-            .where(Message.id == message_id)
-            .values(
-                spam_score=values["spam_score"],
-                indicators=values["indicators"],
-                is_spam=case(
-                    (Message.spam_label == "spam", True),
-                    (Message.spam_label == "ham", False),
-                    else_=values["is_spam"],
-                ),
-                spam_checked_at=now,
-            )
-            .execution_options(synchronize_session=False)
+        params.append(
+            {
+                "b_id": message_id,
+                "b_tenant": tenant_id,
+                "b_score": values["spam_score"],
+                "b_indicators": values["indicators"],
+                "b_is_spam": values["is_spam"],
+                "b_now": now,
+            }
         )
+    session.execute(_STORE_VERDICT, params)
 
 
 # --- what a check works on -------------------------------------------------------------------
