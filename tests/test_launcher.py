@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -26,6 +27,7 @@ from services import tenancy
 from services.db import make_engine, make_sessionmaker, transaction
 from services.migrate import upgrade
 from services.settings import load_settings
+from tests.conftest import account_body
 
 KEY_LINE = re.compile(r"Admin key: (mr_[A-Za-z0-9_-]+)")
 QUEUES = ["sync", "send", "delete", "spam", "periodic"]
@@ -107,7 +109,9 @@ def data_dir(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.mark.slow
-def test_run_serves_the_api_with_workers_and_stops_cleanly(data_dir: Path) -> None:
+def test_run_serves_the_api_with_workers_and_stops_cleanly(
+    data_dir: Path, dovecot, smtp, mailbox_user
+) -> None:
     port = free_port()
     run = Run(data_dir, "--port", str(port), "--no-flower")
     try:
@@ -131,6 +135,42 @@ def test_run_serves_the_api_with_workers_and_stops_cleanly(data_dir: Path) -> No
             time.sleep(1)
         assert all(workers.get(q, 0) > 0 for q in QUEUES), (workers, run.output[-4000:])
         assert beat["ok"] and health.json()["status"] == "ok", (beat, run.output[-4000:])
+
+        # Real work through the embedded stack as it ships: the I/O-bound queues share one
+        # process (each with its own worker), spam runs apart, Beat ticks beside them.
+        def finished(task_id: str) -> dict[str, Any]:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                task = requests.get(f"{base}/api/tasks/{task_id}", headers=auth, timeout=10).json()
+                if task["state"] in {"succeeded", "failed", "cancelled"}:
+                    return task  # type: ignore[no-any-return]
+                time.sleep(0.2)
+            raise AssertionError(f"task {task_id} did not finish: {task}")
+
+        dovecot.append_messages(
+            *mailbox_user, "INBOX", [b"Subject: one\r\nMessage-ID: <one@x>\r\n\r\nhi\r\n"]
+        )
+        created = requests.post(
+            f"{base}/api/accounts", headers=auth, json=account_body(dovecot, smtp, mailbox_user), timeout=10
+        )
+        assert created.status_code == 201, created.text
+        account_id = created.json()["id"]
+        queued = requests.post(f"{base}/api/accounts/{account_id}/sync", headers=auth, timeout=10).json()
+        synced = finished(queued["task_id"])
+        assert synced["state"] == "succeeded" and synced["result"]["new"] == 1, synced
+        mail = {"to": [{"email": "friend@example.test"}], "subject": "hi", "text": "hello"}
+        queued = requests.post(
+            f"{base}/api/accounts/{account_id}/send", headers=auth, json=mail, timeout=10
+        ).json()
+        assert finished(queued["task_id"])["state"] == "succeeded"
+        messages = requests.get(f"{base}/api/accounts/{account_id}/messages", headers=auth, timeout=10).json()
+        spam = requests.post(
+            f"{base}/api/accounts/{account_id}/spam-check",
+            headers=auth,
+            json={"message_ids": [m["id"] for m in messages["items"]]},
+            timeout=10,
+        ).json()
+        assert finished(spam["task_id"])["state"] == "succeeded"
 
         key_file = data_dir / "bootstrap-admin.key"
         assert key_file.read_text().strip() == key

@@ -33,13 +33,14 @@ from services.db import make_engine, make_sessionmaker, transaction, unrestricte
 from services.errors import NotFound, Unauthorized
 from services.migrate import upgrade
 from services.settings import Settings, SettingsError, load_settings
-from tasks.queues import QUEUES
 
 STOP_TIMEOUT = 10.0
 START_TIMEOUT = 90.0
 BOOTSTRAP_TENANT = "default"
 BOOTSTRAP_EMAIL = "admin@localhost"
 KEY_FILE = "bootstrap-admin.key"
+#: Threads per queue in the embedded worker process (spam runs apart, in a solo worker).
+EMBEDDED_THREADS = {"sync": 4, "send": 4, "delete": 2, "periodic": 1}
 COLORS = ["36", "33", "32", "35", "34", "91", "92", "93", "94", "95", "96"]
 
 
@@ -197,8 +198,8 @@ class Launcher:
 
     def _commands(self, settings: Settings) -> list[tuple[str, list[str], dict[str, str]]]:
         celery = [sys.executable, "-m", "celery", "-A", "tasks.celery_app"]
-        api = [sys.executable, "-m", "gunicorn", "--bind", self.bind, "--workers", "2"]
-        api += ["--threads", "4", "--no-control-socket", "mailroom.app:create_app()"]
+        api = [sys.executable, "-m", "gunicorn", "--bind", self.bind, "--workers", "1"]
+        api += ["--threads", "8", "--no-control-socket", "mailroom.app:create_app()"]
         metrics_dir = settings.data_dir / "prometheus"
         shutil.rmtree(metrics_dir, ignore_errors=True)  # an earlier run's counters must not add up
         metrics_dir.mkdir()
@@ -206,12 +207,18 @@ class Launcher:
             ("api", api, {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
         ]
         # The workers write their metrics beside the API's, so the API's /metrics is the one
-        # scrape of the whole local stack.
-        for queue in QUEUES:
-            worker = ["worker", "-Q", queue, "-c", "1", "--hostname", f"{queue}@%h", "--loglevel", "INFO"]
-            commands.append((queue, [*celery, *worker], {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}))
-        beat = ["beat", "--schedule", str(settings.data_dir / "celerybeat-schedule"), "--loglevel", "INFO"]
-        commands.append(("beat", [*celery, *beat], {}))
+        # scrape of the whole local stack. The I/O-bound queues share one process, each with
+        # its own consumer and threads, and Beat runs there too (tasks/embedded.py); spam
+        # scoring is CPU work and gets its own process, so it never takes the interpreter
+        # from a sync. One interpreter per queue, as in production, would cost ~1 GiB here.
+        shared = {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+        host = [sys.executable, "-m", "mailroom.cli", "worker-host", "--beat"]
+        host += [
+            arg for queue, threads in EMBEDDED_THREADS.items() for arg in ("--queue", f"{queue}:{threads}")
+        ]
+        commands.append(("workers", host, shared))
+        spam = ["worker", "-Q", "spam", "--pool", "solo", "--hostname", "spam@%h", "--loglevel", "INFO"]
+        commands.append(("spam", [*celery, *spam], shared))
         if self.flower:
             flower = ["flower", f"--port={settings.flower_port}", "--address=127.0.0.1"]
             # Flower's HTTP API wants auth unless told otherwise; acceptable on 127.0.0.1 only.

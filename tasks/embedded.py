@@ -1,0 +1,117 @@
+"""Several queues' workers in one process, for the embedded stack (``mailroom run``).
+
+Production runs one Deployment per queue, each a prefork ``celery worker -Q <queue>``. On a
+laptop that is ten interpreters of ~110 MiB each. Here, each queue still gets its own
+Celery worker — its own consumer, its own prefetch and its own pool of threads — so a
+backlog on one queue never holds a message of another; they only share one interpreter.
+Beat can run in the same process as a thread.
+
+Each worker gets its own Celery app, because a worker narrows its app's queue list to the
+queues it consumes. Workers here use the synchronous consumer loop (the event loop is a
+process-wide object that only one worker may drive).
+
+What this mode does not do: enforce task time limits (only the prefork pool can kill a
+task; the stale-task sweep still fails records that stop reporting). CPU-heavy queues (spam
+scoring) belong in their own process, so that they do not take the interpreter from the
+others; the launcher runs ``spam`` as a separate solo worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+from collections.abc import Mapping
+from types import FrameType
+from typing import Any
+
+from celery.beat import EmbeddedService
+
+from services.logs import configure_logging
+from services.settings import Settings
+from tasks.celery_app import make_celery
+
+log = logging.getLogger(__name__)
+
+#: How often an idle consumer looks for work when its blocking read returns empty.
+POLLING_SECONDS = 0.01
+
+
+class WorkerHost:
+    """One Celery worker per queue (``queues``: name → threads), and Beat if asked, in this
+    process. ``run()`` blocks until SIGTERM or SIGINT, then stops them warmly."""
+
+    def __init__(self, settings: Settings, queues: Mapping[str, int], *, beat: bool) -> None:
+        self.settings = settings
+        self.queues = dict(queues)
+        self.beat = beat
+        self.stopping = threading.Event()
+        self.workers: list[Any] = []
+        self.threads: list[threading.Thread] = []
+        self.beat_service: Any = None
+
+    def _app(self) -> Any:
+        app = make_celery(self.settings)
+        options = dict(app.conf.broker_transport_options)
+        options["polling_interval"] = POLLING_SECONDS
+        app.conf.broker_transport_options = options
+        return app
+
+    def start(self) -> None:
+        host = socket.gethostname()
+        # Code that reaches for "the" app (a task's own ``self.app`` in a pool thread, a
+        # result) finds one configured like every worker's here.
+        self._app().set_default()
+        for queue, threads in self.queues.items():
+            app = self._app()
+            worker = app.WorkController(
+                hostname=f"{queue}@{host}",
+                queues=[queue],
+                pool_cls="threads",
+                concurrency=threads,
+                use_eventloop=False,
+                without_gossip=True,
+                without_mingle=True,
+                loglevel=self.settings.log_level,
+            )
+            thread = threading.Thread(target=worker.start, name=f"worker-{queue}", daemon=True)
+            self.workers.append(worker)
+            self.threads.append(thread)
+        for thread in self.threads:
+            thread.start()
+        if self.beat:
+            app = self._app()
+            self.beat_service = EmbeddedService(app, thread=True, scheduler_cls=app.conf.beat_scheduler)
+            self.beat_service.start()
+        log.info("worker host: %s%s", ", ".join(f"{q}@{host} ({n} threads)" for q, n in self.queues.items()),
+                 " and Beat" if self.beat else "")  # fmt: skip
+        # The launcher and the test harness wait for this line, as for a celery worker's.
+        for queue in self.queues:
+            logging.getLogger("celery.apps.worker").info("%s@%s ready.", queue, host)
+
+    def stop(self) -> None:
+        if self.beat_service is not None:
+            self.beat_service.stop()
+        for worker in self.workers:
+            worker.stop(in_sighandler=False)
+        for thread in self.threads:
+            thread.join(timeout=self.settings.task_hard_time_limit)
+
+    def run(self) -> int:
+        def request_stop(signum: int, _frame: FrameType | None) -> None:
+            self.stopping.set()
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+        # A bare WorkController configures no logging (the `celery worker` command does).
+        configure_logging(self.settings.log_level, self.settings.log_format, force=True)
+        self.start()
+        while not self.stopping.wait(1.0):
+            if not all(thread.is_alive() for thread in self.threads):
+                log.error("worker host: a worker stopped on its own; stopping the rest")
+                self.stop()
+                return 1
+        log.info("worker host: stopping (waiting for running tasks)")
+        self.stop()
+        return 0
