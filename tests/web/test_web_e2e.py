@@ -200,6 +200,8 @@ def test_the_page_in_a_real_browser(
 
     (spam,) = listed("INBOX", "Cheap watches") or listed("Junk", "Cheap watches")
     assert spam["spam_label"] == "spam"
+    settings = kit.admin.get("/api/spam/settings").get_json()
+    assert settings["threshold"] == 0.8 and settings["block"] == ["spam.example"]
 
     cancelled = kit.admin.get(
         "/api/tasks", query_string={"type": "sync", "state": "cancelled", "account_id": big.get_json()["id"]}

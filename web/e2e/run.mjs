@@ -246,6 +246,14 @@ try {
     await syncRow.waitFor();
     const workers = await syncRow.getByRole("cell").nth(1).textContent();
     if (workers !== "1") throw new Error(`sync workers shown: ${workers}`);
+    const spam = page.getByRole("form", { name: "Spam filter" });
+    await spam.getByLabel(/^Threshold/).fill("5");
+    await spam.getByRole("button", { name: "Save spam settings" }).click();
+    await spam.locator("#spam-threshold-error").filter({ hasText: /\S/ }).waitFor();
+    await spam.getByLabel(/^Threshold/).fill("0.8");
+    await spam.getByLabel(/^Always spam/).fill("Spam.Example");
+    await spam.getByRole("button", { name: "Save spam settings" }).click();
+    await spam.getByText("Saved.").waitFor();
     await shot(page, "07-admin.png");
   });
 

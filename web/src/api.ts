@@ -153,6 +153,13 @@ export interface SendBody {
   attachments?: Attachment[];
 }
 
+export interface SpamSettings {
+  threshold: number;
+  allow: string[];
+  block: string[];
+  learned: number;
+}
+
 export interface Stats {
   queues: Record<string, { depth: number | null; priority: number }>;
   tasks_by_state: Record<string, number>;
@@ -269,6 +276,9 @@ export class Api {
     this.request<Message>("GET", `/api/messages/${enc(id)}${body ? "?body=1" : ""}`);
   markSpam = (id: string, spam: boolean) =>
     this.request<TaskAccepted>("POST", `/api/messages/${enc(id)}/${spam ? "spam" : "ham"}`);
+
+  spamSettings = () => this.request<SpamSettings>("GET", "/api/spam/settings");
+  updateSpamSettings = (body: Partial<Omit<SpamSettings, "learned">>) => this.request<SpamSettings>("PATCH", "/api/spam/settings", body);
 
   // tasks
   task = (id: string) => this.request<Task>("GET", `/api/tasks/${enc(id)}`);

@@ -3,6 +3,7 @@ import { useCallback, useEffect, useState } from "react";
 import { Account, describeError, Health, Stats, Task } from "../api";
 import { ConfirmButton } from "../components/Confirm";
 import { useTracker } from "../tracker";
+import { SpamSettingsForm } from "./SpamSettings";
 import { TaskTable } from "./Tasks";
 
 const REFRESH_MS = 5000;
@@ -114,10 +115,15 @@ export function AdminPage() {
           Cancel all tasks
         </ConfirmButton>
         <p aria-live="polite">{notice}</p>
-        <div className="table-wrap">
-          <TaskTable tasks={active} accounts={accounts} />
-        </div>
+        {active.length === 0 ? (
+          <p className="muted">Nothing queued or running.</p>
+        ) : (
+          <div className="table-wrap">
+            <TaskTable tasks={active} accounts={accounts} />
+          </div>
+        )}
       </section>
+      <SpamSettingsForm />
     </>
   );
 }
