@@ -16,7 +16,7 @@ REQUIREMENTS := requirements.txt requirements-dev.txt pyproject.toml
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 # Test and coverage options (`make test PYTEST_ARGS="-x -k launcher"` narrows a run).
 PYTEST_ARGS ?= --cov --cov-report=term --cov-fail-under=90 tests
-# Extra options for `mailroom run`, e.g. `make run ARGS="--port 8080 --no-flower"`.
+# Extra options for `mailroom run`, e.g. `make run ARGS="--port 8080 --flower"`.
 ARGS ?=
 
 .PHONY: help venv system-deps node-deps browser-deps web web-test run test lint bench clean distclean
@@ -96,7 +96,7 @@ web: $(WEB_STAMP) ## Build the web page into web/dist (npm ci and Vite), again o
 web-test: web ## Vitest: the page's components and its task polling
 	cd $(WEB) && npm test
 
-run: venv ## Run everything locally: private Redis, API and web page, workers, Beat, Flower (prints URLs and an admin key)
+run: venv ## Run everything locally: private Redis, API and web page, workers, Beat (prints URLs and an admin key)
 	@$(MAKE) --no-print-directory web || echo "web page not built (see above); the API still answers, with /docs"
 	$(BIN)/mailroom run $(ARGS)
 

@@ -75,3 +75,14 @@ def test_errors_are_one_line_on_stderr(cli) -> None:
     bad_email = cli("user", "create", "--tenant", "acme", "--email", "not-an-email", expect=1)
     assert "not an email address" in bad_email.stderr
     assert cli("key", "revoke", "mr_nothing", expect=1).stderr.strip() == "mailroom: no API key 'mr_nothing'"
+
+
+def test_worker_host_refuses_an_unknown_queue_and_a_bad_thread_count() -> None:
+    from click.testing import CliRunner
+
+    from mailroom.cli import main
+
+    unknown = CliRunner().invoke(main, ["worker-host", "--queue", "nosuch"])
+    assert unknown.exit_code == 2 and "unknown queue 'nosuch'" in unknown.output
+    bad = CliRunner().invoke(main, ["worker-host", "--queue", "sync:0"])
+    assert bad.exit_code == 2 and "from 1 to 64" in bad.output

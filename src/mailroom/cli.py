@@ -251,13 +251,14 @@ def worker_host(queue_specs: tuple[str, ...], beat: bool) -> None:
 @main.command("run")
 @click.option("--port", default=8000, show_default=True, help="API port.")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--no-flower", is_flag=True, help="Do not start Flower.")
-def run(port: int, host: str, no_flower: bool) -> None:
+@click.option("--flower/--no-flower", default=False, show_default=True, help="Also start Flower.")
+def run(port: int, host: str, flower: bool) -> None:
     """Start everything locally: Redis (if no URL is set), migrations, the API (gunicorn),
-    one worker per queue, Beat and Flower. Prints the URLs and an admin key; Ctrl-C stops all."""
+    the workers (the I/O-bound queues and Beat in one process, spam in another) and, with
+    --flower, Flower. Prints the URLs and an admin key; Ctrl-C stops all."""
     from mailroom.launcher import Launcher
 
-    sys.exit(Launcher(host=host, port=port, flower=not no_flower).run())
+    sys.exit(Launcher(host=host, port=port, flower=flower).run())
 
 
 from mailroom.cli_spam import spam  # noqa: E402 - the group registers on the finished main
