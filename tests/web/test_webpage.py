@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flask import Flask
 
 from mailroom.app import create_app
+from mailroom.errors import register_error_handlers
 from mailroom.webpage import install_web_page, is_client_route
 from services.settings import Settings
 
@@ -84,6 +86,17 @@ def test_a_page_not_built_says_how_to_build_it(settings: Settings, tmp_path: Pat
     assert response.status_code == 200
     assert b"web page was not built" in response.data and b"make web" in response.data
     assert client.get("/healthz").status_code == 200
+    asset = client.get("/static/index-abc123.js")
+    assert asset.status_code == 404 and asset.get_json()["error"]["code"] == "not_found"
+
+
+def test_an_app_without_a_static_route_gets_one(dist: Path) -> None:
+    app = Flask(__name__, static_folder=None)
+    register_error_handlers(app)
+    install_web_page(app, dist)
+    client = app.test_client()
+    assert client.get("/static/index-abc123.js").status_code == 200
+    assert client.get("/tasks").data == INDEX
 
 
 def test_is_client_route() -> None:
