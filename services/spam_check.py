@@ -102,8 +102,7 @@ class _Run:
 
 def _spamd_client(settings: Settings) -> SpamdClient | None:
     """The optional spamd backend, when an address is configured."""
-    url = getattr(settings, "spamd_url", None)
-    return SpamdClient.from_url(url) if url else None
+    return SpamdClient.from_url(settings.spamd_url) if settings.spamd_url else None
 
 
 def _layer(data: bytes | None) -> TenantLayer | None:

@@ -5,7 +5,11 @@ with its id when another client moves it (out of Junk: labelled ham)."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,10 +26,13 @@ from services.errors import TaskCancelled
 from services.migrate import upgrade
 from services.models import Account, SpamSettings
 from services.settings import Settings
+from services.spam import SpamdClient
 from services.task_inputs import SpamCheckParams
 from tests.servers.dovecot import DovecotServer
 from tests.servers.mailgen import message
+from tests.servers.ports import free_port, port_is_open
 from tests.servers.postgres import PostgresServer
+from tests.servers.processes import running_as_root, terminate_group
 from tests.services.conftest import make_settings
 from tests.services.mailboxes import Mailbox, new_mailbox
 
@@ -205,3 +212,67 @@ def test_a_sync_keeps_verdicts_with_moved_ids_and_junk_exits_are_ham(
     assert promo_row.spam_score == checked["Promo 1"][1]
     stayed, stayed_folder = rows["Promo 0"]
     assert stayed_folder == "Junk" and stayed.spam_label is None and stayed.is_spam is True
+
+
+@pytest.fixture(scope="module")
+def spamd() -> Iterator[str]:
+    """A private spamd (local rules only, no network tests) on a free port; its address."""
+    binary = shutil.which("spamd") or ("/usr/sbin/spamd" if Path("/usr/sbin/spamd").exists() else None)
+    if binary is None or not Path("/etc/spamassassin").is_dir():
+        pytest.skip("spamd (Debian package spamassassin) is not installed")
+    # Not under pytest's temporary root (mode 0700): spamd's children run as nobody and
+    # must read the configuration.
+    home = Path(tempfile.mkdtemp(prefix="mailroom-spamd-"))
+    home.chmod(0o755)
+    site = home / "site"
+    site.mkdir()
+    for source in Path("/etc/spamassassin").iterdir():
+        if source.suffix in (".pre", ".cf"):
+            shutil.copy(source, site / source.name)
+    with (site / "local.cf").open("a") as local:
+        local.write("\ndns_available no\nskip_rbl_checks 1\nbayes_auto_learn 0\nuse_bayes 0\n")
+    port = free_port()
+    argv = [binary, "-x", "-i", "127.0.0.1", "-p", str(port), "-m", "1"]
+    argv += [f"--siteconfigpath={site}", "-s", str(home / "spamd.log")]
+    if running_as_root():
+        argv += ["-u", "nobody"]
+    process = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not port_is_open("127.0.0.1", port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(
+                    f"spamd did not start: {(home / 'spamd.log').read_text(errors='replace')[-2000:]}"
+                )
+            time.sleep(0.2)
+        address = f"spamd://127.0.0.1:{port}"
+        # The first scans load rules lazily and may outlast the client's time budget.
+        probe = SpamdClient.from_url(address, timeout=30)
+        while probe.check(mails(1, "probe@letters.example", "Probe")[0]) is None:
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"spamd does not answer: {(home / 'spamd.log').read_text(errors='replace')[-2000:]}"
+                )
+            time.sleep(0.5)
+        yield address
+    finally:
+        terminate_group(process)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_spamd_joins_as_one_more_indicator(
+    backend: tuple[sessionmaker[Session], Settings], dovecot: DovecotServer, spamd: str
+) -> None:
+    mb = new_mb(backend, dovecot, junk=False)
+    mb.append("INBOX", mails(2, "news@letters.example", "Letter"))
+    mb.sync()
+    result = run(mb, folder="INBOX")
+    assert result["scored"] == 2
+    assert all(not any(i["name"] == "spamassassin" for i in m.indicators or []) for m in mb.messages())
+    mb.settings = mb.settings.model_copy(update={"spamd_url": spamd})
+    run(mb, folder="INBOX")
+    for row in mb.messages():
+        names = [i["name"] for i in row.indicators or []]
+        assert "spamassassin" in names, names
