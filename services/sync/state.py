@@ -76,11 +76,27 @@ SPAM_COLUMNS = (
 )
 
 
-def spam_values(row: Any) -> dict[str, Any] | None:
-    """A removed row's spam columns, or None when it was never checked nor labelled."""
+SpamValues = tuple[Any, ...]
+
+
+def spam_values(row: Any) -> SpamValues | None:
+    """A removed row's spam columns, or None when it was never checked nor labelled. Kept
+    as one tuple with the indicators as JSON text: a run may remember every row of a large
+    folder emptied on the server, and a dict of dicts per row would cost several times more."""
     if row.spam_checked_at is None and row.spam_label is None:
         return None
-    return {c.key: getattr(row, c.key) for c in SPAM_COLUMNS}
+    values = [getattr(row, c.key) for c in SPAM_COLUMNS]
+    position = [c.key for c in SPAM_COLUMNS].index("indicators")
+    values[position] = json.dumps(values[position], separators=(",", ":"))
+    return tuple(values)
+
+
+def _spam_columns(values: SpamValues | None) -> dict[str, Any]:
+    if values is None:
+        return {}
+    columns = dict(zip([c.key for c in SPAM_COLUMNS], values, strict=True))
+    columns["indicators"] = json.loads(columns["indicators"])
+    return columns
 
 
 @dataclass
@@ -92,22 +108,22 @@ class MoveTracker:
         default_factory=lambda: defaultdict(list)
     )
     #: Removed rows' folder and spam columns, by id, for the row that takes the id over.
-    carried: dict[str, tuple[str | None, dict[str, Any] | None]] = field(default_factory=dict)
+    carried: dict[str, tuple[str | None, SpamValues | None]] = field(default_factory=dict)
     #: The account's \Junk and \Trash folders: a message a user moves out of Junk (not to
     #: Trash) counts as ham; its id is listed in ``left_junk`` for the filter to learn from.
     junk_ids: frozenset[str] = frozenset()
     trash_ids: frozenset[str] = frozenset()
     left_junk: list[str] = field(default_factory=list)
 
-    def keep(self, row_id: str, source: str | None, spam: dict[str, Any] | None) -> None:
+    def keep(self, row_id: str, source: str | None, spam: SpamValues | None) -> None:
         if spam is not None or source in self.junk_ids:
             self.carried[row_id] = (source, spam)
 
     def handed_over(
-        self, row_id: str, source: str | None, spam: dict[str, Any] | None, target: str
+        self, row_id: str, source: str | None, spam: SpamValues | None, target: str
     ) -> dict[str, Any]:
         """The spam columns for the row in ``target`` that takes over ``row_id``."""
-        values = dict(spam or {})
+        values = _spam_columns(spam)
         if source in self.junk_ids and target not in self.junk_ids | self.trash_ids:
             values.update(spam_label="ham", is_spam=False)
             self.left_junk.append(row_id)
