@@ -31,10 +31,10 @@ TIME_BUDGET_SECONDS = 0.5
 _ENCODED_WORD = re.compile(rb"=\?([^?\s]{1,40})\?([bBqQ])\?([^?\s]{0,2000})\?=")
 _PARAM = re.compile(r';\s*([a-zA-Z0-9*_.-]{1,40})\s*=\s*("(?:[^"\\]|\\.){0,1000}"|[^;\s]{0,1000})')
 _ADDRESS = re.compile(r"[\w.+'=-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){0,10}")
-_TAG = re.compile(r"<[^>]{0,4000}>")
-_SCRIPT_STYLE = re.compile(r"<(script|style|head)\b[^>]{0,2000}>.{0,200000}?</\1\s*>", re.I | re.S)
-_COMMENT = re.compile(r"<!--.{0,100000}?-->", re.S)
-_ANCHOR = re.compile(r"<a\b([^>]{0,4000})>(.{0,4000}?)</a\s*>", re.I | re.S)
+# Linear patterns only: a run of [^<>] stops at the next "<", so no start is rescanned.
+_TAG = re.compile(r"<[^<>]*>")
+_ANCHOR_START = re.compile(r"<a[\s>]")
+MAX_ANCHORS = 2000
 _HREF = re.compile(r"""href\s*=\s*(?:"([^"]{0,4000})"|'([^']{0,4000})'|([^\s>]{1,4000}))""", re.I)
 _PASSWORD_INPUT = re.compile(r"<input\b[^>]{0,2000}type\s*=\s*[\"']?password")
 _HIDDEN_STYLE = re.compile(
@@ -43,6 +43,7 @@ _HIDDEN_STYLE = re.compile(
 _TAG_NAME = re.compile(r"<(\w{1,10})")
 _URL = re.compile(r"https?://[^\s<>\"'()\[\]{}]{1,2000}", re.I)
 _WS = re.compile(r"\s+")
+_NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]+")
 _WORD = re.compile(r"[^\W\d_]+")
 
 
@@ -207,9 +208,10 @@ def _transfer_decode(body: bytes, cte: str, parsed: ParsedMessage) -> bytes:
     cte = cte.strip().lower()
     try:
         if cte == "base64":
-            cleaned = re.sub(rb"[^A-Za-z0-9+/]", b"", body[: MAX_PART_DECODE * 4 // 3 + 4])
-            cleaned = cleaned[: len(cleaned) - len(cleaned) % 4]
-            return binascii.a2b_base64(cleaned)
+            cleaned = _NOT_BASE64.sub(b"", body[: MAX_PART_DECODE * 4 // 3 + 4])
+            if len(cleaned) % 4 == 1:
+                cleaned = cleaned[:-1]
+            return binascii.a2b_base64(cleaned + b"=" * (-len(cleaned) % 4))
         if cte == "quoted-printable":
             return binascii.a2b_qp(body[:MAX_PART_DECODE])
     except (binascii.Error, ValueError):
@@ -218,10 +220,32 @@ def _transfer_decode(body: bytes, cte: str, parsed: ParsedMessage) -> bytes:
     return body
 
 
+def _cut_blocks(markup: str, lower: str, opener: str, closer: str) -> tuple[str, str]:
+    """``markup`` (and its lower-case twin) without each ``opener`` ... ``closer`` block; an
+    unclosed block runs to the end. One pass of ``str.find``."""
+    if opener not in lower:
+        return markup, lower
+    keep: list[tuple[int, int]] = []
+    pos = 0
+    while True:
+        start = lower.find(opener, pos)
+        if start < 0:
+            keep.append((pos, len(markup)))
+            break
+        keep.append((pos, start))
+        end = lower.find(closer, start + len(opener))
+        if end < 0:
+            break
+        pos = end + len(closer)
+    return " ".join(markup[a:b] for a, b in keep), " ".join(lower[a:b] for a, b in keep)
+
+
 def html_to_text(markup: str) -> str:
-    """The visible text of an HTML fragment (scripts, styles and comments removed)."""
-    markup = _COMMENT.sub(" ", markup)
-    markup = _SCRIPT_STYLE.sub(" ", markup)
+    """The visible text of an HTML fragment (scripts, styles, head and comments removed)."""
+    lower = markup.lower()
+    markup, lower = _cut_blocks(markup, lower, "<!--", "-->")
+    for tag in ("script", "style", "head"):
+        markup, lower = _cut_blocks(markup, lower, f"<{tag}", f"</{tag}")
     return html.unescape(_TAG.sub(" ", markup))
 
 
@@ -376,20 +400,31 @@ def parse_message(raw: bytes, *, time_budget: float = TIME_BUDGET_SECONDS) -> Pa
 
 
 def _read_html(markup: str, parsed: ParsedMessage, reader: _Reader) -> None:
-    for m in _ANCHOR.finditer(markup):
+    lower = markup.lower()
+    pos = 0
+    for _ in range(MAX_ANCHORS):
+        m = _ANCHOR_START.search(lower, pos)
+        if m is None:
+            break
+        open_end = lower.find(">", m.start(), m.start() + 4000)
+        if open_end < 0:
+            break
+        close = lower.find("</a", open_end, open_end + 4000)
+        pos = open_end + 1
+        if close < 0:
+            continue
         if len(parsed.links) >= MAX_LINKS:
             parsed.limit("link_count")
             break
-        href_m = _HREF.search(m.group(1))
+        href_m = _HREF.search(markup, m.start(), open_end)
         if not href_m:
             continue
         href = html.unescape(href_m.group(1) or href_m.group(2) or href_m.group(3) or "").strip()
-        text = _WS.sub(" ", html.unescape(_TAG.sub(" ", m.group(2)))).strip()
+        text = _WS.sub(" ", html.unescape(_TAG.sub(" ", markup[open_end + 1 : close]))).strip()
         parsed.links.append(Link(href[:2000], text[:300]))
         if href.lower().startswith(("http://", "https://")):
             parsed.urls.append(href[:2000])
     reader.check_time()
-    lower = markup.lower()
     parsed.has_form = "<form" in lower
     parsed.has_password_input = "<input" in lower and _PASSWORD_INPUT.search(lower) is not None
     hidden: list[str] = []

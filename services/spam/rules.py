@@ -169,7 +169,7 @@ _MSGID = re.compile(r"^\s*<[^<>@\s]{1,250}@[^<>@\s]{1,250}>\s*$")
 _INVISIBLE = re.compile("[\U000e0000-\U000e007f\U000e0100-\U000e01ef\u200b\u200d\u2060\u00ad\ufeff]")
 _MATH_LETTERS = re.compile("[\U0001d400-\U0001d7ff]")
 _TEXT_HIDDEN_MARKS = re.compile("[\U000e0000-\U000e007f\U000e0100-\U000e01ef]")
-_SPACED = re.compile(r"(?:\w ){20}")
+_SPACED = re.compile(r"(?:\S {1,3}){20}")
 _FREE_HOSTING = (
     "firebaseapp.com",
     "web.app",

@@ -1,0 +1,234 @@
+"""Each phishing rule on crafted messages: one that makes it fire, one that must not."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import pytest
+
+from services.spam import score_message
+from services.spam.parse import parse_message
+from services.spam.rules import evaluate_rules
+
+
+def message(
+    body: str = "Hello Anna,\n\nthe meeting moved to Thursday at ten.\n\nBen\n",
+    *,
+    sender: str = "Ben Miller <ben@example.org>",
+    subject: str = "Meeting",
+    to: str = "anna@example.com",
+    content_type: str = "text/plain; charset=utf-8",
+    extra: str = "",
+    date: str | None = "Tue, 01 Dec 2026 09:00:00 +0000",
+    message_id: str | None = "<a1b2c3@example.org>",
+) -> bytes:
+    head = [f"From: {sender}", f"To: {to}", f"Subject: {subject}"]
+    if date is not None:
+        head.append(f"Date: {date}")
+    if message_id is not None:
+        head.append(f"Message-ID: {message_id}")
+    head += ["MIME-Version: 1.0", f"Content-Type: {content_type}"]
+    if extra:
+        head.append(extra)
+    return ("\r\n".join(head) + "\r\n\r\n" + body).encode("utf-8")
+
+
+def html(markup: str, **kw: object) -> bytes:
+    return message(f"<html><body>{markup}</body></html>", content_type="text/html; charset=utf-8", **kw)  # type: ignore[arg-type]
+
+
+def with_attachment(filename: str, payload: bytes, ctype: str = "application/octet-stream") -> bytes:
+    import base64
+
+    encoded = base64.encodebytes(payload).decode("ascii")
+    body = (
+        "--b1\r\nContent-Type: text/plain\r\n\r\nPlease see the attached file.\r\n"
+        f'--b1\r\nContent-Type: {ctype}; name="{filename}"\r\nContent-Transfer-Encoding: base64\r\n'
+        f'Content-Disposition: attachment; filename="{filename}"\r\n\r\n{encoded}\r\n--b1--\r\n'
+    )
+    return message(body, content_type='multipart/mixed; boundary="b1"')
+
+
+def fired(raw: bytes) -> dict[str, str]:
+    return {i.name: i.detail for i in evaluate_rules(parse_message(raw))}
+
+
+def zip_bytes(entries: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_a_plain_personal_message_fires_no_rule() -> None:
+    assert fired(message()) == {}
+
+
+def test_link_text_mismatch() -> None:
+    bad = html('<a href="http://login.evil-host.test/x">https://www.paypal.com/signin</a>')
+    assert "paypal.com" in fired(bad)["link_text_mismatch"]
+    good = html('<a href="https://www.paypal.com/signin">https://www.paypal.com/signin</a>')
+    assert "link_text_mismatch" not in fired(good)
+    words = html('<a href="http://tracker.example.net/c/1">Read the report</a>')
+    assert "link_text_mismatch" not in fired(words)
+
+
+@pytest.mark.parametrize(
+    "host", ["paypal-secure-login.com", "micros0ft-support.net", "xn--pypal-4ve.com", "app1e-id.info"]
+)
+def test_lookalike_domain(host: str) -> None:
+    assert host in fired(html(f'<a href="https://{host}/a">open</a>'))["lookalike_domain"]
+
+
+@pytest.mark.parametrize("host", ["www.paypal.com", "s3.amazonaws.com", "chaseforum.example.org", "example.org"])
+def test_no_lookalike_for_the_brands_own_domains(host: str) -> None:
+    assert "lookalike_domain" not in fired(html(f'<a href="https://{host}/a">open</a>'))
+
+
+def test_display_name_spoofs_brand() -> None:
+    spoof = message(sender='"PayPal Service" <service@mailer-77.example.net>')
+    assert fired(spoof)["display_name_spoofs_brand"] == '"paypal" sent from mailer-77.example.net'
+    real = message(sender='"PayPal" <service@paypal.com>')
+    assert "display_name_spoofs_brand" not in fired(real)
+    person = message(sender='"Ann Appleby" <ann@example.org>')
+    assert "display_name_spoofs_brand" not in fired(person)
+
+
+def test_credential_request_needs_urgency() -> None:
+    urgent = message("Your mailbox is full. Verify your account within 24 hours or it will be suspended.")
+    assert "credential_request" in fired(urgent)
+    calm = message("I reset the router's password, it is in the usual place.")
+    assert "credential_request" not in fired(calm)
+
+
+def test_payment_request_needs_urgency() -> None:
+    assert "payment_request" in fired(message("The invoice is overdue: final notice, pay immediately."))
+    assert "payment_request" not in fired(message("I attached the invoice for last month's hosting."))
+
+
+@pytest.mark.parametrize(
+    ("filename", "rule"),
+    [
+        ("invoice.exe", "executable_attachment"),
+        ("scan.js", "executable_attachment"),
+        ("salary.xlsm", "macro_attachment"),
+        ("statement.html", "html_attachment"),
+        ("report.rar", "unreadable_archive"),
+    ],
+)
+def test_risky_attachments(filename: str, rule: str) -> None:
+    assert rule in fired(with_attachment(filename, b"MZ\x90\x00" * 100))
+
+
+def test_safe_attachments_fire_nothing() -> None:
+    assert fired(with_attachment("minutes.pdf", b"%PDF-1.4 ..." * 50)) == {}
+    assert fired(with_attachment("photos.zip", zip_bytes({"a.jpg": b"\xff\xd8" * 500}))) == {}
+
+
+def test_archive_with_an_executable_inside() -> None:
+    detail = fired(with_attachment("docs.zip", zip_bytes({"docs/invoice.pdf.exe": b"MZ" * 300})))
+    assert "invoice.pdf.exe" in detail["executable_attachment"]
+
+
+def test_password_protected_archive() -> None:
+    data = bytearray(zip_bytes({"secret.txt": b"x" * 300}))
+    # Set the "encrypted" flag in the central directory entry (the only thing read).
+    central = data.find(b"PK\x01\x02")
+    data[central + 8] |= 0x01
+    assert "encrypted_archive" in fired(with_attachment("secret.zip", bytes(data)))
+
+
+def test_missing_date_and_message_id() -> None:
+    indicators = fired(message(date=None, message_id=None))
+    assert "missing_date" in indicators
+    assert "missing_message_id" in indicators
+    odd = fired(message(date="yesterday at noon", message_id="no-angle-brackets"))
+    assert "inconsistent_date" in odd
+    assert "malformed_message_id" in odd
+
+
+def test_hidden_html_text() -> None:
+    hidden = html(
+        '<p>Your parcel is waiting.</p><div style="display:none">lorem ipsum dolor sit amet consectetur'
+        " adipiscing elit sed do eiusmod</div>"
+    )
+    assert "html_only_hidden_text" in fired(hidden)
+    shown = html("<p>Your parcel is waiting.</p><div>lorem ipsum dolor sit amet consectetur</div>")
+    assert "html_only_hidden_text" not in fired(shown)
+
+
+def test_authentication_results_failures() -> None:
+    failing = message(extra="Authentication-Results: mx.example.com; spf=fail smtp.mailfrom=x.test; dmarc=fail")
+    assert fired(failing)["auth_results_fail"] == "dmarc, spf failed"
+    passing = message(extra="Authentication-Results: mx.example.com; spf=pass; dkim=pass; dmarc=pass")
+    assert "auth_results_fail" not in fired(passing)
+
+
+def test_password_form_in_the_message() -> None:
+    form = html('<form action="https://collect.example.net/p"><input type="password" name="p"></form>')
+    assert fired(form)["html_form"] == "a form in the message asks for a password"
+
+
+def test_obfuscated_sender_name_and_spelt_out_text() -> None:
+    assert "obfuscated_text" in fired(message(sender='"Mi\u200bcro\u200bsoft" <it@example.net>'))
+    assert "obfuscated_text" in fired(message(" ".join("Greetings I have access to your device")))
+    assert "obfuscated_text" not in fired(message("A normal sentence, with normal words in it."))
+
+
+def test_recipient_address_in_the_subject() -> None:
+    raw = message(subject="anna@example.com, your storage is full")
+    assert "recipient_in_subject" in fired(raw)
+    assert "recipient_in_subject" not in fired(message(subject="Storage"))
+
+
+def test_malformed_sender() -> None:
+    assert "malformed_sender" in fired(message(sender="Support <avisos@006982rctaregular>"))
+    assert "malformed_sender" in fired(message(sender="Support <anna@example.com@463719.com>"))
+    assert "malformed_sender" not in fired(message())
+
+
+def test_free_hosting() -> None:
+    assert fired(message(sender="Bonus <noreply@promo-1.firebaseapp.com>"))["free_hosting"].startswith("sent from")
+    assert "free_hosting" in fired(html('<a href="https://x-login.web.app/">open</a>'))
+    assert "free_hosting" not in fired(html('<a href="https://www.example.org/">open</a>'))
+
+
+def test_lure_terms() -> None:
+    assert "lure_terms" in fired(message("Claim your casino bonus today: 200 free spins!"))
+    assert "lure_terms" not in fired(message("The bonus round of the quiz was fun."))
+
+
+def test_ip_address_link() -> None:
+    assert fired(html('<a href="http://203.0.113.7/login">Sign in</a>'))["ip_address_link"] == "203.0.113.7"
+    assert "ip_address_link" not in fired(html('<a href="https://example.org/">Sign in</a>'))
+
+
+def test_a_quoting_reply_in_a_thread_counts_for_ham() -> None:
+    reply = message(
+        "Sounds good.\n\nOn Monday Anna wrote:\n> Shall we meet Thursday?\n> At ten?\n",
+        subject="Re: Meeting",
+        extra="In-Reply-To: <q1@example.com>\r\nReferences: <q1@example.com>",
+    )
+    indicator = {i.name: i for i in evaluate_rules(parse_message(reply))}["thread_reply"]
+    assert indicator.weight < 0
+    assert "thread_reply" not in fired(message())
+
+
+def test_a_phishing_message_scores_as_spam_and_explains_why() -> None:
+    raw = html(
+        "<p>Dear customer, unusual activity was detected. Verify your account within 24 hours"
+        ' or it will be suspended.</p><a href="http://paypal-account-check.example/login">'
+        "https://www.paypal.com/verify</a>",
+        sender='"PayPal Security" <alert@notify-7.example>',
+        subject="Action required: your account is limited",
+        message_id=None,
+    )
+    verdict = score_message(raw)
+    names = {i.name for i in verdict.indicators}
+    assert verdict.score > 0.95
+    assert {"display_name_spoofs_brand", "credential_request", "link_text_mismatch", "lookalike_domain"} <= names
+    assert "statistical_tokens" in names
+    assert all(len(i.detail) <= 200 for i in verdict.indicators)
+    assert score_message(message()).score < 0.5
