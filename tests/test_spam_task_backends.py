@@ -24,7 +24,7 @@ from services.crypto import SecretBox
 from services.db import make_engine, make_sessionmaker, transaction, unrestricted_unsafe_sessions
 from services.errors import TaskCancelled
 from services.migrate import upgrade
-from services.models import Account, SpamSettings
+from services.models import Account, SpamSettings, TaskRecord
 from services.settings import Settings
 from services.spam import SpamdClient
 from services.task_inputs import SpamCheckParams
@@ -276,3 +276,35 @@ def test_spamd_joins_as_one_more_indicator(
     for row in mb.messages():
         names = [i["name"] for i in row.indicators or []]
         assert "spamassassin" in names, names
+
+
+def test_moves_wait_while_a_sync_holds_the_account(
+    backend: tuple[sessionmaker[Session], Settings], dovecot: DovecotServer
+) -> None:
+    mb = new_mb(backend, dovecot, junk=True)
+    mb.append("INBOX", mails(2, "x@promo.example", "Promo"))
+    mb.sync()
+    with transaction(mb.sessions) as session:
+        spam_store.update_settings(session, mb.principal.tenant_id, block=["promo.example"])
+        sync_task = TaskRecord(
+            tenant_id=mb.principal.tenant_id,
+            account_id=mb.account_id,
+            type="sync",
+            queue="sync",
+            state="running",
+        )
+        session.add(sync_task)
+        session.flush()
+        session.execute(update(Account).where(Account.id == mb.account_id).values(sync_task_id=sync_task.id))
+    result = run(mb, folder="INBOX")
+    assert (result["spam"], result["moved"], result["move_deferred"]) == (2, 0, 2)
+    assert len(mb.server_uids("INBOX")) == 2 and all(m.is_spam for m in mb.messages("INBOX"))
+    with transaction(mb.sessions) as session:
+        session.execute(update(TaskRecord).where(TaskRecord.id == sync_task.id).values(state="succeeded"))
+    # The sync has ended: the next check moves them, and gives the lock back.
+    result = run(mb, folder="INBOX")
+    assert (result["moved"], result["move_deferred"]) == (2, 0)
+    assert len(mb.server_uids("Junk")) == 2
+    with transaction(mb.sessions) as session:
+        account = session.get(Account, mb.account_id)
+        assert account is not None and account.sync_task_id is None
