@@ -2,6 +2,7 @@ import { act, fireEvent, render, screen, waitFor } from "@testing-library/react"
 import { beforeEach, describe, expect, it } from "vitest";
 
 import { App } from "./App";
+import { ConfirmButton } from "./components/Confirm";
 import { TaskProgress } from "./components/TaskProgress";
 import { AccountForm, accountBody } from "./pages/AccountForm";
 import { addresses, Compose } from "./pages/Compose";
@@ -43,6 +44,27 @@ describe("TaskProgress", () => {
     await waitFor(() => expect(screen.getByText(/stopping/)).toBeTruthy());
     expect(calls.filter((c) => c.method === "POST" && c.path === "/api/tasks/t1/cancel")).toHaveLength(1);
     expect((screen.getByRole("button", { name: "Cancel" }) as HTMLButtonElement).disabled).toBe(true);
+  });
+});
+
+describe("ConfirmButton", () => {
+  it("asks before acting, focuses the question, and Escape gives the focus back", async () => {
+    let done = 0;
+    render(
+      <ConfirmButton question="Remove it?" confirmText="Remove" onConfirm={() => done++}>
+        Remove account
+      </ConfirmButton>,
+    );
+    fireEvent.click(screen.getByRole("button", { name: "Remove account" }));
+    expect(done).toBe(0);
+    const yes = screen.getByRole("button", { name: "Remove" });
+    expect(document.activeElement).toBe(yes);
+    fireEvent.keyDown(yes, { key: "Escape" });
+    await waitFor(() => expect(document.activeElement).toBe(screen.getByRole("button", { name: "Remove account" })));
+    expect(done).toBe(0);
+    fireEvent.click(screen.getByRole("button", { name: "Remove account" }));
+    fireEvent.click(screen.getByRole("button", { name: "Remove" }));
+    expect(done).toBe(1);
   });
 });
 
