@@ -180,14 +180,24 @@ def test_learning_changes_only_that_tenants_verdicts(
     base_a, base_b = listed(kit.admin, a), listed(other_kit.admin, b)
     assert {s: m["spam_score"] for s, m in base_a.items()} == {s: m["spam_score"] for s, m in base_b.items()}
 
-    for i in range(5):  # tenant A says five of the family are spam
-        assert label(kit.admin, base_a[f"Zorblax account notice {i}"]["id"], "spam")["learned"] == 1
+    # Tenant A says five of the family are the opposite of what the shipped model thinks,
+    # so the lesson must move the other three's scores (whatever the model ships as).
+    verdict = "ham" if base_a["Zorblax account notice 0"]["is_spam"] else "spam"
+    queued = [
+        kit.admin.post(f"/api/messages/{base_a[f'Zorblax account notice {i}']['id']}/{verdict}")
+        for i in range(5)
+    ]
+    for response in queued:
+        assert response.status_code == 202, response.get_json()
+        task = kit.admin.wait_task(response.get_json()["task_id"])
+        assert task["state"] == "succeeded" and task["result"]["learned"] == 1, task
     rest = [f"Zorblax account notice {i}" for i in range(5, 8)]
     check(kit.admin, a, message_ids=[base_a[s]["id"] for s in rest])
     check(other_kit.admin, b, message_ids=[base_b[s]["id"] for s in rest])
     now_a, now_b = listed(kit.admin, a), listed(other_kit.admin, b)
     for subject in rest:
-        assert now_a[subject]["spam_score"] > base_a[subject]["spam_score"], subject
+        moved = now_a[subject]["spam_score"] - base_a[subject]["spam_score"]
+        assert moved > 0 if verdict == "spam" else moved < 0, (subject, verdict, moved)
         assert now_b[subject]["spam_score"] == base_b[subject]["spam_score"], subject
         assert now_a[subject]["spam_label"] is None
     with sessions() as session:
