@@ -116,6 +116,9 @@ def test_message_arrives_byte_exact_and_once_in_sent(
     assert row_id is not None
     listed = kit.admin.get(f"/api/accounts/{account['id']}/messages?folder=Sent").get_json()["items"]
     assert [m["id"] for m in listed if m["subject"] == body["subject"]] == [row_id]
+    folders = kit.admin.get(f"/api/accounts/{account['id']}/folders").get_json()["items"]
+    [sent_folder] = [f for f in folders if f["name"] == "Sent"]
+    assert (sent_folder["message_count"], sent_folder["unread_count"]) == (1, 0)  # counted in at once
     sync(kit, account)  # the next sync matches the copy instead of storing it again
     assert [r.id for r in sent_rows(sessions, account["id"], message_id)] == [row_id]
 

@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import imapclient
 from imapclient.imapclient import SENT
-from sqlalchemy import select
+from sqlalchemy import Table, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from services.errors import PermanentMailError
-from services.models import Folder, Message
+from services.models import Folder, Message, new_id, utcnow
 from services.sync.fetch import fetch_messages, message_row
-from services.sync.state import FolderScope, MoveTracker, insert_messages
+from services.sync.state import bump_counts
+
+MESSAGES = cast(Table, Message.__table__)
 
 _APPENDUID = re.compile(rb"APPENDUID (\d+) (\d+)", re.IGNORECASE)
 
@@ -79,19 +82,52 @@ def store_copy(
     session: Session, copy: FiledCopy, fetched: dict[bytes, Any] | None, *, tenant_id: str, account_id: str
 ) -> str | None:
     """Store the filed copy as a message row from ``fetched`` (see the module's docstring);
-    its id, or None when the folder is not one Mailroom has synced with this UIDVALIDITY."""
-    folder = session.scalar(
-        select(Folder).where(Folder.account_id == account_id, Folder.name == copy.folder).with_for_update()
-    )
-    if folder is None or folder.uidvalidity != copy.uidvalidity or fetched is None:
+    its id, or None when the folder is not one Mailroom has synced with this UIDVALIDITY.
+
+    Two statements: an UPDATE that finds the folder row (with the copy's UIDVALIDITY),
+    locks it against a sync of the same folder and counts the copy in, and an INSERT that
+    skips a UID stored already (the sync got there first: its row stands, the count goes
+    back)."""
+    if fetched is None:
         return None
-    scope = FolderScope(tenant_id=tenant_id, account_id=account_id, folder_id=folder.id)
-    insert_messages(
-        session,
-        scope,
-        [message_row(copy.uid, fetched)],
-        pending=False,
-        moves=MoveTracker(),
-        track_inserts=False,
+    row = message_row(copy.uid, fetched)
+    unread = 0 if row["seen"] else 1
+    folder_id = session.scalar(
+        update(Folder)
+        .where(
+            Folder.account_id == account_id,
+            Folder.name == copy.folder,
+            Folder.uidvalidity == copy.uidvalidity,
+        )
+        .values(message_count=Folder.message_count + 1, unread_count=Folder.unread_count + unread)
+        .returning(Folder.id)
+        .execution_options(synchronize_session=False)
     )
-    return session.scalar(select(Message.id).where(Message.folder_id == folder.id, Message.uid == copy.uid))
+    if folder_id is None:
+        return None
+    now = utcnow()
+    record = {
+        **row,
+        "id": new_id(),
+        "tenant_id": tenant_id,
+        "account_id": account_id,
+        "folder_id": folder_id,
+        "created_at": now,
+        "updated_at": now,
+    }
+    stored: str | None = session.scalar(_insert_new(session).values(record).returning(MESSAGES.c.id))
+    if stored is None:
+        bump_counts(session, folder_id, -1, -unread)
+        where = (Message.folder_id == folder_id, Message.uid == copy.uid)
+        stored = session.scalar(select(Message.id).where(*where))
+    return stored
+
+
+def _insert_new(session: Session) -> Any:
+    """An INSERT into messages that skips a row whose (folder, UID) is stored already."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(MESSAGES).on_conflict_do_nothing(index_elements=["folder_id", "uid"])
+    if dialect == "sqlite":
+        return sqlite.insert(MESSAGES).on_conflict_do_nothing(index_elements=["folder_id", "uid"])
+    return insert(MESSAGES)
