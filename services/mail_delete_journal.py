@@ -17,12 +17,16 @@ ones whose fate is unknown: the server is asked which of those UIDs it still has
   ``\\Deleted`` and ``UID EXPUNGE`` of exactly those UIDs, and the row takes the copy;
   it is never copied again. Rows still in the source without a copy are left to the plan.
 
-What remains (the smallest window here): a message moved in the killed attempt whose copy
-cannot be recognised (no copy at or above UIDNEXT with its Message-ID and size, e.g.
-another client deleted it from Trash meanwhile) keeps its old row until the next sync,
-and is reported under ``gone``; two moved messages with neither Message-ID nor a
-different size may swap ids. The journal itself is written before any command and
-cleared after the last batch's rows, so a kill at any other point is covered.
+The journal is committed before any command and cleared in the transaction of the last
+batch's rows (or once a cancelled run's rows are all written), so a kill at any point in
+between leaves it behind; reconciling is itself safe to kill and run again. What remains:
+a message moved in the killed attempt whose copy cannot be recognised (no copy at or
+above UIDNEXT with its Message-ID and size, e.g. another client deleted it from Trash
+meanwhile) keeps its old row until the next sync, and is reported under ``gone``; two
+moved messages with neither a Message-ID nor different sizes may swap ids. And an entry is
+only acted on by the next delete of the account: until then (a task that is never
+redelivered), a sync sees those messages as gone from their folder and new in Trash, and
+its own matching by Message-ID decides whether they keep their ids.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import imapclient
+from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -121,8 +126,8 @@ class _Pending:
 
 def reconcile(sessions: sessionmaker[Session], client: imapclient.IMAPClient, account_id: str) -> Reconciled:
     """Bring the rows named by the account's journal in line with the server, as the module
-    docstring says, then clear the journal. Leaves no folder selected that it expunged
-    without UID EXPUNGE (it never uses CLOSE or EXPUNGE)."""
+    docstring says, clearing each entry once its rows are written. Like the delete, it
+    expunges only with UID EXPUNGE of exactly the UIDs it names, never CLOSE or EXPUNGE."""
     done = Reconciled(deleted=set())
     with transaction(sessions) as session:
         entries = list(
@@ -173,12 +178,10 @@ def _reconcile_entry(
 ) -> None:
     copies: dict[CopyKey, list[int]] = {}
     if target is not None:
-        examined = client.select_folder(target.name, readonly=True)
-        if examined.get(b"UIDVALIDITY") != target.uidvalidity:
-            return  # the target was rebuilt: its UIDs mean nothing now; the sync sorts it out
+        if not _select(client, target, readonly=True):
+            return  # the target is gone or was rebuilt: its UIDs mean nothing now (sync)
         copies = _copies(client, entry.target_uidnext or 1)
-    selected = client.select_folder(source.name)
-    if selected.get(b"UIDVALIDITY") != source.uidvalidity:
+    if not _select(client, source, readonly=False):
         return  # the stored UIDs no longer name these messages; the sync rebuilds the folder
     present = set(client.search(["UID", uid_set(pending)]))
     absent = [p for uid, p in sorted(pending.items()) if uid not in present]
@@ -208,6 +211,18 @@ def _reconcile_entry(
         with transaction(sessions) as session:
             move_rows(session, source, target, rows, new)
         done.moved += len(new)
+
+
+def _select(client: imapclient.IMAPClient, folder: Folder, *, readonly: bool) -> bool:
+    """Select ``folder``; False when it is gone from the server or its UIDVALIDITY is not
+    the stored one (the entry is then dropped: a sync deals with such a folder)."""
+    try:
+        selected = client.select_folder(folder.name, readonly=readonly)
+    except IMAPClientAbortError:
+        raise
+    except IMAPClientError:
+        return False  # NO: the folder no longer exists
+    return bool(selected.get(b"UIDVALIDITY") == folder.uidvalidity)
 
 
 def _copies(client: imapclient.IMAPClient, uidnext: int) -> dict[CopyKey, list[int]]:

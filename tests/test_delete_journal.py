@@ -142,3 +142,30 @@ def test_a_permanent_delete_killed_after_the_server_expunged_deletes_those_rows(
     assert mb.server_uids("INBOX") == uids[6:]
     assert {m.id for m in mb.messages()} == {by_uid[u] for u in uids[6:]}
     agree(mb)
+
+
+def test_a_journal_naming_a_folder_gone_from_the_server_does_not_block_later_deletes(
+    backend: tuple[sessionmaker[Session], Settings], dovecot: DovecotServer
+) -> None:
+    sessions, settings = backend
+    mb = new_mailbox(dovecot, sessions, settings, SecretBox(settings.encryption_keys()))
+    with mb.imap() as client:
+        client.create_folder("Projects")
+    work = mb.append("Projects", make_messages(3, prefix="journal-gone"))
+    inbox = mb.append("INBOX", make_messages(2, prefix="journal-stay"))
+    mb.sync()
+    died_after(mb, [m.id for m in mb.messages("Projects")], permanent=False)
+    with mb.imap() as client:
+        client.delete_folder("Projects")  # another client removed the folder meanwhile
+    assert work and mb.server_uids("Trash") == []
+
+    result = run_delete(mb, [m.id for m in mb.messages("INBOX")], permanent=False)
+    assert result["moved"] == 2, result
+    assert mb.server_uids("INBOX") == [] and len(mb.server_uids("Trash")) == len(inbox)
+    with transaction(mb.sessions) as session:
+        left = session.scalar(
+            select(func.count())
+            .select_from(DeleteJournalEntry)
+            .where(DeleteJournalEntry.account_id == mb.account_id)
+        )
+    assert left == 0
