@@ -107,7 +107,8 @@ def private_spamd(workdir: Path) -> Iterator[SpamdClient | None]:
     port = free_port()
     proc = subprocess.Popen(
         [spamd, "-x", "-u", "nobody", "-i", "127.0.0.1", "-p", str(port), "-m", "2",
-         f"--siteconfigpath={conf}", "-s", str(workdir / "spamd.log"), "--pidfile", str(workdir / "spamd.pid")],
+         f"--siteconfigpath={conf}", "-s", str(workdir / "spamd.log"),
+         "--pidfile", str(workdir / "spamd.pid")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip

@@ -42,7 +42,10 @@ def test_deeply_nested_parts() -> None:
     depth = 200
     body = "innermost text\r\n"
     for level in range(depth):
-        body = f'Content-Type: multipart/mixed; boundary="b{level}"\r\n\r\n--b{level}\r\n{body}\r\n--b{level}--\r\n'
+        body = (
+            f'Content-Type: multipart/mixed; boundary="b{level}"\r\n\r\n'
+            f"--b{level}\r\n{body}\r\n--b{level}--\r\n"
+        )
     raw = ("From: a@example.org\r\nSubject: nest\r\nMIME-Version: 1.0\r\n" + body).encode()
     verdict = score_message(raw)
     assert "nesting_depth" in verdict.limits
@@ -85,7 +88,9 @@ def test_zip_bomb_is_judged_from_its_directory() -> None:
     assert any(i.name == "archive_bomb" for i in verdict.indicators)
 
 
-@pytest.mark.parametrize("data", [b"", b"PK\x05\x06", b"PK\x05\x06" + b"\xff" * 18, b"not a zip at all" * 100])
+@pytest.mark.parametrize(
+    "data", [b"", b"PK\x05\x06", b"PK\x05\x06" + b"\xff" * 18, b"not a zip at all" * 100]
+)
 def test_broken_archives_are_unreadable_not_errors(data: bytes) -> None:
     assert not read_zip_directory(data).readable or read_zip_directory(data).entries == 0
 
@@ -109,13 +114,22 @@ def test_nul_bytes_and_binary_garbage() -> None:
     raw = message("hello\x00world\x00" * 1000)
     verdict = score_message(raw)
     assert "nul_bytes" in verdict.limits
-    for garbage in (b"\x00" * 10_000, bytes(range(256)) * 200, b"\r\n" * 5000, b":" * 100_000, b"--\r\n" * 1000):
+    for garbage in (
+        b"\x00" * 10_000,
+        bytes(range(256)) * 200,
+        b"\r\n" * 5000,
+        b":" * 100_000,
+        b"--\r\n" * 1000,
+    ):
         assert 0.0 <= score_message(garbage).score <= 1.0
 
 
 def test_broken_mime_structure() -> None:
     cases = [
-        message("no closing boundary\r\n--b\r\nContent-Type: text/plain\r\n\r\ntext", content_type="multipart/mixed; boundary=b"),
+        message(
+            "no closing boundary\r\n--b\r\nContent-Type: text/plain\r\n\r\ntext",
+            content_type="multipart/mixed; boundary=b",
+        ),
         message("no boundary parameter", content_type="multipart/alternative"),
         message("=ZZ=\r\n=", content_type="text/plain", extra="Content-Transfer-Encoding: quoted-printable"),
         message("!!!!", content_type="text/plain", extra="Content-Transfer-Encoding: base64"),

@@ -82,7 +82,9 @@ def test_lookalike_domain(host: str) -> None:
     assert host in fired(html(f'<a href="https://{host}/a">open</a>'))["lookalike_domain"]
 
 
-@pytest.mark.parametrize("host", ["www.paypal.com", "s3.amazonaws.com", "chaseforum.example.org", "example.org"])
+@pytest.mark.parametrize(
+    "host", ["www.paypal.com", "s3.amazonaws.com", "chaseforum.example.org", "example.org"]
+)
 def test_no_lookalike_for_the_brands_own_domains(host: str) -> None:
     assert "lookalike_domain" not in fired(html(f'<a href="https://{host}/a">open</a>'))
 
@@ -160,7 +162,9 @@ def test_hidden_html_text() -> None:
 
 
 def test_authentication_results_failures() -> None:
-    failing = message(extra="Authentication-Results: mx.example.com; spf=fail smtp.mailfrom=x.test; dmarc=fail")
+    failing = message(
+        extra="Authentication-Results: mx.example.com; spf=fail smtp.mailfrom=x.test; dmarc=fail"
+    )
     assert fired(failing)["auth_results_fail"] == "dmarc, spf failed"
     passing = message(extra="Authentication-Results: mx.example.com; spf=pass; dkim=pass; dmarc=pass")
     assert "auth_results_fail" not in fired(passing)
@@ -190,7 +194,9 @@ def test_malformed_sender() -> None:
 
 
 def test_free_hosting() -> None:
-    assert fired(message(sender="Bonus <noreply@promo-1.firebaseapp.com>"))["free_hosting"].startswith("sent from")
+    assert fired(message(sender="Bonus <noreply@promo-1.firebaseapp.com>"))["free_hosting"].startswith(
+        "sent from"
+    )
     assert "free_hosting" in fired(html('<a href="https://x-login.web.app/">open</a>'))
     assert "free_hosting" not in fired(html('<a href="https://www.example.org/">open</a>'))
 
@@ -228,7 +234,12 @@ def test_a_phishing_message_scores_as_spam_and_explains_why() -> None:
     verdict = score_message(raw)
     names = {i.name for i in verdict.indicators}
     assert verdict.score > 0.95
-    assert {"display_name_spoofs_brand", "credential_request", "link_text_mismatch", "lookalike_domain"} <= names
+    assert {
+        "display_name_spoofs_brand",
+        "credential_request",
+        "link_text_mismatch",
+        "lookalike_domain",
+    } <= names
     assert "statistical_tokens" in names
     assert all(len(i.detail) <= 200 for i in verdict.indicators)
     assert score_message(message()).score < 0.5

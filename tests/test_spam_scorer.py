@@ -10,7 +10,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.spam import DEFAULT_THRESHOLD, LayerFormatError, SenderLists, SpamdClient, TenantLayer, score_message
+from services.spam import (
+    DEFAULT_THRESHOLD,
+    LayerFormatError,
+    SenderLists,
+    SpamdClient,
+    TenantLayer,
+    score_message,
+)
 from services.spam.layer import MAX_DELTA, MAX_FEATURES
 from services.spam.spamd import parse_reply
 from tests.test_spam_rules import message
@@ -94,7 +101,9 @@ def test_layer_bytes_round_trip_and_stay_bounded() -> None:
     assert len(big.to_bytes()) <= 10 + 8 * MAX_FEATURES
 
 
-@pytest.mark.parametrize("data", [b"junk", b"MRTL1\n\x05\x00\x00\x00", b"MRTL1\n\x01\x00\x00\x00\x01\x00\x00\x00\x00\x00\xc0\x7f"])
+@pytest.mark.parametrize(
+    "data", [b"junk", b"MRTL1\n\x05\x00\x00\x00", b"MRTL1\n\x01\x00\x00\x00\x01\x00\x00\x00\x00\x00\xc0\x7f"]
+)
 def test_layer_refuses_foreign_bytes(data: bytes) -> None:
     with pytest.raises(LayerFormatError):
         TenantLayer.from_bytes(data)
@@ -106,7 +115,9 @@ def test_sender_lists_override_and_block_wins() -> None:
     assert blocked.indicators[0].name == "sender_blocked"
     assert blocked.indicators[0].detail == "gardenclub.example"
 
-    spammy = message("Cheap watches! Click here, limited offer, order now!", sender="Deals <d@mail.shop.example>")
+    spammy = message(
+        "Cheap watches! Click here, limited offer, order now!", sender="Deals <d@mail.shop.example>"
+    )
     allowed = score_message(spammy, lists=SenderLists(allow=frozenset({"shop.example"})))
     assert allowed.score == 0.0
     assert allowed.indicators[0].name == "sender_allowed"
@@ -173,14 +184,22 @@ def test_unreachable_spamd_changes_nothing() -> None:
 
 @pytest.mark.parametrize(
     "reply",
-    [b"", b"garbage", b"SPAMD/1.1 76 EX_PROTOCOL\r\n\r\n", b"SPAMD/1.1 0 EX_OK\r\nSpam: True ; x / y\r\n\r\n"],
+    [
+        b"",
+        b"garbage",
+        b"SPAMD/1.1 76 EX_PROTOCOL\r\n\r\n",
+        b"SPAMD/1.1 0 EX_OK\r\nSpam: True ; x / y\r\n\r\n",
+    ],
 )
 def test_spamd_replies_that_are_not_a_score(reply: bytes) -> None:
     assert parse_reply(reply) is None
 
 
 def test_spamd_address_forms() -> None:
-    assert (SpamdClient.from_url("spamd://sa.internal:7830").port, SpamdClient.from_url("sa.internal").port) == (
+    assert (
+        SpamdClient.from_url("spamd://sa.internal:7830").port,
+        SpamdClient.from_url("sa.internal").port,
+    ) == (
         7830,
         783,
     )
