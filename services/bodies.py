@@ -49,7 +49,7 @@ from services.settings import Settings
 from services.sync.bodystructure import _disposition, _param, decode_transfer
 from services.sync.parse import decode_charset
 from services.tenancy import Principal, get_scoped
-from services.tenant_slots import TenantSlots, redis_client
+from services.tenant_slots import TenantSlots, broker_redis
 
 #: Header block of a truncated message: more than this is not a real mail header.
 HEADER_BYTES = 256 * 1024
@@ -61,7 +61,7 @@ def body_slots(settings: Settings) -> TenantSlots:
     """The per-tenant limit on body fetches. A slot outlives a dead holder by at most the
     worst case of one fetch: connect, login and the shared deadline, one timeout each."""
     return TenantSlots(
-        redis_client(settings.broker_connection_url),
+        broker_redis(settings),
         "body fetches",
         limit=settings.body_fetch_concurrency,
         hold_seconds=3 * settings.body_fetch_timeout_seconds + 2,

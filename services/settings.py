@@ -14,6 +14,9 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.redis_sentinel import SentinelTarget, is_sentinel
+from services.redis_sentinel import parse as parse_sentinel
+
 ENV_PREFIX = "MAILROOM_"
 DEFAULT_DATA_DIR = Path("var")
 
@@ -45,10 +48,20 @@ class Settings(BaseSettings):
     broker_password: str | None = None
     broker_tls: bool = False
     broker_tls_verify: bool = True
+    broker_sentinel_master: str = Field(
+        default="mymaster",
+        min_length=1,
+        description="The master's name when MAILROOM_BROKER_URL is sentinel://.",
+    )
+    broker_sentinel_password: str | None = Field(
+        default=None, description="The sentinels' own password, if any."
+    )
     result_backend_url: str = Field(default="redis://127.0.0.1:6379/1")
     result_backend_password: str | None = None
     result_backend_tls: bool = False
     result_backend_tls_verify: bool = True
+    result_backend_sentinel_master: str = Field(default="mymaster", min_length=1)
+    result_backend_sentinel_password: str | None = None
 
     # --- secrets -------------------------------------------------------------------------
     secret_key: str = Field(
@@ -181,8 +194,11 @@ class Settings(BaseSettings):
     @field_validator("broker_url", "result_backend_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
+        if is_sentinel(value):
+            parse_sentinel(value, master="m", password=None, sentinel_password=None)  # raises if bad
+            return value
         if not value.startswith(("redis://", "rediss://", "redis+socket://")):
-            raise ValueError("must be a redis://, rediss:// or redis+socket:// URL")
+            raise ValueError("must be a redis://, rediss://, redis+socket:// or sentinel:// URL")
         return value
 
     @field_validator("spamd_url")
@@ -251,8 +267,34 @@ class Settings(BaseSettings):
         return _redis_url(self.result_backend_url, self.result_backend_password, self.result_backend_tls)
 
     @property
+    def broker_sentinel(self) -> SentinelTarget | None:
+        """The broker's sentinels and master, when its URL is sentinel://."""
+        if not is_sentinel(self.broker_url):
+            return None
+        return parse_sentinel(
+            self.broker_url,
+            master=self.broker_sentinel_master,
+            password=self.broker_password,
+            sentinel_password=self.broker_sentinel_password,
+        )
+
+    @property
+    def result_backend_sentinel(self) -> SentinelTarget | None:
+        if not is_sentinel(self.result_backend_url):
+            return None
+        return parse_sentinel(
+            self.result_backend_url,
+            master=self.result_backend_sentinel_master,
+            password=self.result_backend_password,
+            sentinel_password=self.result_backend_sentinel_password,
+        )
+
+    @property
     def rate_limit_storage(self) -> str:
         """Where the API's rate-limit counters live: their own Redis, else the broker's."""
+        sentinel = self.broker_sentinel
+        if self.rate_limit_storage_url is None and sentinel is not None:
+            return sentinel.limits_uri()
         url = self.rate_limit_storage_url or self.broker_connection_url
         # The limits library names a unix socket redis+unix://, Celery redis+socket://.
         return url.replace("redis+socket://", "redis+unix://", 1)
@@ -280,6 +322,11 @@ class Settings(BaseSettings):
 
 
 def _redis_url(url: str, password: str | None, tls: bool) -> str:
+    if is_sentinel(url):
+        # kombu and Celery read the master's password from the first sentinel URL.
+        first, _, rest = url.partition(";")
+        folded = _redis_url("redis" + first.removeprefix("sentinel"), password, False)
+        return "sentinel" + folded.removeprefix("redis") + (";" + rest if rest else "")
     parts = urlsplit(url)
     scheme = parts.scheme
     if tls and scheme == "redis":

@@ -19,6 +19,8 @@ from typing import Any
 import redis
 
 from services.errors import ServiceUnavailable, TooManyRequests
+from services.redis_sentinel import SentinelTarget
+from services.settings import Settings
 
 _TAKE = """
 local now = redis.call('TIME')
@@ -40,6 +42,19 @@ def redis_client(url: str) -> redis.Redis:
     if url.startswith("redis+socket://"):  # kombu's spelling of a unix socket
         url = "unix://" + url.removeprefix("redis+socket://")
     return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+
+
+@cache
+def _sentinel_client(target: SentinelTarget) -> redis.Redis:
+    return target.client()
+
+
+def broker_redis(settings: Settings) -> redis.Redis:
+    """A client of the broker's Redis (its current master, behind Sentinel)."""
+    sentinel = settings.broker_sentinel
+    if sentinel is not None:
+        return _sentinel_client(sentinel)
+    return redis_client(settings.broker_connection_url)
 
 
 class TenantSlots:

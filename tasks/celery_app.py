@@ -42,6 +42,28 @@ def _ssl_options(enabled: bool, verify: bool) -> dict[str, Any] | None:
     return {"ssl_cert_reqs": ssl.CERT_REQUIRED if verify else ssl.CERT_NONE}
 
 
+def _sentinel_options(settings: Settings) -> dict[str, Any]:
+    """What kombu, Celery's result backend and redbeat each need to follow a Sentinel
+    master (their URLs stay the sentinel:// ones)."""
+    options: dict[str, Any] = {}
+    broker = settings.broker_sentinel
+    if broker is not None:
+        transport = {"master_name": broker.master}
+        if broker.sentinel_password:
+            transport["sentinel_kwargs"] = {"password": broker.sentinel_password}  # type: ignore[assignment]
+        options["broker_transport_options"] = transport
+        sentinels = ";".join(f"sentinel://{host}:{port}" for host, port in broker.sentinels)
+        options["redbeat_redis_url"] = "redis-sentinel://" + sentinels.removeprefix("sentinel://")
+        options["redbeat_redis_options"] = broker.redbeat_options()
+    backend = settings.result_backend_sentinel
+    if backend is not None:
+        transport = {"master_name": backend.master}
+        if backend.sentinel_password:
+            transport["sentinel_kwargs"] = {"password": backend.sentinel_password}  # type: ignore[assignment]
+        options["result_backend_transport_options"] = transport
+    return options
+
+
 def make_celery(settings: Settings) -> Celery:
     """A Celery app wired to ``settings``: five queues, late ack, prefetch 1, limits, Beat."""
     app = Celery("mailroom", include=TASK_MODULES)
@@ -106,6 +128,11 @@ def make_celery(settings: Settings) -> Celery:
             },
         },
     )
+    sentinel = _sentinel_options(settings)
+    for key in ("broker_transport_options", "result_backend_transport_options", "redbeat_redis_options"):
+        if key in sentinel:
+            app.conf[key] = {**app.conf[key], **sentinel.pop(key)}
+    app.conf.update(sentinel)
     app.conf.mailroom_settings = settings
     _watch_worker_processes(settings)
     if settings.worker_heartbeat_file:

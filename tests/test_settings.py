@@ -55,7 +55,7 @@ def test_bad_environment_stops_the_command_with_one_line(tmp_path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "mailroom: MAILROOM_BROKER_URL: must be a redis://, rediss:// or redis+socket:// URL"
+        "mailroom: MAILROOM_BROKER_URL: must be a redis://, rediss://, redis+socket:// or sentinel:// URL"
     ]
 
 
@@ -74,3 +74,26 @@ def test_key_rotation() -> None:
     assert SecretBox(new).decrypt(rotated_box.rotate(token)) == "hunter2"
     with pytest.raises(SecretDecryptError):
         SecretBox(new).decrypt(token)
+
+
+def test_sentinel_urls_name_their_sentinels_master_and_database() -> None:
+    settings = load_settings(
+        broker_url="sentinel://10.0.0.1:26379/2;sentinel://10.0.0.2",
+        broker_password="p@ss",
+        broker_sentinel_master="mail",
+        broker_sentinel_password="sentinel-pw",
+    )
+    target = settings.broker_sentinel
+    assert target is not None
+    assert target.sentinels == (("10.0.0.1", 26379), ("10.0.0.2", 26379))
+    assert (target.master, target.db, target.password, target.sentinel_password) == (
+        "mail",
+        2,
+        "p@ss",
+        "sentinel-pw",
+    )
+    assert settings.broker_connection_url == "sentinel://:p%40ss@10.0.0.1:26379/2;sentinel://10.0.0.2"
+    assert settings.rate_limit_storage == "redis+sentinel://:p@ss@10.0.0.1:26379,10.0.0.2:26379/mail"
+    assert settings.result_backend_sentinel is None
+    with pytest.raises(SettingsError, match="MAILROOM_BROKER_URL"):
+        load_settings(broker_url="sentinel://10.0.0.1:26379/zero")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 from flask import Flask, Response, current_app, g, request
 from flask_limiter import ApplicationLimit, Limiter, RequestLimit
@@ -55,6 +56,19 @@ def rate_key() -> str:
     if who is not None:
         return f"tenant:{who.tenant_id}"
     return f"addr:{request.remote_addr or 'unknown'}"
+
+
+def _storage_options(settings: Settings) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "socket_timeout": STORAGE_TIMEOUT_SECONDS,
+        "socket_connect_timeout": STORAGE_TIMEOUT_SECONDS,
+    }
+    sentinel = settings.broker_sentinel
+    if settings.rate_limit_storage_url is None and sentinel is not None:
+        options["db"] = sentinel.db
+        if sentinel.sentinel_password:
+            options["sentinel_kwargs"] = {"password": sentinel.sentinel_password}
+    return options
 
 
 def _is_probe() -> bool:
@@ -96,10 +110,7 @@ def install_rate_limits(app: Flask, settings: Settings) -> Limiter:
             ),
         ],
         storage_uri=settings.rate_limit_storage,
-        storage_options={
-            "socket_timeout": STORAGE_TIMEOUT_SECONDS,  # type: ignore[dict-item]
-            "socket_connect_timeout": STORAGE_TIMEOUT_SECONDS,  # type: ignore[dict-item]
-        },
+        storage_options=_storage_options(settings),
         strategy="sliding-window-counter",
         key_prefix="mailroom",
         # Headers would cost a second Redis round trip on every response; 429s carry

@@ -46,11 +46,15 @@ class RedisServer(ServerProcess):
     otherwise happens when the object is garbage-collected or the interpreter exits.
     """
 
-    def __init__(self, password: str | None = None, *, port: int | None = None) -> None:
+    def __init__(
+        self, password: str | None = None, *, port: int | None = None, replica_of: RedisServer | None = None
+    ) -> None:
         super().__init__(Path(tempfile.mkdtemp(prefix="mailroom-redis-")))
         self.host = HOST
         self.password = password
         self.port = port or free_port()
+        #: Start as a replica of this server (with its password as masterauth).
+        self.replica_of = replica_of
 
     @property
     def url(self) -> str:
@@ -78,6 +82,10 @@ class RedisServer(ServerProcess):
         if self.password is not None:
             # In the file rather than on the command line, where ps would show it.
             lines.append(f"requirepass {_quote_config_value(self.password)}")
+        if self.replica_of is not None:
+            lines.append(f"replicaof {self.replica_of.host} {self.replica_of.port}")
+            if self.replica_of.password is not None:
+                lines.append(f"masterauth {_quote_config_value(self.replica_of.password)}")
         config.write_text("\n".join(lines) + "\n")
         proc = self._spawn([redis_server_executable(), str(config)], log_path=self.log_path)
         try:
