@@ -1,9 +1,11 @@
 """``mailroom run``: the whole service on one machine, for trying it out and for development.
 
 Starts a private Redis when no broker or result-backend URL is configured, migrates the
-database, makes sure a bootstrap admin and its key exist, then runs the API (gunicorn), one
-Celery worker per queue, Beat and Flower as child processes whose output is prefixed with
-their name. Ctrl-C or SIGTERM stops them all; if one dies, the rest are stopped too.
+database, makes sure a bootstrap admin and its key exist, then runs the API (gunicorn),
+``mailroom worker-host`` (one Celery worker per I/O-bound queue, and Beat, in one process),
+a solo worker for the spam queue and, on request, Flower, as child processes whose output
+is prefixed with their name. Ctrl-C or SIGTERM stops them all; if one dies, the rest are
+stopped too.
 """
 
 from __future__ import annotations
