@@ -165,13 +165,13 @@ def move_rows(session: Session, source: Folder, trash: Folder, rows: list[Row], 
     bump_counts(session, trash.id, len(moved), unread)
 
 
-# The ids and UIDs travel as comma-joined text (see _id_in). ``m.id = ANY(...)`` gives the
-# planner the primary key to find the batch's rows by, instead of scanning the source
-# folder's rows for a hash join, which grows with the folder.
+# The ids and UIDs travel as comma-joined text (see _id_in). The join finds the rows by
+# primary key once the planner knows the batch is small beside the folder (a hash join
+# over the folder's rows while the folder is small too).
 _PG_MOVE = text(
     "UPDATE messages AS m SET folder_id = :trash, uid = v.uid, modseq = NULL, updated_at = :now "
     "FROM unnest(string_to_array(:ids, ','), CAST(string_to_array(:uids, ',') AS bigint[])) AS v(id, uid) "
-    "WHERE m.id = v.id AND m.id = ANY(string_to_array(:ids, ',')) AND m.folder_id = :source"
+    "WHERE m.id = v.id AND m.folder_id = :source"
 )
 
 
