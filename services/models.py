@@ -321,7 +321,7 @@ class DeleteJournalEntry(Base):
     source_folder_id: Mapped[str] = mapped_column(ForeignKey("folders.id", ondelete="CASCADE"))
     # Trash for a move; NULL for a permanent delete.
     target_folder_id: Mapped[str | None] = mapped_column(ForeignKey("folders.id", ondelete="CASCADE"))
-    # The target's UIDNEXT before the first command: every copy this delete made is above it.
+    # The target's UIDNEXT before the first command: every copy this delete makes is at or above it.
     target_uidnext: Mapped[int | None] = mapped_column(BigInteger)
     uids: Mapped[str] = mapped_column(Text)  # the source UIDs, as an IMAP UID set ("4:9,12")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
