@@ -45,12 +45,13 @@ $(STAMP): $(REQUIREMENTS) | $(BIN)/python
 	touch $@
 
 # One check per package: the file it provides must exist, else the package is installed.
-system-deps: ## Install the Debian packages the tests use (Redis, PostgreSQL, Dovecot, venv) if any is missing
+system-deps: ## Install the Debian packages the tests use (Redis, PostgreSQL, PgBouncer, Dovecot, venv) if any is missing
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing="$$missing postgresql"; \
 	[ -x /usr/sbin/dovecot ] || missing="$$missing dovecot-core"; \
 	[ -x /usr/lib/dovecot/imap ] || missing="$$missing dovecot-imapd"; \
+	[ -x /usr/sbin/pgbouncer ] || missing="$$missing pgbouncer"; \
 	$(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	if command -v docker >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1 \
 		&& ! command -v docker-compose >/dev/null 2>&1; then missing="$$missing docker-compose"; fi; \

@@ -75,12 +75,19 @@ def make_engine(settings: Settings) -> Engine:
             cursor.close()
 
         return engine
+    # Behind PgBouncer in transaction mode, consecutive transactions of one client
+    # connection may run on different server connections: psycopg must not prepare
+    # statements (it does after five runs of one query), or the next transaction asks a
+    # server that never saw them. Everything else Mailroom does is transaction-scoped
+    # (row locks, no SET, no advisory or session locks, no LISTEN).
+    connect_args: dict[str, Any] = {"prepare_threshold": None} if settings.database_pgbouncer else {}
     return create_engine(
         url,
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_pool_size,
         pool_pre_ping=True,
         pool_recycle=1800,
+        connect_args=connect_args,
     )
 
 

@@ -42,6 +42,11 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL; SQLite by default, PostgreSQL in production.",
     )
     database_pool_size: int = Field(default=5, ge=1, le=200)
+    database_pgbouncer: bool = Field(
+        default=False,
+        description="MAILROOM_DATABASE_URL points at PgBouncer in transaction pooling mode: "
+        "no server-side prepared statements (a transaction's server connection is not the next one's).",
+    )
 
     # --- broker and result backend (separate Redis instances allowed) --------------------
     broker_url: str = Field(default="redis://127.0.0.1:6379/0")
