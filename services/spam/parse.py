@@ -221,22 +221,31 @@ def _transfer_decode(body: bytes, cte: str, parsed: ParsedMessage) -> bytes:
 
 
 def _cut_blocks(markup: str, lower: str, opener: str, closer: str) -> tuple[str, str]:
-    """``markup`` (and its lower-case twin) without each ``opener`` ... ``closer`` block; an
-    unclosed block runs to the end. One pass of ``str.find``."""
+    """``markup`` (and its lower-case twin) without each block from ``opener`` (followed by
+    a space, ``>`` or ``/``) to the ``>`` after ``closer``; an unclosed block runs to the
+    end. One pass of ``str.find``."""
     if opener not in lower:
         return markup, lower
     keep: list[tuple[int, int]] = []
     pos = 0
+    search = 0
     while True:
-        start = lower.find(opener, pos)
+        start = lower.find(opener, search)
         if start < 0:
             keep.append((pos, len(markup)))
             break
+        after = start + len(opener)
+        if opener != "<!--" and after < len(lower) and lower[after] not in " \t\r\n>/":
+            search = after  # <header> is not <head>
+            continue
         keep.append((pos, start))
-        end = lower.find(closer, start + len(opener))
+        end = lower.find(closer, after)
         if end < 0:
+            pos = len(markup)
+            keep.append((pos, pos))
             break
-        pos = end + len(closer)
+        gt = lower.find(">", end + len(closer) - 1)
+        pos = search = (gt + 1) if gt >= 0 else len(markup)
     return " ".join(markup[a:b] for a, b in keep), " ".join(lower[a:b] for a, b in keep)
 
 
