@@ -94,10 +94,14 @@ class ParsedMessage:
         return self._lower
 
     def lower_words(self) -> frozenset[str]:
-        """The set of words of :meth:`lower_text`."""
+        """The set of lower-case words of the subject and text (those of the features when
+        they were computed first, else of :meth:`lower_text`)."""
         if self._lower_words is None:
             self._lower_words = frozenset(_WORD.findall(self.lower_text()))
         return self._lower_words
+
+    def set_lower_words(self, words: frozenset[str]) -> None:
+        self._lower_words = words
 
     def header(self, name: str) -> str:
         """The first value of header ``name`` (lower-case), decoded, or ``""``."""

@@ -274,10 +274,11 @@ def display_name_spoofs_brand(parsed: ParsedMessage) -> Indicator | None:
 
 def credential_request(parsed: ParsedMessage) -> Indicator | None:
     text = parsed.lower_text()
-    cred = wording.first_phrase(text, wording.CREDENTIAL)
+    words = parsed.lower_words()
+    cred = wording.first_phrase(text, wording.CREDENTIAL, words)
     if not cred:
         return None
-    urgent = wording.first_phrase(text, wording.URGENCY)
+    urgent = wording.first_phrase(text, wording.URGENCY, words)
     if not urgent:
         return None
     return Indicator("credential_request", W_CREDENTIAL, f'"{cred}" with "{urgent}"'[:200])
@@ -285,12 +286,13 @@ def credential_request(parsed: ParsedMessage) -> Indicator | None:
 
 def payment_request(parsed: ParsedMessage) -> Indicator | None:
     text = parsed.lower_text()
-    pay = wording.first_word(parsed.lower_words(), wording.PAYMENT_WORDS) or wording.first_phrase(
-        text, wording.PAYMENT_PHRASES
+    words = parsed.lower_words()
+    pay = wording.first_word(words, wording.PAYMENT_WORDS) or wording.first_phrase(
+        text, wording.PAYMENT_PHRASES, words
     )
     if not pay:
         return None
-    urgent = wording.first_phrase(text, wording.URGENCY)
+    urgent = wording.first_phrase(text, wording.URGENCY, words)
     if not urgent:
         return None
     return Indicator("payment_request", W_PAYMENT, f'"{pay}" with "{urgent}"'[:200])
@@ -402,7 +404,8 @@ def obfuscated_text(parsed: ParsedMessage) -> Indicator | None:
     ):
         return Indicator("obfuscated_text", W_OBFUSCATED, "invisible or look-alike characters in the text")
     # Spelt-out text ("G r e e t i n g s") opens the message; reading the start is enough.
-    if _SPACED.search(text, 0, 2000):
+    opening = text[:2000]
+    if sum(len(t) == 1 for t in opening.split()) >= 20 and _SPACED.search(opening):
         return Indicator("obfuscated_text", W_SPACED_LETTERS, "words spelt out letter by letter")
     return None
 

@@ -171,8 +171,13 @@ LURE_PHRASES = (
 )
 
 
-def first_phrase(text: str, phrases: tuple[str, ...]) -> str | None:
+def first_phrase(text: str, phrases: tuple[str, ...], words: frozenset[str] | None = None) -> str | None:
+    """The first of ``phrases`` found in ``text``. With ``words`` (the text's word set), a
+    phrase of several words is only searched for when its first word is among them."""
     for phrase in phrases:
+        head, space, _ = phrase.partition(" ")
+        if space and words is not None and head not in words:
+            continue
         if phrase in text:
             return phrase
     return None
