@@ -164,6 +164,11 @@ class Settings(BaseSettings):
 
     # --- observability -------------------------------------------------------------------
     flower_port: int = Field(default=5555, ge=1, le=65535)
+    flower_basic_auth: str | None = Field(
+        default=None,
+        description="user:password[,user2:password2] for Flower (`mailroom flower`); required "
+        "when Flower listens beyond loopback.",
+    )
     metrics_token: str | None = Field(
         default=None, description="When set, GET /metrics needs `Authorization: Bearer <token>`."
     )
@@ -233,6 +238,17 @@ class Settings(BaseSettings):
         from services.crypto import validate_keys
 
         validate_keys(value)
+        return value
+
+    @field_validator("flower_basic_auth")
+    @classmethod
+    def _flower_basic_auth(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        for pair in value.split(","):
+            user, sep, password = pair.partition(":")
+            if not sep or not user or not password:
+                raise ValueError("must be user:password, several separated by commas")
         return value
 
     @field_validator("log_level")

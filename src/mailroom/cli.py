@@ -248,6 +248,30 @@ def worker_host(queue_specs: tuple[str, ...], beat: bool) -> None:
     sys.exit(WorkerHost(settings_or_exit(), queues, beat=beat).run())
 
 
+@main.command("flower")
+@click.option("--port", type=int, default=None, help="Port (default MAILROOM_FLOWER_PORT, 5555).")
+@click.option("--address", default="127.0.0.1", show_default=True, help="Address to listen on.")
+def flower(port: int | None, address: str) -> None:
+    """Run Flower, the web view of Celery's workers and tasks, behind the basic auth of
+    MAILROOM_FLOWER_BASIC_AUTH (required unless it listens on loopback). The login reaches
+    Flower through its environment, never its command line."""
+    import os
+
+    settings = settings_or_exit()
+    loopback = address in {"127.0.0.1", "::1", "localhost"}
+    env = dict(os.environ)
+    env.pop("FLOWER_UNAUTHENTICATED_API", None)
+    if settings.flower_basic_auth:
+        env["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth
+    elif loopback:
+        env["FLOWER_UNAUTHENTICATED_API"] = "true"  # this machine's users only
+    else:
+        fail("set MAILROOM_FLOWER_BASIC_AUTH (user:password) before Flower listens beyond loopback", 2)
+    argv = [sys.executable, "-m", "celery", "-A", "tasks.celery_app", "flower"]
+    argv += [f"--port={port or settings.flower_port}", f"--address={address}"]
+    os.execvpe(argv[0], argv, env)  # noqa: S606 - our own interpreter, no shell involved
+
+
 @main.command("run")
 @click.option("--port", default=8000, show_default=True, help="API port.")
 @click.option("--host", default="127.0.0.1", show_default=True)

@@ -222,9 +222,9 @@ class Launcher:
         spam = ["worker", "-Q", "spam", "--pool", "solo", "--hostname", "spam@%h", "--loglevel", "INFO"]
         commands.append(("spam", [*celery, *spam], shared))
         if self.flower:
-            flower = ["flower", f"--port={settings.flower_port}", "--address=127.0.0.1"]
-            # Flower's HTTP API wants auth unless told otherwise; acceptable on 127.0.0.1 only.
-            commands.append(("flower", [*celery, *flower], {"FLOWER_UNAUTHENTICATED_API": "true"}))
+            # `mailroom flower`: MAILROOM_FLOWER_BASIC_AUTH when set, else open on loopback.
+            flower = [sys.executable, "-m", "mailroom.cli", "flower", "--address=127.0.0.1"]
+            commands.append(("flower", flower, {}))
         return commands
 
     def _start_redis(self, directory: Path) -> dict[str, str]:
