@@ -72,6 +72,12 @@ def test_learning_ham_brings_a_message_back() -> None:
     assert not score_message(spammy, layer=layer).is_spam(DEFAULT_THRESHOLD)
 
 
+def test_learning_lands_on_the_tenants_own_threshold() -> None:
+    strict = TenantLayer()
+    strict.learn(NEWSLETTER, is_spam=True, threshold=0.95)
+    assert score_message(NEWSLETTER, layer=strict).is_spam(0.95)
+
+
 def test_a_lesson_is_bounded_and_mostly_about_that_message() -> None:
     layer = TenantLayer()
     for _ in range(5):

@@ -48,15 +48,18 @@ class TenantLayer:
         get = self.deltas.get
         return sum(get(f, 0.0) for f in features)
 
-    def learn(self, raw: bytes, is_spam: bool) -> None:
-        """Teach this layer the user's verdict on ``raw`` (a spam when ``is_spam``)."""
-        from services.spam.scorer import analyse
+    def learn(self, raw: bytes, is_spam: bool, *, threshold: float | None = None) -> None:
+        """Teach this layer the user's verdict on ``raw`` (a spam when ``is_spam``): the
+        message ends on that side of ``threshold`` (the tenant's; ``DEFAULT_THRESHOLD`` when
+        not given) with a margin, unless the per-feature cap stops it first."""
+        from services.spam.scorer import DEFAULT_THRESHOLD, analyse, logit
 
         analysis = analyse(raw, layer=self)
         feats = sorted(analysis.features)
         if not feats:
             return
-        target = analysis.threshold_logit + (TARGET_MARGIN if is_spam else -TARGET_MARGIN)
+        cut = logit(DEFAULT_THRESHOLD if threshold is None else threshold)
+        target = cut + (TARGET_MARGIN if is_spam else -TARGET_MARGIN)
         current = analysis.logit
         for _ in range(MAX_STEPS):
             need = target - current

@@ -45,10 +45,6 @@ class Analysis:
     indicators: tuple[Indicator, ...]
     logit: float
 
-    @property
-    def threshold_logit(self) -> float:
-        return logit(DEFAULT_THRESHOLD)
-
 
 def analyse(raw: bytes, *, layer: TenantLayer | None = None) -> Analysis:
     """Parse and score ``raw`` without lists or spamd: what ``TenantLayer.learn`` needs."""
