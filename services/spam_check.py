@@ -176,10 +176,10 @@ def _judged_spam(run: _Run, target: Target, verdict: Verdict) -> bool:
     return verdict.is_spam(run.spam.threshold)
 
 
-def _learned(current: bytes | None, raws: list[bytes], is_spam: bool) -> bytes:
+def _learned(current: bytes | None, raws: list[bytes], is_spam: bool, threshold: float) -> bytes:
     layer = _layer(current) or TenantLayer()
     for raw in raws:
-        layer.learn(raw, is_spam)
+        layer.learn(raw, is_spam, threshold=threshold)
     return layer.to_bytes()
 
 
@@ -218,7 +218,7 @@ def _check_batch(run: _Run, folder: Folder, batch: list[Target]) -> None:
                 run.tenant_id,
                 run.learn,
                 {t.id: raw for t, raw in present},
-                lambda current, raws: _learned(current, raws, is_spam),
+                lambda current, raws: _learned(current, raws, is_spam, run.spam.threshold),
             )
         run.layer = _layer(data)
         run.learned += count

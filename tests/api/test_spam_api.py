@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.db import transaction
 from services.models import Folder, Message, TaskRecord
+from services.spam import DEFAULT_THRESHOLD
 from tests.support import TenantKit, error_of
 
 
@@ -56,7 +57,7 @@ def _listed(kit: TenantKit, account: dict[str, Any], query: str = "") -> dict[st
 def test_settings_defaults_roles_and_normalised_lists(kit: TenantKit, other_kit: TenantKit) -> None:
     shown = kit.member.get("/api/spam/settings")
     assert shown.status_code == 200
-    assert shown.get_json() == {"threshold": 0.5, "allow": [], "block": [], "learned": 0}
+    assert shown.get_json() == {"threshold": DEFAULT_THRESHOLD, "allow": [], "block": [], "learned": 0}
 
     refused = kit.member.patch("/api/spam/settings", json={"threshold": 0.7})
     assert refused.status_code == 403 and error_of(refused)["code"] == "forbidden"
@@ -93,13 +94,14 @@ def test_settings_validation_is_422(kit: TenantKit) -> None:
         response = kit.admin.patch("/api/spam/settings", json=body)
         assert response.status_code == 422, (body, response.get_json())
         assert error_of(response)["code"] == "validation_error"
-    assert kit.admin.get("/api/spam/settings").get_json()["threshold"] == 0.5
+    assert kit.admin.get("/api/spam/settings").get_json()["threshold"] == DEFAULT_THRESHOLD
 
 
 def test_threshold_rejudges_and_the_list_filters_by_verdict(
     kit: TenantKit, account: dict[str, Any], sessions: sessionmaker[Session]
 ) -> None:
-    _seed(sessions, kit, account, [0.1, 0.55, 0.65, 0.9, None])
+    assert kit.admin.patch("/api/spam/settings", json={"threshold": 0.5}).status_code == 200
+    _seed(sessions, kit, account, [0.1, 0.55, 0.65, 0.9, None])  # judged at 0.5
     listed = _listed(kit, account)
     assert listed["s3"]["spam_score"] == 0.9 and listed["s3"]["is_spam"] is True
     assert listed["s3"]["indicators"] == [{"name": "statistical_tokens", "weight": 1.0, "detail": ""}]
