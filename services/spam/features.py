@@ -151,8 +151,7 @@ def base_features(parsed: ParsedMessage) -> set[int]:
         _add(feats, "attribution", NS_SHAPE)
     if parsed.header("in-reply-to") or parsed.header("references"):
         _add(feats, "in-thread", NS_SHAPE)
-    for url in parsed.urls[:100]:
-        host = url_host(url)
+    for host in parsed.url_hosts():
         if not host:
             continue
         if host.replace(".", "").isdigit():

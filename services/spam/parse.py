@@ -85,6 +85,8 @@ class ParsedMessage:
     limits: list[str] = field(default_factory=list)
     _lower: str | None = None
     _decoded: dict[str, list[str]] = field(default_factory=dict)
+    _by_name: dict[str, list[bytes]] | None = None
+    _hosts: list[str] | None = None
     _lower_words: frozenset[str] | None = None
 
     def lower_text(self) -> str:
@@ -112,10 +114,22 @@ class ParsedMessage:
         """Every value of header ``name`` (lower-case), decoded, top first."""
         values = self._decoded.get(name)
         if values is None:
+            if self._by_name is None:
+                self._by_name = {}
+                for key, raw in self.raw_headers:
+                    self._by_name.setdefault(key, []).append(raw)
             # Decoded on demand: most of a message's headers are never read.
-            values = [decode_header_value(value) for key, value in self.raw_headers if key == name]
+            values = [decode_header_value(raw) for raw in self._by_name.get(name, ())]
             self._decoded[name] = values
         return values
+
+    def url_hosts(self) -> list[str]:
+        """The lower-case host of each of the first 100 URLs ("" where there is none)."""
+        if self._hosts is None:
+            from services.spam.features import url_host
+
+            self._hosts = [url_host(u) for u in self.urls[:100]]
+        return self._hosts
 
     def limit(self, what: str) -> None:
         if what not in self.limits:
