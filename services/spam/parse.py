@@ -187,25 +187,19 @@ def _split_head(data: bytes) -> tuple[bytes, bytes]:
     return data, b""
 
 
-_FIELD_SPLIT = re.compile(rb"\r?\n(?![ \t])")
-_FIELD_NAME = re.compile(rb"([!-9;-~]{1,100})[ \t]*:")
+# A field: its name at a line start, then its value with any folded lines.
+_FIELD = re.compile(rb"^([!-9;-~]{1,100})[ \t]*:(.*(?:\r?\n[ \t].*)*)", re.M)
 
 
 def _read_headers(head: bytes, parsed: ParsedMessage) -> list[tuple[str, bytes]]:
     if len(head) > MAX_HEADER_BYTES:
         head = head[:MAX_HEADER_BYTES]
         parsed.limit("header_bytes")
-    chunks = _FIELD_SPLIT.split(head, MAX_HEADERS)
-    if len(chunks) > MAX_HEADERS:
-        chunks.pop()
+    pairs = _FIELD.findall(head)
+    if len(pairs) > MAX_HEADERS:
+        del pairs[MAX_HEADERS:]
         parsed.limit("header_count")
-    fields: list[tuple[str, bytes]] = []
-    match = _FIELD_NAME.match
-    for chunk in chunks:
-        m = match(chunk)
-        if m:
-            fields.append((m.group(1).lower().decode("ascii"), chunk[m.end() :].strip()))
-    return fields
+    return [(name.lower().decode("ascii"), value.strip()) for name, value in pairs]
 
 
 def _params(value: str) -> tuple[str, dict[str, str]]:
@@ -226,7 +220,13 @@ def _transfer_decode(body: bytes, cte: str, parsed: ParsedMessage) -> bytes:
     cte = cte.strip().lower()
     try:
         if cte == "base64":
-            cleaned = _NOT_BASE64.sub(b"", body[: MAX_PART_DECODE * 4 // 3 + 4])
+            body = body[: MAX_PART_DECODE * 4 // 3 + 4]
+            try:
+                # Lenient mode skips line breaks and stray characters; only bad padding fails.
+                return binascii.a2b_base64(body)
+            except binascii.Error:
+                pass
+            cleaned = _NOT_BASE64.sub(b"", body)
             if len(cleaned) % 4 == 1:
                 cleaned = cleaned[:-1]
             return binascii.a2b_base64(cleaned + b"=" * (-len(cleaned) % 4))
