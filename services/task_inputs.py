@@ -25,7 +25,8 @@ def _email(value: str) -> str:
     return value
 
 
-EmailAddress = Annotated[str, AfterValidator(_email)]
+# The pattern is in the schema too, so the OpenAPI document says what an address may be.
+EmailAddress = Annotated[str, Field(max_length=320, pattern=_EMAIL.pattern), AfterValidator(_email)]
 
 FolderName = Field(min_length=1, max_length=1000)
 
