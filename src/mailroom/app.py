@@ -116,4 +116,4 @@ def _check_body() -> None:
         raise InvalidRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(parsed, dict):
         raise InvalidRequest("the body must be a JSON object", code="invalid_json")
-    check_json_text(parsed)
+    check_json_text(parsed, data)

@@ -73,8 +73,17 @@ def check_request_text() -> None:
             raise refuse(("query", key), problem)
 
 
-def check_json_text(parsed: Any) -> None:
-    """Called on every parsed JSON body: NUL or a lone surrogate anywhere is a 422."""
+# Valid JSON can carry a NUL or a surrogate only as a \u escape (raw control characters
+# are invalid JSON and UTF-8 cannot encode surrogates), so a body without such an escape
+# needs no walk: a 5,000-id body is checked in microseconds instead of tens of ms.
+_SUSPECT_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89abAB89cdefCDEF][0-9a-fA-F]{2})")
+
+
+def check_json_text(parsed: Any, raw: bytes | None = None) -> None:
+    """Called on every parsed JSON body: NUL or a lone surrogate anywhere is a 422.
+    ``raw``, the body's bytes, lets a body with no suspect escape skip the walk."""
+    if raw is not None and not _SUSPECT_ESCAPE.search(raw):
+        return
     found = find_bad_text(parsed, ("body",))
     if found:
         raise refuse(*found)
