@@ -23,24 +23,35 @@ runtime's log file.
    work: an IMAP login and CAPABILITY against Dovecot, an SMTP login against aiosmtpd, and
    the task record's writes in PostgreSQL (running, progress, succeeded, duration stats).
 
+3. The pieces alone: CPU microseconds per call, in one process per mode and round, of
+   exactly what "on" adds — a Flask app with only Mailroom's metrics hooks and one route
+   (per request), and a worker's per-attempt metrics and log lines (per task) — set beside
+   the whole CPU per request and per task measured in 1 and 2. Throughput on a shared
+   2-core machine varies from round to round far more than 5 %; this share does not.
+
 Each figure is printed with its on/off ratio, each round's ratio, and the goal (on within
 5 % of off). CPU per request / per task of the measured processes is printed too: on a
 shared machine it is steadier than throughput. "other" is CPU used meanwhile by processes
 that are not this benchmark's.
 
-Run: ``.venv/bin/python bench/bench_observability.py [--rounds 4] [--duration 8] [--tasks 300]``.
+Run: ``.venv/bin/python bench/bench_observability.py [--rounds 4] [--duration 8] [--tasks 300]
+[--iterations 10000]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +89,7 @@ GOAL = 0.05
 WARMUP_SECONDS = 3.0
 TASK_TIMEOUT = 300.0
 POLL_SECONDS = 0.1
+PIECES_CHILD = "--pieces-child"
 
 
 def mode_env(base: dict[str, str], mode: str, metrics_dir: Path | None) -> dict[str, str]:
@@ -149,6 +161,99 @@ def server_roots(env: BenchEnvironment) -> dict[str, int]:
         "dovecot": env.dovecot.pid,
         "smtp": env.smtp.pid,
     }
+
+
+# -- the pieces alone, in one process ------------------------------------------------------
+
+
+def pieces_child(iterations: int) -> None:
+    """In a subprocess whose environment is one mode's: CPU microseconds per request of a
+    Flask app with only Mailroom's metrics hooks (``install_metrics``: latency, count,
+    access log) and one route; then per task of a worker's per-attempt observability
+    (``AttemptMetrics`` inside the task's log context, and Celery's own received and
+    succeeded INFO lines with the same loggers, messages and arguments). Prints JSON."""
+    from celery.app.trace import LOG_RECEIVED, LOG_SUCCESS
+    from flask import Flask
+
+    from mailroom.metrics import install_metrics
+    from services.logs import configure_logging, log_context
+    from services.models import utcnow
+    from tasks.metrics import AttemptMetrics
+
+    configure_logging(os.environ["MAILROOM_LOG_LEVEL"], "json")
+    app = Flask("pieces")
+    install_metrics(app)
+
+    @app.post("/api/accounts/<account_id>/verify")
+    def verify(account_id: str) -> tuple[dict[str, str], int]:
+        return {"task_id": account_id}, 202
+
+    client = app.test_client()
+    path = f"/api/accounts/{uuid.uuid4()}/verify"
+    received, traced = logging.getLogger("celery.worker.strategy"), logging.getLogger("celery.app.trace")
+    result = {"imap": {"ok": True, "capabilities": ["IMAP4REV1", "IDLE", "MOVE"]}, "smtp": {"ok": True}}
+    kwargs = repr({"tenant_id": str(uuid.uuid4()), "user_id": str(uuid.uuid4()), "params": {}})
+
+    def task() -> None:
+        task_id = str(uuid.uuid4())
+        context = {
+            "id": task_id,
+            "name": "mailroom.verify_account",
+            "args": "()",
+            "kwargs": kwargs,
+            "eta": None,
+        }
+        received.info(LOG_RECEIVED, context, extra={"data": context})
+        with log_context(task_id=task_id, tenant_id="t"):
+            observed = AttemptMetrics("verify", "sync", utcnow())
+            with log_context(queue="sync", task_type="verify", attempt=1):
+                observed.end("succeeded", result)
+        traced.info(
+            LOG_SUCCESS,
+            {
+                "id": task_id,
+                "name": "mailroom.verify_account",
+                "return_value": repr(result),
+                "runtime": 0.05,
+                "args": "()",
+                "kwargs": kwargs,
+            },
+        )
+
+    def per_call(call: Callable[[], object]) -> float:
+        for _ in range(iterations // 10):  # warm-up: first files, first label children
+            call()
+        started = time.process_time()
+        for _ in range(iterations):
+            call()
+        return (time.process_time() - started) / iterations * 1e6
+
+    print(json.dumps({"request": per_call(lambda: client.post(path)), "task": per_call(task)}))
+
+
+def pieces(tmp: Path, rounds: int, iterations: int) -> dict[str, dict[str, list[float]]]:
+    """``pieces_child`` in alternating on/off subprocesses; their logs go to files."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MAILROOM_")}
+    base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "src"), base.get("PYTHONPATH")]))
+    found: dict[str, dict[str, list[float]]] = {mode: {"request": [], "task": []} for mode in MODES}
+    print(f"pieces alone: {rounds} rounds of {iterations:,} requests and tasks per mode, one process …")
+    for n in range(rounds):
+        for mode in MODES if n % 2 == 0 else MODES[::-1]:
+            directory = tmp / f"pieces-{mode}-{n}"
+            directory.mkdir()
+            env = mode_env(base, mode, directory / "prometheus")
+            with open(directory / "log", "wb") as log:
+                out = subprocess.run(
+                    [sys.executable, __file__, PIECES_CHILD, str(iterations)],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    check=True,
+                    cwd=ROOT,
+                ).stdout
+            for key, value in json.loads(out).items():
+                found[mode][key].append(value)
+    return found
 
 
 # -- dispatch ----------------------------------------------------------------------------
@@ -382,7 +487,11 @@ def summary_row(label: str, phases: list[Phase], cpu_unit: str) -> list[str]:
 
 
 def report(
-    dispatch_runs: list[Phase], task_runs: list[Phase], checks: list[str], args: argparse.Namespace
+    dispatch_runs: list[Phase],
+    task_runs: list[Phase],
+    alone: dict[str, dict[str, list[float]]],
+    checks: list[str],
+    args: argparse.Namespace,
 ) -> None:
     for title, phases, unit in (
         ("Dispatch: POST …/verify through gunicorn, each phase", dispatch_runs, "requests/s"),
@@ -413,6 +522,30 @@ def report(
             summary_row(f"verify tasks/s, {args.tasks} per phase", task_runs, "per task"),
         ],
     )
+    rows = []
+    for key, label, phases in (
+        ("request", "per request: metrics hooks + access log", dispatch_runs),
+        ("task", "per task: AttemptMetrics + 3 INFO lines", task_runs),
+    ):
+        on, off = statistics.median(alone["on"][key]), statistics.median(alone["off"][key])
+        whole = statistics.median(p.cpu / p.count * 1e6 for p in phases if p.mode == "off")
+        rows.append(
+            [
+                label,
+                f"{fmt(on, 1)} ({', '.join(fmt(v, 1) for v in alone['on'][key])})",
+                f"{fmt(off, 1)} ({', '.join(fmt(v, 1) for v in alone['off'][key])})",
+                fmt(on - off, 1),
+                f"{fmt(whole, 0)} µs",
+                f"{fmt((on - off) / whole * 100, 2)} %",
+            ]
+        )
+    print_table(
+        f"The pieces alone: CPU µs per call in one process, median of {args.rounds} alternating "
+        "subprocesses per mode (each value in brackets), beside the whole CPU per request / task "
+        "of the processes measured above ('off' median)",
+        ["what", "on µs", "off µs", "on - off", "whole, above", "share"],
+        rows,
+    )
     with_start = {m: statistics.median(p.rate_with_start for p in task_runs if p.mode == m) for m in MODES}
     print(
         f"tasks/s counted from the worker's launch (start-up included): on {fmt(with_start['on'], 1)}, "
@@ -432,6 +565,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per dispatch phase (8)")
     parser.add_argument("--clients", type=int, default=50, help="concurrent HTTP clients (50)")
     parser.add_argument("--tasks", type=int, default=300, help="verify tasks per task phase (300)")
+    parser.add_argument(
+        "--iterations", type=int, default=10_000, help="calls per mode and round of the pieces alone (10,000)"
+    )
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [PIECES_CHILD]:
+        pieces_child(int(argv[1]))
+        return
     args = parser.parse_args(argv)
     if args.rounds < 3:
         parser.error("--rounds must be at least 3")
@@ -445,6 +585,7 @@ def main(argv: list[str] | None = None) -> None:
         tempfile.TemporaryDirectory(prefix="mailroom-bench-obs-") as tmp_name,
     ):
         tmp = Path(tmp_name)
+        alone = pieces(tmp, args.rounds, args.iterations)
         sessions = env.sessions()
         http_owner = env.create_owner(sessions)
         task_owner = env.create_owner(sessions)  # its own tenant: the drain never touches it
@@ -465,7 +606,7 @@ def main(argv: list[str] | None = None) -> None:
         + ", ".join(f"{k}: {v:,.0f}" for k, v in bench.scraped.items())
         + f" (of {args.tasks} each)",
     ]
-    report(dispatch_runs, task_runs, checks, args)
+    report(dispatch_runs, task_runs, alone, checks, args)
 
 
 if __name__ == "__main__":
