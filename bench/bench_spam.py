@@ -65,7 +65,8 @@ def num(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
-def row(name: str, val: EvalResult, phish: EvalResult, modern: EvalResult, speed: str) -> None:
+def row(name: str, results: list[EvalResult], speed: str) -> None:
+    val, phish, modern = results
     print(
         f"{name:<34} {num(val.precision):>9} {num(val.recall):>7} {num(val.f1):>7} "
         f"{pct(val.false_positive_rate):>8} {pct(phish.recall):>9} "
@@ -184,8 +185,8 @@ def main() -> None:
         "  speed (one core)"
     )
     print(f"{'':<34} {'(validation split)':>35} {'caught':>9} {'ham FPR':>9}")
-    row("Mailroom scorer (model + rules)", *ours, f"{cpu:,.0f} msg/s CPU, {wall:,.0f} msg/s wall")
-    row("base model alone (reference)", *alone, "")
+    row("Mailroom scorer (model + rules)", ours, f"{cpu:,.0f} msg/s CPU, {wall:,.0f} msg/s wall")
+    row("base model alone (reference)", alone, "")
     print(
         f"{'email compat32 parse (reference)':<34} {'':>63}  "
         f"{ref_cpu:,.0f} msg/s CPU, {ref_wall:,.0f} msg/s wall"
@@ -202,8 +203,8 @@ def main() -> None:
         n = sum(len(s) for s in subsets)
         sa_speed = n / sum(r.seconds for r in sa)
         print(f"\nsame {args.sa_messages} random messages per set (seed 7):")
-        row("SpamAssassin local rules (ref.)", *sa, f"{sa_speed:,.1f} msg/s wall (spamd, 2 children)")
-        row("Mailroom scorer", *ours_same, "")
+        row("SpamAssassin local rules (ref.)", sa, f"{sa_speed:,.1f} msg/s wall (spamd, 2 children)")
+        row("Mailroom scorer", ours_same, "")
 
 
 if __name__ == "__main__":
