@@ -313,6 +313,12 @@ class Capacity:
         with self.sessions() as session:
             return int(session.scalar(text("SELECT pg_total_relation_size('messages')")) or 0)
 
+    def task_record_bytes(self) -> tuple[int, int]:
+        """(bytes of the tasks table with its indexes and TOAST, records in it)."""
+        with self.sessions() as session:
+            size = int(session.scalar(text("SELECT pg_total_relation_size('tasks')")) or 0)
+            return size, int(session.scalar(select(func.count()).select_from(TaskRecord)) or 0)
+
 
 def mean(values: Sequence[float]) -> float:
     return statistics.mean(values) if values else math.nan
@@ -389,6 +395,7 @@ def run(args: argparse.Namespace) -> None:
         records = bench.beat_syncs(window_start - timedelta(seconds=1))
         periodic_log = bench.workers["periodic"].log_text()
         sync_log = bench.workers["sync"].log_text()
+        task_bytes = bench.task_record_bytes()
 
     report(
         args,
@@ -400,6 +407,7 @@ def run(args: argparse.Namespace) -> None:
         beat_ticks=beat_log.count("Scheduler: Sending due task periodic-sync"),
         sync_log_errors=len(re.findall(r'"level": ?"(?:ERROR|CRITICAL)"', sync_log)),
         storage=(storage_bytes, args.storage_messages, first_sync_seconds),
+        task_bytes=task_bytes,
     )
 
 
@@ -414,6 +422,7 @@ def report(
     beat_ticks: int,
     sync_log_errors: int,
     storage: tuple[int, int, float],
+    task_bytes: tuple[int, int],
 ) -> None:
     start, end = window
     window_s = (end - start).total_seconds()
@@ -569,6 +578,10 @@ def report(
             [
                 "messages table + indexes + TOAST per 10,000 synced messages",
                 f"{fmt(per_message * 10_000 / 2**20, 2)} MiB ({fmt(per_message, 0)} B/message)",
+            ],
+            [
+                f"tasks table + indexes + TOAST per task record ({task_bytes[1]:,} records)",
+                f"{fmt(ratio(task_bytes[0], task_bytes[1]), 0)} B",
             ],
             ["errors logged by the sync worker", str(sync_log_errors)],
         ],
