@@ -31,7 +31,7 @@ def periodic_sync(self: Task) -> dict[str, Any]:
     # Beat reads across tenants on purpose; each dispatch then runs bound to its tenant.
     everyone = unrestricted_unsafe_sessions(runtime.sessions)
     with transaction(everyone) as session:
-        due = accounts.due_account_ids(session, utcnow())
+        due = accounts.due_account_ids(session, utcnow(), tick_seconds=runtime.settings.periodic_sync_seconds)
     queued, skipped = [], 0
     for account_id in due:
         with transaction(everyone) as session:

@@ -195,3 +195,15 @@ def test_cleanup_stale_results(isolated: Isolated, periodic_worker) -> None:
         assert session.get(TaskRecord, lost).state == "failed"
         assert session.get(TaskRecord, old_done) is None
         assert session.get(TaskRecord, fresh).state == "running"
+
+
+def test_an_account_due_before_the_middle_of_the_next_tick_is_due_now(isolated: Isolated) -> None:
+    """Beat looks every tick: an account whose interval ends within half a tick is synced
+    now, not a whole tick late, so the mean gap between its syncs is its interval."""
+    almost = isolated.make_account(last_sync_ago=900 - 100, interval=900)  # due in 100 s
+    later = isolated.make_account(last_sync_ago=900 - 200, interval=900)  # due in 200 s
+    with isolated.sessions() as session:
+        due = set(accounts.due_account_ids(session, utcnow(), tick_seconds=300))
+        strict = set(accounts.due_account_ids(session, utcnow()))
+    assert almost in due and later not in due
+    assert almost not in strict
