@@ -16,9 +16,11 @@ Phases:
 2. Beat runs for ``--duration`` seconds; then Beat stops, the queued syncs drain, and
    PostgreSQL's statistics settle before the last reading.
 
-Printed: sync tasks completed per second beside the model's prediction (accounts /
-interval, and the same rounded up to Beat's ticks, since an account's next sync is due one
-interval after its last one *ended*); mean and p95 duration of these syncs (unchanged
+Printed: sync tasks completed per second beside the model's predictions (accounts /
+interval; accounts / (interval + wait + run), since an account's next sync is due one
+interval after its last one *ended*; the same with that gap taken to Beat's ticks as
+services.accounts.due_account_ids does, and as it did before it took accounts due within
+half a tick); mean and p95 duration of these syncs (unchanged
 accounts); queue wait p50/p95 of the sync queue (task record ``started_at - created_at``);
 CPU seconds per sync of the workers, PostgreSQL, Redis and Dovecot (their process trees);
 Redis commands and PostgreSQL transactions per sync; how regularly each account was
@@ -445,28 +447,36 @@ def report(
 
     rate = len(in_window) / window_s
     naive = args.accounts / args.interval
-    # An account's next sync is due one interval after its last sync *ended*; Beat looks
-    # every interval, so it finds it due only at the tick after that: two ticks later.
+    # An account's next sync is due one interval after its last sync *ended*: I + wait + run
+    # after the tick that queued it. Beat looks every tick and takes an account due before
+    # the middle of the next tick, so the gap is I + wait + run taken to the nearest tick
+    # (on average over ticks' phases, I + wait + run itself); before that rule it was the
+    # next whole tick after I + wait + run.
     tick = args.interval
-    period = (
-        math.ceil((args.interval + statistics.mean(waits or [0]) + statistics.mean(durations or [0])) / tick)
-        * tick
-    )
-    rounded = args.accounts / period
+    lag = args.interval + mean(waits or [0.0]) + mean(durations or [0.0])
+    continuous = args.accounts / lag
+    nearest = tick * math.ceil(lag / tick - 0.5)
+    whole = tick * math.ceil(lag / tick)
 
     print_table(
         f"Sync throughput: {args.accounts:,} accounts, sync_interval {args.interval} s, Beat every "
         f"{args.interval} s, {window_s:.0f} s window ({beat_ticks} Beat ticks of periodic-sync)",
-        ["figure", "value"],
+        ["figure", "value (measured / model)"],
         [
             ["sync tasks completed per second (measured, ended inside the window)", fmt(rate, 2)],
-            ["model: accounts / sync_interval", fmt(naive, 2)],
-            ["measured / model", fmt(ratio(rate, naive), 2)],
+            ["model: accounts / sync_interval", f"{fmt(naive, 2)} ({fmt(ratio(rate, naive), 2)})"],
             [
-                f"model with Beat's ticks: accounts / {period} s (next tick after interval + wait + run)",
-                fmt(rounded, 2),
+                f"model: accounts / (interval + wait + run) = accounts / {lag:.1f} s",
+                f"{fmt(continuous, 2)} ({fmt(ratio(rate, continuous), 2)})",
             ],
-            ["measured / model with ticks", fmt(ratio(rate, rounded), 2)],
+            [
+                f"model with Beat's ticks: accounts / {nearest} s (interval + wait + run, nearest tick)",
+                f"{fmt(args.accounts / nearest, 2)} ({fmt(ratio(rate, args.accounts / nearest), 2)})",
+            ],
+            [
+                f"former rule: accounts / {whole} s (the next whole tick after interval + wait + run)",
+                f"{fmt(args.accounts / whole, 2)} ({fmt(ratio(rate, args.accounts / whole), 2)})",
+            ],
             [
                 "sync tasks queued by Beat (window + drain) / succeeded",
                 f"{len(records):,} / {len(succeeded):,}",
