@@ -24,7 +24,10 @@ Every sample waits at most ``--cap`` seconds (30) for its task to start; a cappe
 counts as the cap, is shown with "≥", and ends its case.
 
 Run: ``.venv/bin/python bench/bench_isolation.py [--samples 20] [--backlog 10000]
-[--per-task 5] [--messages 500] [--cap 30] [--shared]``. Goal: ratio (b)/(a) ≤ 1.5.
+[--per-task 5] [--messages 500] [--cap 30] [--shared] [--embedded]``. Goal: ratio (b)/(a) ≤ 1.5.
+With ``--embedded`` the same is measured on the embedded stack as ``mailroom run`` starts
+it: ``mailroom worker-host`` (sync, send, delete and periodic workers in one process) and a
+solo spam worker.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import re
 import statistics
 import sys
 import tarfile
@@ -59,6 +63,7 @@ from bench.environment import (  # noqa: E402
     print_table,
     ratio,
 )
+from mailroom.launcher import EMBEDDED_THREADS  # noqa: E402
 from services.models import Message, TaskRecord  # noqa: E402
 from tasks.celery_app import make_celery  # noqa: E402
 from tasks.dispatch import dispatch  # noqa: E402
@@ -275,6 +280,22 @@ class Bench:
             self.sample()
 
 
+class EmbeddedHost(CeleryWorker):
+    """``mailroom worker-host`` as ``mailroom run`` starts it: one Celery worker per
+    I/O-bound queue (threads per queue from the launcher) and Beat's place, in one process.
+    Ready once every queue's worker said so."""
+
+    def __init__(self, env: dict[str, str], name: str) -> None:
+        super().__init__(list(EMBEDDED_THREADS), env=env, name=name, cwd=ROOT)
+        self.ready_pattern = re.compile(r"periodic@\S+ ready\.")
+
+    def _argv(self) -> list[str]:
+        argv = [sys.executable, "-m", "mailroom.cli", "worker-host"]
+        for queue, threads in EMBEDDED_THREADS.items():
+            argv += ["--queue", f"{queue}:{threads}"]
+        return argv
+
+
 @contextmanager
 def running(*workers: CeleryWorker) -> Iterator[None]:
     """Start the workers in parallel and wait until all are ready; stop them afterwards."""
@@ -296,7 +317,21 @@ def measure_setup(
     that consume ``spam`` are stopped while the flood is dispatched, the others keep
     running. Returns the cases and the dispatch rate."""
     print(f"{setup} …", flush=True)
-    workers = [bench.worker(queues, "-".join(queues)) for queues in queues_per_worker]
+    if queues_per_worker == EMBEDDED:
+        # As `mailroom run` ships it: the shared worker host, and spam in a solo worker.
+        host = EmbeddedHost(bench.env.subprocess_env(), f"host-{uuid.uuid4().hex[:6]}")
+        bench.env.add_cleanup(host.cleanup)
+        spam = CeleryWorker(
+            ["spam"],
+            env=bench.env.subprocess_env(),
+            name=f"spam-{uuid.uuid4().hex[:6]}",
+            cwd=ROOT,
+            pool="solo",
+        )
+        bench.env.add_cleanup(spam.cleanup)
+        workers = [host, spam]
+    else:
+        workers = [bench.worker(queues, "-".join(queues)) for queues in queues_per_worker]
     spam_consumers = [w for w in workers if "spam" in w.queues]
     others = [w for w in workers if "spam" not in w.queues]
     with running(*others):
@@ -317,9 +352,13 @@ def measure_setup(
     return [idle, loaded], rate
 
 
+#: Marks the embedded setup (``mailroom run``'s worker host plus a solo spam worker).
+EMBEDDED: list[list[str]] = [["embedded"]]
+
 SETUPS: list[tuple[str, list[list[str]]]] = [
     ("separate workers (-Q sync, -Q spam)", [["sync"], ["spam"]]),
     ("one shared worker (-Q sync,spam)", [["sync", "spam"]]),
+    ("embedded stack (mailroom run: worker host + solo spam)", EMBEDDED),
 ]
 
 
@@ -333,6 +372,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--messages", type=int, default=500, help="messages in tenant A's INBOX (500)")
     parser.add_argument("--cap", type=float, default=30.0, help="longest wait per sample, seconds (30)")
     parser.add_argument("--shared", action="store_true", help="also measure one shared worker, as a contrast")
+    parser.add_argument(
+        "--embedded", action="store_true", help="also measure the embedded stack as `mailroom run` starts it"
+    )
     args = parser.parse_args(argv)
 
     with BenchEnvironment(dovecot=True, smtp=True, max_tasks_in_flight_per_queue=args.backlog + 1000) as env:
@@ -340,7 +382,8 @@ def main(argv: list[str] | None = None) -> None:
         bench = Bench(env, env.create_owner(sessions), env.create_owner(sessions), args.cap)
         cases: list[Case] = []
         rates: list[float] = []
-        for setup, queues_per_worker in SETUPS if args.shared else SETUPS[:1]:
+        chosen = [SETUPS[0]] + ([SETUPS[1]] if args.shared else []) + ([SETUPS[2]] if args.embedded else [])
+        for setup, queues_per_worker in chosen:
             measured, rate = measure_setup(bench, setup, queues_per_worker, args)
             cases += measured
             rates.append(rate)
@@ -402,7 +445,7 @@ def report(args: argparse.Namespace, cases: list[Case], rates: list[float]) -> N
     shown = ", ".join(f"{rate:,.0f}" for rate in rates)
     print(f"tenant A's check_spam tasks dispatched (record + publish) at {shown} tasks/s")
     print(f"each scores {args.per_task} of {args.messages} real messages of tenant A, fetched from Dovecot")
-    print("goal: ratio (b)/(a) ≤ 1.5 with separate workers")
+    print("goal: ratio (b)/(a) ≤ 1.5 with separate workers, and on the embedded stack")
     for case in cases:
         if case.failures:
             states = ", ".join(sorted(set(case.failures)))
