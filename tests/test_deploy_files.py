@@ -263,7 +263,9 @@ def test_pods_are_locked_down_and_workers_reach_only_public_mail_ports() -> None
     (rule,) = mail["egress"]
     blocks = [peer["ipBlock"] for peer in rule["to"]]
     v4 = next(b for b in blocks if b["cidr"] == "0.0.0.0/0")
-    assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "169.254.0.0/16"} <= set(v4["except"])
+    assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "169.254.0.0/16"} <= set(
+        v4["except"]
+    )
     assert {p["port"] for p in rule["ports"]} == {143, 993, 25, 465, 587}
     data = policies["mailroom-egress-dns-and-data"]["spec"]
     assert data["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "mailroom"}

@@ -61,7 +61,9 @@ def test_worker_counts_outcomes_queue_wait_messages_and_mail_faults(
     kit, dovecot, smtp, mailbox_user, metered_worker
 ) -> None:
     values, port = metered_worker
-    messages = [f"Subject: m{i}\r\nMessage-ID: <m{i}@example.test>\r\n\r\nbody {i}\r\n".encode() for i in range(3)]
+    messages = [
+        f"Subject: m{i}\r\nMessage-ID: <m{i}@example.test>\r\n\r\nbody {i}\r\n".encode() for i in range(3)
+    ]
     dovecot.append_messages(*mailbox_user, "INBOX", messages)
     api = Api(create_app(load_settings(**values)), kit.admin_key)
     good = api.post("/api/accounts", json=account_body(dovecot, smtp, mailbox_user)).get_json()
