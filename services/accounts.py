@@ -271,8 +271,9 @@ def due_account_ids(session: Session, now: datetime, *, tick_seconds: float = 0.
     Beat only looks every ``tick_seconds``: counting an account as due only once its whole
     interval has passed would sync it every ``tick * ceil(interval / tick)`` plus the sync's
     own time (20 minutes for a 15-minute interval on 5-minute ticks). Taking accounts due
-    within half a tick makes the mean gap the interval itself, never more than half a tick
-    early. Interval arithmetic is done here, not in SQL, so it reads the same on SQLite and
+    within half a tick makes the gap the interval plus the sync's wait and run time rounded
+    to the nearest tick (15 minutes in that example), never more than half a tick early.
+    Interval arithmetic is done here, not in SQL, so it reads the same on SQLite and
     PostgreSQL; only three columns per account are loaded."""
     rows = session.execute(
         select(Account.id, Account.last_sync_at, Account.sync_interval).where(_sync_lock_free())
