@@ -39,10 +39,6 @@ def log_context(**values: Any) -> Iterator[None]:
         _CONTEXT.reset(token)
 
 
-def current_context() -> dict[str, Any]:
-    return dict(_CONTEXT.get() or {})
-
-
 class ContextFilter(logging.Filter):
     """Puts the block's context on the record (without overwriting a record's own field)
     and blanks URL credentials in the message."""

@@ -52,6 +52,13 @@ class SentinelTarget:
         hosts = ",".join(f"{host}:{port}" for host, port in self.sentinels)
         return f"redis+sentinel://{auth}{hosts}/{self.master}"
 
+    def transport_options(self) -> dict[str, object]:
+        """kombu's and Celery's result backend's spelling (their transport options)."""
+        options: dict[str, object] = {"master_name": self.master}
+        if self.sentinel_password:
+            options["sentinel_kwargs"] = {"password": self.sentinel_password}
+        return options
+
     def redbeat_options(self) -> dict[str, object]:
         options: dict[str, object] = {
             "sentinels": list(self.sentinels),

@@ -48,19 +48,13 @@ def _sentinel_options(settings: Settings) -> dict[str, Any]:
     options: dict[str, Any] = {}
     broker = settings.broker_sentinel
     if broker is not None:
-        transport = {"master_name": broker.master}
-        if broker.sentinel_password:
-            transport["sentinel_kwargs"] = {"password": broker.sentinel_password}  # type: ignore[assignment]
-        options["broker_transport_options"] = transport
+        options["broker_transport_options"] = broker.transport_options()
         sentinels = ";".join(f"sentinel://{host}:{port}" for host, port in broker.sentinels)
         options["redbeat_redis_url"] = "redis-sentinel://" + sentinels.removeprefix("sentinel://")
         options["redbeat_redis_options"] = broker.redbeat_options()
     backend = settings.result_backend_sentinel
     if backend is not None:
-        transport = {"master_name": backend.master}
-        if backend.sentinel_password:
-            transport["sentinel_kwargs"] = {"password": backend.sentinel_password}  # type: ignore[assignment]
-        options["result_backend_transport_options"] = transport
+        options["result_backend_transport_options"] = backend.transport_options()
     return options
 
 

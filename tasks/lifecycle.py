@@ -117,7 +117,8 @@ def mailroom_task(name: str, params_model: type[BaseModel], *, max_retries: int)
             account_id: str | None = None,
             params: dict[str, Any] | None = None,
         ) -> dict[str, Any]:
-            return run_attempt(self, body, params_model, tenant_id, user_id, account_id, params or {})
+            with log_context(task_id=self.request.id, tenant_id=tenant_id):
+                return run_attempt(self, body, params_model, tenant_id, user_id, account_id, params or {})
 
         run.__doc__ = body.__doc__
         return run
@@ -126,19 +127,6 @@ def mailroom_task(name: str, params_model: type[BaseModel], *, max_retries: int)
 
 
 def run_attempt(
-    task: Task,
-    body: Body,
-    params_model: type[BaseModel],
-    tenant_id: str,
-    user_id: str | None,
-    account_id: str | None,
-    raw_params: dict[str, Any],
-) -> dict[str, Any]:
-    with log_context(task_id=task.request.id, tenant_id=tenant_id):
-        return _attempt(task, body, params_model, tenant_id, user_id, account_id, raw_params)
-
-
-def _attempt(
     task: Task,
     body: Body,
     params_model: type[BaseModel],

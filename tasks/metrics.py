@@ -29,8 +29,6 @@ from services.models import utcnow
 
 log = logging.getLogger(__name__)
 
-OUTCOMES = ("succeeded", "failed", "retried", "cancelled", "skipped")
-
 TASKS = Counter(
     "mailroom_worker_tasks",
     "Task attempts that ended, by task type, queue and outcome",
