@@ -101,6 +101,23 @@ class Settings(BaseSettings):
     sync_batch_size: int = Field(default=500, ge=1, le=5000)
     default_sync_interval: int = Field(default=900, ge=60)
 
+    # --- the watcher (`mailroom watcher`: IMAP NOTIFY / IDLE, a sync on each change) -------
+    watcher_notify: bool = Field(
+        default=True,
+        description="Watch every folder on one connection with NOTIFY where the server offers it; "
+        "off, or on servers without it, IDLE on INBOX plus a STATUS round over the other folders.",
+    )
+    watcher_status_seconds: float = Field(default=3.0, ge=0.5, le=300)
+    watcher_keepalive_seconds: float = Field(default=600.0, ge=1, le=1500)
+    watcher_reload_seconds: float = Field(default=10.0, ge=0.5)
+    watcher_heartbeat_seconds: float = Field(default=5.0, gt=0)
+    watcher_ttl_seconds: float = Field(default=15.0, gt=0)
+    watcher_max_connections_per_user: int = Field(default=1, ge=1, le=100)
+    watcher_backoff_max_seconds: float = Field(default=300.0, ge=1)
+    watcher_poll_seconds: float = Field(default=0.25, gt=0, le=60)
+    watcher_group: str = Field(default="default", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")
+    watcher_tenants: str = Field(default="", description="Comma-separated tenant ids; empty: every tenant.")
+
     # --- sending (POST /api/accounts/{id}/send) -----------------------------------------
     send_max_bytes: int = Field(
         default=25 * 1024 * 1024,
@@ -275,6 +292,8 @@ class Settings(BaseSettings):
             raise ValueError("MAILROOM_SECRET_KEY is required when the database is not SQLite")
         if self.retry_base_seconds > self.retry_max_seconds:
             raise ValueError("MAILROOM_RETRY_BASE_SECONDS must not exceed MAILROOM_RETRY_MAX_SECONDS")
+        if self.watcher_ttl_seconds <= self.watcher_heartbeat_seconds:
+            raise ValueError("MAILROOM_WATCHER_TTL_SECONDS must exceed MAILROOM_WATCHER_HEARTBEAT_SECONDS")
         return self
 
     @property
