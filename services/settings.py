@@ -168,6 +168,22 @@ class Settings(BaseSettings):
         "`spamassassin` indicator. Unset, or unreachable, the scorer works without it.",
     )
 
+    # --- outbound webhooks (services.webhooks) -------------------------------------------
+    webhook_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        description="A webhook delivery's connect timeout, and again its timeout for each read.",
+    )
+    webhook_max_attempts: int = Field(
+        default=30, ge=1, le=200, description="Attempts of one webhook delivery at most (within a day)."
+    )
+    webhook_retry_max_seconds: float = Field(
+        default=3600.0, gt=0, description="Longest wait between two attempts of a webhook delivery (kept below "
+        "MAILROOM_BROKER_VISIBILITY_TIMEOUT minus MAILROOM_TASK_HARD_TIME_LIMIT: a retry waits "
+        "in the broker).",
+    )
+
     # --- API rate limits (per tenant; per client address before authentication) ---------
     rate_limit_enabled: bool = True
     rate_limit_per_second: int = Field(default=20, ge=1, description="Burst: requests per second.")
