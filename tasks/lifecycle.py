@@ -19,14 +19,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from celery import Task, shared_task
+from celery import Task, current_app, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 
-from services import task_records, task_stats
+from services import task_records, task_stats, webhooks
 from services.accounts import check_ownership
-from services.db import tenant_sessions, transaction
+from services.db import bound_tenant, tenant_sessions, transaction
 from services.errors import MailroomError, TaskCancelled, ValidationFailed, is_transient
 from services.logs import log_context
 from services.models import Account, TaskState
@@ -163,6 +163,9 @@ def run_attempt(
                     "worker_lost",
                 )
                 log.error("task %s: worker lost %d times, failing it", task_id, record.attempts)
+                events = webhooks.record_task_events(session, tenant_id, task_id)
+                session.commit()
+                webhooks.publish(task.app, tenant_id, events)
                 return {"failed": "worker_lost"}
             log.warning(
                 "task %s: redelivered after its worker was lost (attempt %d)", task_id, record.attempts
@@ -216,7 +219,7 @@ def _run_body(
         observed.end("cancelled")
         return {"cancelled": True}
     except SoftTimeLimitExceeded:
-        _fail(runtime, task_id, "the task ran past its time limit", "time_limit")
+        _fail(runtime, task_id, "the task ran past its time limit", "time_limit", app=task.app)
         observed.end("failed")
         raise
     except Exception as exc:
@@ -224,7 +227,7 @@ def _run_body(
         if deleted and not isinstance(exc, MailroomError):
             # The account was deleted while the task worked on it; whatever broke (a row
             # it wrote to vanished) is a consequence, not a fault worth an internal error.
-            _fail(runtime, task_id, "the account was deleted while the task ran", "not_found")
+            _fail(runtime, task_id, "the account was deleted while the task ran", "not_found", app=task.app)
             observed.end("skipped")
             return {"skipped": "account deleted"}
         retrying = _handle_error(task, runtime, task_id, exc)
@@ -236,6 +239,9 @@ def _run_body(
         task_records.mark_succeeded(session, task_id, result)
         # The running duration statistics dispatch estimates from (O(1) to read there).
         task_stats.record_success(session, task_id)
+        # Webhook events, committed with the state they report and published after it.
+        events = webhooks.record_task_events(session, tenant_id, task_id)
+    webhooks.publish(task.app, tenant_id, events)
     observed.end("succeeded", result)
     return result
 
@@ -245,9 +251,17 @@ def _account_gone(runtime: Runtime, account_id: str) -> bool:
         return session.get(Account, account_id) is None
 
 
-def _fail(runtime: Runtime, task_id: str, message: str, code: str, ref: str | None = None) -> None:
+def _fail(
+    runtime: Runtime, task_id: str, message: str, code: str, ref: str | None = None, *, app: Any = None
+) -> None:
+    events: list[str] = []
     with transaction(runtime.sessions) as session:
         task_records.mark_failed(session, task_id, message, code, ref=ref)
+        tenant_id = bound_tenant(session)
+        if tenant_id is not None:
+            events = webhooks.record_task_events(session, tenant_id, task_id)
+    if events and tenant_id is not None:
+        webhooks.publish(app or current_app, tenant_id, events)
 
 
 def _client_error(exc: Exception) -> tuple[str, str, str | None]:
@@ -279,5 +293,5 @@ def _handle_error(task: Task, runtime: Runtime, task_id: str, exc: Exception) ->
         return task.retry(countdown=delay, exc=exc, throw=False)
     if is_transient(exc):
         message = f"gave up after {retries + 1} attempts: {message}"
-    _fail(runtime, task_id, message, code, ref)
+    _fail(runtime, task_id, message, code, ref, app=task.app)
     return None

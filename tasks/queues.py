@@ -1,4 +1,4 @@
-"""The five queues, their priorities and retry budgets, and how a task type maps onto them.
+"""The six queues, their priorities and retry budgets, and how a task type maps onto them.
 
 Separate queues served by separate workers are the primary isolation: a backlog on ``spam``
 never delays ``sync``. Inside a queue, message priority orders the work. The table speaks
@@ -36,6 +36,9 @@ QUEUES: dict[str, QueueSpec] = {
         QueueSpec("delete", priority=5, max_retries=5),
         QueueSpec("spam", priority=3, max_retries=3),
         QueueSpec("periodic", priority=10, max_retries=0),
+        # Outbound webhook deliveries: no task records; attempts are bounded by
+        # MAILROOM_WEBHOOK_MAX_ATTEMPTS and a day (services.webhooks).
+        QueueSpec("webhooks", priority=2, max_retries=0),
     )
 }
 
@@ -72,6 +75,10 @@ PERIODIC_TASKS = {
 }
 
 
+#: The one task of the webhooks queue (tasks.webhook_tasks): one message per delivery.
+WEBHOOK_TASK = "mailroom.deliver_webhook"
+
+
 def logical_priority(queue: str, *, from_beat: bool) -> int:
     """0..10, higher first: the queue's priority, lowered for work Beat started."""
     base = QUEUES[queue].priority
@@ -96,4 +103,5 @@ def task_routes() -> dict[str, dict[str, str]]:
     routes = {t.task_name: {"queue": t.queue, "routing_key": t.queue} for t in TASK_TYPES.values()}
     for name in PERIODIC_TASKS.values():
         routes[name] = {"queue": "periodic", "routing_key": "periodic"}
+    routes[WEBHOOK_TASK] = {"queue": "webhooks", "routing_key": "webhooks"}
     return routes

@@ -30,7 +30,7 @@ from tests.servers.workers import CeleryWorker
 from tests.support import Api, TenantKit, make_tenant
 
 ROOT = Path(__file__).resolve().parent.parent
-QUEUES = ["sync", "send", "delete", "spam", "periodic"]
+QUEUES = ["sync", "send", "delete", "spam", "periodic", "webhooks"]
 
 #: Settings every test process and worker shares. Retries back off from 0.5 s instead of 5 s
 #: so retry paths finish in seconds; the policy (doubling, cap, jitter) is the same.

@@ -27,7 +27,8 @@ MAX_BODY_BYTES = 1024 * 1024
 BODY_METHODS = {"POST", "PUT", "PATCH"}
 
 DESCRIPTION = """Mailroom connects IMAP/SMTP mailboxes of many tenants and works on them
-through queued tasks. Every `/api` route needs `Authorization: Bearer <api key>`.
+through queued tasks. Every `/api` route needs `Authorization: Bearer <api key>`, except
+the inbound hook, which is signed with its account's hook secret instead.
 Work is queued: such a route answers `202` with a `task_id`; poll `GET /api/tasks/{task_id}`
 for state, progress (0–100) and result, or cancel it. Errors always look like
 `{"error": {"code": "...", "message": "...", "details": ...}}`; another tenant's object is a 404."""
@@ -51,7 +52,14 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
         __name__,
         info=Info(title="Mailroom API", version=_version, description=DESCRIPTION),
         security_schemes={
-            "bearer": {"type": "http", "scheme": "bearer", "description": "A Mailroom API key"}
+            "bearer": {"type": "http", "scheme": "bearer", "description": "A Mailroom API key"},
+            "hook_signature": {
+                "type": "apiKey",
+                "in": "header",
+                "name": "X-Mailroom-Signature",
+                "description": "Only POST /api/hooks/inbound/{account_id}: sha256=<hex HMAC-SHA256 of "
+                '"<X-Mailroom-Timestamp>." + body, keyed with the account\'s hook secret>',
+            },
         },
         validation_error_status=422,
         validation_error_callback=validation_error_response,
@@ -93,12 +101,33 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     from mailroom.api import spam as spam_api
 
     app.register_api(spam_api.bp)
+    from mailroom.api import webhooks as webhooks_api
+
+    app.register_api(webhooks_api.bp)
+    app.register_api(webhooks_api.inbound_bp)
 
     @app.get("/openapi.json", doc_ui=False)
     def openapi_document() -> Response:
         return jsonify(app.api_doc)
 
+    _document_refusals(app.api_doc)
     return app
+
+
+def _document_refusals(doc: dict[str, Any]) -> None:
+    """What flask-openapi3 cannot know: every 422 is in the error shape (the validation
+    callback and the input guard both answer it), and any POST/PATCH under /api may be
+    refused for its body before the route runs: too large (413) or not JSON (415)."""
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            if "422" in responses:
+                responses["422"] = {"description": "Unprocessable Entity", **error}
+            if path.startswith("/api/") and method.upper() in BODY_METHODS:
+                responses.setdefault("413", {"description": "Request Entity Too Large", **error})
+                responses.setdefault("415", {"description": "Unsupported Media Type", **error})
+    doc.get("components", {}).get("schemas", {}).pop("ValidationErrorModel", None)
 
 
 def _check_body() -> None:

@@ -41,6 +41,7 @@ QUEUEING_ROUTES = frozenset(
         ("POST", "/api/accounts/<account_id>/spam-check"),
         ("POST", "/api/messages/<message_id>/spam"),
         ("POST", "/api/messages/<message_id>/ham"),
+        ("POST", "/api/hooks/inbound/<account_id>"),
     }
 )
 

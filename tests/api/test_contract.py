@@ -36,7 +36,9 @@ def test_api_operations_declare_bearer_and_error_shape(spec) -> None:
         if not path.startswith("/api/"):
             continue
         for method, op in ops.items():
-            assert op.get("security") == [{"bearer": []}], (method, path)
+            # The inbound hook is signed with its account's hook secret instead of a key.
+            expected = [{"hook_signature": []}] if path.startswith("/api/hooks/inbound/") else [{"bearer": []}]
+            assert op.get("security") == expected, (method, path)
             assert "401" in op["responses"], (method, path)
 
 
@@ -44,7 +46,9 @@ def _body_operations(spec, account_id: str):
     for path, ops in spec["paths"].items():
         for method, op in ops.items():
             if "requestBody" in op and path.startswith("/api/"):
-                yield method.upper(), path.replace("{account_id}", account_id)
+                path = path.replace("{account_id}", account_id)
+                if "{" not in path:  # a made-up id of another kind is a 404 before any body check
+                    yield method.upper(), path
 
 
 @pytest.mark.parametrize(
