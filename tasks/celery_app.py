@@ -28,7 +28,7 @@ from tasks.queues import (
     task_routes,
 )
 
-TASK_MODULES = ["tasks.mail_tasks", "tasks.periodic"]
+TASK_MODULES = ["tasks.mail_tasks", "tasks.periodic", "tasks.webhook_tasks"]
 #: Longest sleep between Beat ticks, and how often a waiting Beat asks for the lock.
 BEAT_MAX_LOOP_SECONDS = 15
 #: How long a Beat's lock outlives its last tick: a dead Beat is replaced within this plus
@@ -59,7 +59,7 @@ def _sentinel_options(settings: Settings) -> dict[str, Any]:
 
 
 def make_celery(settings: Settings) -> Celery:
-    """A Celery app wired to ``settings``: five queues, late ack, prefetch 1, limits, Beat."""
+    """A Celery app wired to ``settings``: six queues, late ack, prefetch 1, limits, Beat."""
     app = Celery("mailroom", include=TASK_MODULES)
     periodic_priority = broker_priority(logical_priority("periodic", from_beat=True))
     app.conf.update(
