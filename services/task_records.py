@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import CursorResult, Table, delete, func, select, update
+from sqlalchemy import CursorResult, Table, delete, func, or_, select, update
 from sqlalchemy.orm import Session, make_transient_to_detached
 
 from services import task_stats
@@ -318,6 +318,24 @@ def fail_undelivered(session: Session, *, older_than: datetime) -> int:
     )
     assert isinstance(result, CursorResult)
     return result.rowcount
+
+
+def waiting_for_broker(session: Session, *, settled_before: datetime) -> list[TaskRecord]:
+    """Records whose message should be in the broker now: ``queued`` ones committed before
+    ``settled_before`` and ``retrying`` ones that went into their wait before it (so their
+    publish, which follows the commit, is done). Oldest first. Read when the broker lost
+    its data (tasks.redispatch), not on every sweep."""
+    query = (
+        select(TaskRecord)
+        .where(
+            or_(
+                (TaskRecord.state == TaskState.QUEUED.value) & (TaskRecord.created_at < settled_before),
+                (TaskRecord.state == TaskState.RETRYING.value) & (TaskRecord.updated_at < settled_before),
+            )
+        )
+        .order_by(TaskRecord.created_at)
+    )
+    return list(session.scalars(query))
 
 
 def delete_history(session: Session, *, older_than: datetime) -> int:

@@ -28,7 +28,11 @@ from tasks.queues import (
     task_routes,
 )
 
-TASK_MODULES = ["tasks.mail_tasks", "tasks.periodic", "tasks.webhook_tasks"]
+TASK_MODULES = ["tasks.mail_tasks", "tasks.periodic", "tasks.redispatch", "tasks.webhook_tasks"]
+#: How often Beat runs the sweep that re-publishes messages the broker lost (one
+#: ``EXISTS`` while the broker kept its data: tasks.redispatch).
+REDISPATCH_SECONDS = 60.0
+REDISPATCH_TASK = "mailroom.redispatch_lost"
 #: Longest sleep between Beat ticks, and how often a waiting Beat asks for the lock.
 BEAT_MAX_LOOP_SECONDS = 15
 #: How long a Beat's lock outlives its last tick: a dead Beat is replaced within this plus
@@ -87,7 +91,10 @@ def make_celery(settings: Settings) -> Celery:
         task_default_queue="sync",
         task_default_exchange=EXCHANGE.name,
         task_default_routing_key="sync",
-        task_routes=task_routes(),
+        task_routes={
+            **task_routes(),
+            "mailroom.redispatch_lost": {"queue": "periodic", "routing_key": "periodic"},
+        },
         task_create_missing_queues=False,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -113,6 +120,12 @@ def make_celery(settings: Settings) -> Celery:
             "periodic-sync": {
                 "task": PERIODIC_TASKS["periodic_sync"],
                 "schedule": settings.periodic_sync_seconds,
+                "options": {"queue": "periodic", "priority": periodic_priority},
+            },
+            # Messages a broker restarted empty lost are published again (tasks.redispatch).
+            "redispatch-lost": {
+                "task": REDISPATCH_TASK,
+                "schedule": REDISPATCH_SECONDS,
                 "options": {"queue": "periodic", "priority": periodic_priority},
             },
             "cleanup-stale-results": {

@@ -111,7 +111,8 @@ def _dispatch(
     from_beat = origin == "beat"
     priority = logical_priority(kind.queue, from_beat=from_beat)
     settings = app.conf.mailroom_settings
-    cap = None if from_beat else settings.max_tasks_in_flight_per_queue
+    # Beat's and the watcher's syncs are not capped: the sync lock bounds them to one per account.
+    cap = None if from_beat or origin == "watcher" else settings.max_tasks_in_flight_per_queue
     record = None
     for _ in range(2):
         record = task_records.create_record_if_allowed(
@@ -158,23 +159,8 @@ def _dispatch(
             session.commit()
             return Dispatched(existing, created=False)
     session.commit()
-    kwargs = {"tenant_id": tenant_id, "user_id": user_id, "account_id": account_id, "params": params}
     try:
-        app.send_task(
-            kind.task_name,
-            kwargs=kwargs,
-            # What logs and Flower show; Celery's own saferepr of it cost a fifth of a publish.
-            kwargsrepr=repr(kwargs)[:KWARGSREPR_MAX],
-            task_id=record.id,
-            queue=kind.queue,
-            routing_key=kind.queue,
-            priority=broker_priority(priority),
-            retry=False,
-            ignore_result=True,
-            eta=eta,
-            # When it was queued, for the oldest waiting message's age (tasks.monitoring).
-            headers={"published_at": time.time()},
-        )
+        publish(app, record, eta=eta)
     except (OperationalError, KombuError, RedisError, OSError) as exc:
         log.error("publishing task %s failed: %s", record.id, exc)
         # A new short transaction on the same session: the record was committed above.
@@ -187,6 +173,36 @@ def _dispatch(
             details={"task_id": record.id},
         ) from None
     return Dispatched(record, created=True)
+
+
+def publish(app: Celery, record: TaskRecord, *, eta: datetime | None = None, retries: int = 0) -> None:
+    """Put ``record``'s message on its queue, with the record's id as the task id, its
+    priority and its tenant, user, account and params as the task's arguments; raises what
+    the broker raised. Used by dispatch, and by the sweep that re-publishes a message the
+    broker lost (tasks.redispatch: then ``retries`` carries the retries already spent)."""
+    kind = TASK_TYPES[record.type]
+    kwargs = {
+        "tenant_id": record.tenant_id,
+        "user_id": record.user_id,
+        "account_id": record.account_id,
+        "params": record.params,
+    }
+    app.send_task(
+        kind.task_name,
+        kwargs=kwargs,
+        # What logs and Flower show; Celery's own saferepr of it cost a fifth of a publish.
+        kwargsrepr=repr(kwargs)[:KWARGSREPR_MAX],
+        task_id=record.id,
+        queue=kind.queue,
+        routing_key=kind.queue,
+        priority=broker_priority(record.priority),
+        retry=False,
+        ignore_result=True,
+        eta=eta,
+        retries=retries,
+        # When it was queued, for the oldest waiting message's age (tasks.monitoring).
+        headers={"published_at": time.time()},
+    )
 
 
 def _over_cap(queue: str, cap: int, typical: float) -> TooManyTasksInFlight:
