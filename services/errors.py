@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import exc as sa_exc
+
 
 class MailroomError(Exception):
     """Base of every error Mailroom reports to a client."""
@@ -124,10 +126,21 @@ class TaskCancelled(Exception):
     """Raised inside a task at a checkpoint once cancellation was requested."""
 
 
+def is_database_fault(exc: BaseException) -> bool:
+    """True when ``exc`` says the database could not be reached or dropped the connection
+    (a restart, a failover, a network fault), not that a statement was wrong."""
+    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)):
+        return True
+    return isinstance(exc, sa_exc.DBAPIError) and bool(exc.connection_invalidated)
+
+
 def is_transient(exc: BaseException) -> bool:
-    """True when ``exc`` is worth retrying: a transient mail fault or a network/timeout error."""
+    """True when ``exc`` is worth retrying: a transient mail fault, a network/timeout
+    error, or the database unreachable for a moment (:func:`is_database_fault`)."""
     if isinstance(exc, MailError):
         return exc.transient
+    if is_database_fault(exc):
+        return True
     return isinstance(exc, (TimeoutError, ConnectionError, OSError)) and not isinstance(
         exc, (FileNotFoundError, PermissionError)
     )

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from services import task_records, task_stats, webhooks
 from services.accounts import check_ownership
 from services.db import bound_tenant, tenant_sessions, transaction
-from services.errors import MailroomError, TaskCancelled, ValidationFailed, is_transient
+from services.errors import MailroomError, TaskCancelled, ValidationFailed, is_database_fault, is_transient
 from services.logs import log_context
 from services.models import Account, TaskState
 from services.settings import Settings
@@ -127,6 +127,43 @@ def mailroom_task(name: str, params_model: type[BaseModel], *, max_retries: int)
 
 
 def run_attempt(
+    task: Task,
+    body: Body,
+    params_model: type[BaseModel],
+    tenant_id: str,
+    user_id: str | None,
+    account_id: str | None,
+    raw_params: dict[str, Any],
+) -> dict[str, Any]:
+    """One attempt. The database unreachable where the attempt cannot even write its record
+    (at its start, or while recording a fault) is retried like any transient fault, from
+    the message alone: the record keeps its last state (``running`` counts as a lost
+    attempt on the next delivery, so the retry budget still holds), and nothing the
+    attempt wrote is half done, since every write is one transaction."""
+    try:
+        return _attempt(task, body, params_model, tenant_id, user_id, account_id, raw_params)
+    except Exception as exc:
+        if not is_database_fault(exc):
+            raise
+        retries = task.request.retries
+        if retries >= (task.max_retries or 0):
+            log.error("task %s: the database is unreachable and retries are spent: %s", task.request.id, exc)
+            raise
+        runtime = get_runtime(task.app)
+        delay = backoff_delay(
+            retries, base=runtime.settings.retry_base_seconds, cap=runtime.settings.retry_max_seconds
+        )
+        log.warning(
+            "task %s: the database is unreachable, retry %d in %.1fs: %s",
+            task.request.id,
+            retries + 1,
+            delay,
+            exc,
+        )
+        raise task.retry(countdown=delay, exc=exc) from exc
+
+
+def _attempt(
     task: Task,
     body: Body,
     params_model: type[BaseModel],

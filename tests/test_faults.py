@@ -30,20 +30,23 @@ the gaps):
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import OperationalError
 
 from services.db import make_engine
 from services.migrate import upgrade
-from services.models import TaskRecord
+from services.models import Folder, Message, TaskRecord
 from services.settings import load_settings
 from tasks.monitoring import get_queue_stats
 from tasks.redispatch import EPOCH_KEY, sweep
+from tests.servers.postgres import PostgresServer
 from tests.servers.redis import RedisServer
 from tests.test_sync_tasks import seed, stored
 from tests.test_task_life import Stack
@@ -121,3 +124,61 @@ def test_a_broker_restarted_empty_loses_no_queued_task(stack, dovecot, mailbox_u
     assert get_queue_stats(stack.celery)["sync"] == 0
     with stack.celery.connection_for_read() as conn:
         assert conn.default_channel.client.exists(EPOCH_KEY)
+
+
+@pytest.fixture
+def pg_stack(base_values) -> Iterator[tuple[Stack, PostgresServer]]:
+    """A private PostgreSQL cluster (the test restarts it) and a private broker."""
+    pg = PostgresServer()
+    pg.start()
+    broker = RedisServer()
+    broker.start()
+    try:
+        values = {**base_values, "database_url": pg.create_database("faults"), "broker_url": broker.url}
+        upgrade(make_engine(load_settings(**values)))
+        yield Stack(values), pg
+    finally:
+        broker.stop()
+        pg.cleanup()
+
+
+def _wait_through_outage(stack: Stack, task_id: str, check: Any, timeout: float) -> TaskRecord:
+    """Like ``Stack.wait``, but a database that does not answer yet is only a reason to ask again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            record = stack.record(task_id)
+            if check(record):
+                return record
+        except OperationalError:
+            pass
+        assert time.monotonic() < deadline, f"task {task_id} did not get there"
+        time.sleep(0.1)
+
+
+def test_postgres_restarted_mid_sync_retries_and_the_sync_is_exact(pg_stack, dovecot, mailbox_user) -> None:
+    """PostgreSQL stops while a sync writes its batches and comes back two seconds later.
+    The attempt's database fault is transient: the task is retried, resumes from its last
+    committed batch, and ends with every message stored once and the folder's count true."""
+    stack, pg = pg_stack
+    seed(dovecot, mailbox_user, "INBOX", 3000, size=600)
+    account = stack.make_account(dovecot, mailbox_user)
+    worker = stack.worker("sync")
+    worker.start()
+    try:
+        task_id = stack.dispatch_sync(account)
+        stack.wait(task_id, lambda r: r.state == "running" and r.progress > 0, timeout=60)
+        pg.stop()
+        time.sleep(2)
+        pg.start()
+        record = _wait_through_outage(stack, task_id, lambda r: r.is_final, timeout=90)
+    finally:
+        worker.stop()
+    assert record.state == "succeeded" and record.attempts >= 2, (record.state, record.last_error)
+    with stack.sessions() as session:
+        mine = Message.account_id == account.id
+        rows = session.execute(select(func.count(), func.count(func.distinct(Message.uid))).where(mine)).one()
+        inbox = select(Folder).where(Folder.account_id == account.id, Folder.name == "INBOX")
+        folder = session.scalars(inbox).one()
+    assert tuple(rows) == (3000, 3000)
+    assert folder.message_count == 3000
