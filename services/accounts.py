@@ -6,8 +6,9 @@ that talks to the mail server, never returned by the API and never logged.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import ColumnElement, CursorResult, Table, func, or_, select, update
@@ -264,23 +265,68 @@ def release_sync_lock(session: Session, account_id: str, task_id: str) -> None:
     )
 
 
-def due_account_ids(session: Session, now: datetime, *, tick_seconds: float = 0.0) -> list[str]:
-    """Accounts whose sync interval has passed since their last sync, or will have passed
-    before the middle of the next tick, and whose sync lock is free (all tenants: Beat).
+def sync_phase(account_id: str, interval: int) -> float:
+    """The account's fixed place in its sync interval, in seconds from 0 to ``interval``: a
+    stable hash of its id (the same in every process and release), so accounts spread
+    evenly over the interval whenever they were created or last synced."""
+    digest = hashlib.blake2b(account_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 * interval
 
-    Beat only looks every ``tick_seconds``: counting an account as due only once its whole
-    interval has passed would sync it every ``tick * ceil(interval / tick)`` plus the sync's
-    own time (20 minutes for a 15-minute interval on 5-minute ticks). Taking accounts due
-    within half a tick makes the gap the interval plus the sync's wait and run time rounded
-    to the nearest tick (15 minutes in that example), never more than half a tick early.
-    Interval arithmetic is done here, not in SQL, so it reads the same on SQLite and
-    PostgreSQL; only three columns per account are loaded."""
+
+def next_sync_at(
+    account_id: str, last_sync_at: datetime | None, interval: int, *, tick_seconds: float = 0.0
+) -> datetime | None:
+    """When Beat should next sync the account (None: now, it never synced).
+
+    With at least two Beat ticks per interval, the account's syncs sit on a grid of its
+    own: ``k * interval + sync_phase`` seconds since the epoch, and the next one is the
+    grid point nearest ``last_sync_at + interval``. Accounts synced together (created
+    together, or after an outage) thus fall due at different ticks, spread evenly over the
+    interval, instead of staying one burst for good; an account's gap is its interval
+    exactly once it is on its grid, and between half and one and a half intervals on the
+    way there (after its first sync, or one a user asked for). With fewer ticks per
+    interval there is nothing to spread over: the next sync is ``last_sync_at + interval``."""
+    if last_sync_at is None:
+        return None
+    wanted = last_sync_at + timedelta(seconds=interval)
+    if interval < 2 * tick_seconds:
+        return wanted
+    phase = sync_phase(account_id, interval)
+    k = round((wanted.timestamp() - phase) / interval)
+    return datetime.fromtimestamp(k * interval + phase, UTC)
+
+
+@dataclass(frozen=True)
+class DueAccount:
+    id: str
+    tenant_id: str
+    user_id: str
+
+
+def due_accounts(session: Session, now: datetime, *, tick_seconds: float = 0.0) -> list[DueAccount]:
+    """Accounts whose next sync (:func:`next_sync_at`) comes before the middle of the next
+    tick, and whose sync lock is free (all tenants: Beat), with their tenant and user, in
+    one query.
+
+    Beat only looks every ``tick_seconds``: counting an account as due only once its time
+    has passed would sync it up to a whole tick late. Taking accounts due within half a
+    tick syncs each at the tick nearest its time, never more than half a tick early.
+    Time arithmetic is done here, not in SQL, so it reads the same on SQLite and
+    PostgreSQL; five columns per account are loaded."""
     rows = session.execute(
-        select(Account.id, Account.last_sync_at, Account.sync_interval).where(_sync_lock_free())
+        select(
+            Account.id, Account.tenant_id, Account.user_id, Account.last_sync_at, Account.sync_interval
+        ).where(_sync_lock_free())
     ).all()
     horizon = now + timedelta(seconds=tick_seconds / 2)
-    return [
-        account_id
-        for account_id, last_sync_at, interval in rows
-        if last_sync_at is None or last_sync_at + timedelta(seconds=interval) <= horizon
-    ]
+    due = []
+    for account_id, tenant_id, user_id, last_sync_at, interval in rows:
+        at = next_sync_at(account_id, last_sync_at, interval, tick_seconds=tick_seconds)
+        if at is None or at <= horizon:
+            due.append(DueAccount(account_id, tenant_id, user_id))
+    return due
+
+
+def due_account_ids(session: Session, now: datetime, *, tick_seconds: float = 0.0) -> list[str]:
+    """The ids of :func:`due_accounts`."""
+    return [account.id for account in due_accounts(session, now, tick_seconds=tick_seconds)]

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
+from itertools import groupby
 from typing import Any
 
 from celery import Task, shared_task
+from sqlalchemy.exc import IntegrityError
 
 from services import accounts, task_records
 from services.db import tenant_sessions, transaction, unrestricted_unsafe_sessions
-from services.errors import ServiceUnavailable
-from services.models import Account, utcnow
+from services.errors import NotFound, ServiceUnavailable
+from services.models import utcnow
 from services.send.retention import sweep_outbox
 from tasks.dispatch import dispatch
 from tasks.runtime import get_runtime
@@ -22,41 +24,74 @@ log = logging.getLogger("mailroom.periodic")
 UNDELIVERED_AFTER = timedelta(days=1)
 
 
+#: Syncs queued per session (one connection, one transaction each) in a round.
+DISPATCH_CHUNK = 200
+
+
 @shared_task(name="mailroom.periodic_sync", bind=True, ignore_result=False)
 def periodic_sync(self: Task) -> dict[str, Any]:
-    """Queue a Beat-priority sync for every account whose interval has passed and that has
-    no sync in flight. Two Beats running at once cannot double a sync: each sync claims the
-    account's lock with one conditional UPDATE, and only one claim wins."""
+    """Queue a Beat-priority sync for every account that is due (its place in its interval,
+    services.accounts.next_sync_at, is before the middle of the next tick) and that has no
+    sync in flight. Two Beats running at once cannot double a sync: each sync claims the
+    account's lock with one conditional UPDATE, and only one claim wins.
+
+    One query reads the due accounts with their tenant and user; they are queued tenant by
+    tenant, up to :data:`DISPATCH_CHUNK` in one session, each in its own short transaction
+    (the record, the lock claim, the publish)."""
     runtime = get_runtime(self.app)
     # Beat reads across tenants on purpose; each dispatch then runs bound to its tenant.
-    everyone = unrestricted_unsafe_sessions(runtime.sessions)
-    with transaction(everyone) as session:
-        due = accounts.due_account_ids(session, utcnow(), tick_seconds=runtime.settings.periodic_sync_seconds)
-    queued, skipped = [], 0
-    for account_id in due:
-        with transaction(everyone) as session:
-            account = session.get(Account, account_id)
-            if account is None:
+    with transaction(unrestricted_unsafe_sessions(runtime.sessions)) as session:
+        due = accounts.due_accounts(session, utcnow(), tick_seconds=runtime.settings.periodic_sync_seconds)
+    due.sort(key=lambda account: account.tenant_id)
+    queued: list[str] = []
+    skipped = 0
+    for tenant_id, group in groupby(due, key=lambda account: account.tenant_id):
+        members = list(group)
+        for start in range(0, len(members), DISPATCH_CHUNK):
+            try:
+                outcome = _dispatch_chunk(self, runtime, tenant_id, members[start : start + DISPATCH_CHUNK])
+            except ServiceUnavailable:
+                log.warning("periodic sync: broker unavailable, stopping this round")
+                return _summary(due, queued, skipped)
+            queued += outcome[0]
+            skipped += outcome[1]
+    return _summary(due, queued, skipped)
+
+
+def _dispatch_chunk(
+    task: Task, runtime: Any, tenant_id: str, chunk: list[accounts.DueAccount]
+) -> tuple[list[str], int]:
+    """Queue one tenant's chunk of due accounts in one session: (task ids queued, accounts
+    skipped because a sync was in flight already)."""
+    queued: list[str] = []
+    skipped = 0
+    session = tenant_sessions(runtime.sessions, tenant_id)()
+    try:
+        for account in chunk:
+            try:
+                result = dispatch(
+                    task.app,
+                    session,
+                    type="sync",
+                    tenant_id=tenant_id,
+                    user_id=account.user_id,
+                    account_id=account.id,
+                    params={},
+                    origin="beat",
+                )
+            except (NotFound, IntegrityError):
+                session.rollback()  # the account was deleted since the due query
                 continue
-            tenant_id, user_id = account.tenant_id, account.user_id
-        try:
-            result = dispatch(
-                self.app,
-                tenant_sessions(runtime.sessions, tenant_id),
-                type="sync",
-                tenant_id=tenant_id,
-                user_id=user_id,
-                account_id=account_id,
-                params={},
-                origin="beat",
-            )
-        except ServiceUnavailable:
-            log.warning("periodic sync: broker unavailable, stopping this round")
-            break
-        if result.created:
-            queued.append(result.record.id)
-        else:
-            skipped += 1
+            if result.created:
+                queued.append(result.record.id)
+            else:
+                skipped += 1
+    finally:
+        session.close()
+    return queued, skipped
+
+
+def _summary(due: list[accounts.DueAccount], queued: list[str], skipped: int) -> dict[str, Any]:
     return {"due": len(due), "queued": len(queued), "already_running": skipped, "task_ids": queued}
 
 

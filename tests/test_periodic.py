@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -96,7 +96,8 @@ def periodic_worker(isolated: Isolated) -> Iterator[CeleryWorker]:
 
 def test_periodic_sync_queues_only_due_accounts(isolated: Isolated, periodic_worker) -> None:
     never = isolated.make_account(last_sync_ago=None)
-    overdue = isolated.make_account(last_sync_ago=1000, interval=900)
+    # Past any place in its interval (accounts.next_sync_at: at most 1.5 intervals on).
+    overdue = isolated.make_account(last_sync_ago=1400, interval=900)
     recent = isolated.make_account(last_sync_ago=10, interval=900)
     busy = isolated.make_account(last_sync_ago=None)
     with isolated.sessions() as session:
@@ -198,12 +199,23 @@ def test_cleanup_stale_results(isolated: Isolated, periodic_worker) -> None:
 
 
 def test_an_account_due_before_the_middle_of_the_next_tick_is_due_now(isolated: Isolated) -> None:
-    """Beat looks every tick: an account whose interval ends within half a tick is synced
-    now, not a whole tick late, so the mean gap between its syncs is its interval."""
-    almost = isolated.make_account(last_sync_ago=900 - 100, interval=900)  # due in 100 s
-    later = isolated.make_account(last_sync_ago=900 - 200, interval=900)  # due in 200 s
-    with isolated.sessions() as session:
-        due = set(accounts.due_account_ids(session, utcnow(), tick_seconds=300))
-        strict = set(accounts.due_account_ids(session, utcnow()))
-    assert almost in due and later not in due
-    assert almost not in strict
+    """Beat looks every tick: an account whose next sync time comes within half a tick is
+    synced now, not a whole tick late, so the mean gap between its syncs is its interval."""
+    almost = isolated.make_account(last_sync_ago=None, interval=900)
+    later = isolated.make_account(last_sync_ago=None, interval=900)
+    seen: dict[str, tuple[set[str], set[str]]] = {}
+    for account_id, ahead in ((almost, 100), (later, 200)):
+        # Its last sync one interval before a point of its own place in the interval
+        # (accounts.next_sync_at), and Beat looking ``ahead`` seconds before that point.
+        phase = accounts.sync_phase(account_id, 900)
+        point = (utcnow().timestamp() - phase) // 900 * 900 + phase
+        with transaction(isolated.sessions) as session:
+            last = datetime.fromtimestamp(point - 900, UTC)
+            session.execute(update(Account).where(Account.id == account_id).values(last_sync_at=last))
+        now = datetime.fromtimestamp(point - ahead, UTC)
+        with isolated.sessions() as session:
+            due = set(accounts.due_account_ids(session, now, tick_seconds=300))
+            strict = set(accounts.due_account_ids(session, now))
+        seen[account_id] = due, strict
+    assert almost in seen[almost][0] and later not in seen[later][0]
+    assert almost not in seen[almost][1]
