@@ -119,7 +119,10 @@ def sign(secret: str, timestamp: int | str, body: bytes) -> str:
 def check_url(url: str, *, allow_private: bool) -> PinnedHost:
     """The URL's host resolved once and checked like a mail host; ``http`` only to a
     loopback or private host. Raises :class:`ValidationFailed` naming ``url``."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. "http://]": an unbalanced IPv6 bracket
+        raise ValidationFailed("url: not a valid URL", details={"field": "url"}) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValidationFailed(
             "url: must be an http:// or https:// URL with a host", details={"field": "url"}
