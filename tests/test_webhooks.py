@@ -1,0 +1,403 @@
+"""Webhooks both ways, against the real stack: signed deliveries to a real HTTP receiver
+started here (retried after a 500, recorded, redelivered), the host policy, tenants kept
+apart, and the signed inbound hook that queues a sync (bad, stale and replayed ones refused,
+nothing queued)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from services import webhooks
+from services.crypto import SecretBox
+from services.db import tenant_sessions, transaction
+from services.models import TaskRecord, WebhookDelivery
+from services.settings import load_settings
+from tests.servers.mailgen import message
+from tests.support import Api, error_of
+
+pytestmark = pytest.mark.usefixtures("workers")
+
+ALL_EVENTS = [
+    "task.succeeded",
+    "task.failed",
+    "message.new",
+    "message.deleted",
+    "message.spam",
+    "account.error",
+]
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    status: int
+
+    @property
+    def event(self) -> str:
+        return self.headers.get("X-Mailroom-Event", "")
+
+    def json(self) -> dict[str, Any]:
+        return json.loads(self.body)  # type: ignore[no-any-return]
+
+
+@dataclass
+class Receiver:
+    """A real HTTP server in a thread: records every request, answers 500 to the first
+    ``fail_first[(path, event)]`` requests of that path and event, 200 to the rest."""
+
+    server: ThreadingHTTPServer
+    requests: list[Received] = field(default_factory=list)
+    fail_first: dict[tuple[str, str], int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+
+    def on(self, path: str) -> list[Received]:
+        with self.lock:
+            return [r for r in self.requests if r.path == path]
+
+    def wait(self, what: Callable[[], bool], timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if what():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"receiver: condition not met within {timeout}s; got {self.requests}")
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    holder: dict[str, Receiver] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            rcv = holder["r"]
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            headers = {k: v for k, v in self.headers.items()}
+            key = (self.path, headers.get("X-Mailroom-Event", ""))
+            with rcv.lock:
+                failing = rcv.fail_first.get(key, 0)
+                if failing:
+                    rcv.fail_first[key] = failing - 1
+                status = 500 if failing else 200
+                rcv.requests.append(Received(self.path, headers, body, status))
+            self.send_response(status)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    holder["r"] = Receiver(server)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield holder["r"]
+    server.shutdown()
+    server.server_close()
+
+
+def verified(received: Received, secret: str, *, window: float = 300) -> bool:
+    """The receiver's own check: HMAC-SHA256 of "<timestamp>." + body, and a fresh timestamp."""
+    timestamp = received.headers.get("X-Mailroom-Timestamp", "")
+    expected = (
+        "sha256="
+        + hmac.new(secret.encode(), timestamp.encode() + b"." + received.body, hashlib.sha256).hexdigest()
+    )
+    fresh = timestamp.isdigit() and abs(time.time() - int(timestamp)) <= window
+    return fresh and hmac.compare_digest(expected, received.headers.get("X-Mailroom-Signature", ""))
+
+
+def seed(dovecot: Any, user: tuple[str, str], count: int) -> None:
+    dovecot.append_messages(
+        *user,
+        "INBOX",
+        [
+            message(f"Hook {i}", f"body {i}", sender="a@example.test", to="b@example.test")
+            for i in range(count)
+        ],
+    )
+
+
+def test_signed_deliveries_retry_after_a_500_and_stay_with_their_tenant(
+    kit, other_kit, account, dovecot, mailbox_user, receiver
+) -> None:
+    ours, theirs = f"/ours-{uuid.uuid4().hex[:8]}", f"/theirs-{uuid.uuid4().hex[:8]}"
+    receiver.fail_first[(ours, "task.succeeded")] = 1
+    created = kit.admin.post(
+        "/api/webhooks", json={"url": receiver.url(ours), "events": ["task.succeeded", "message.new"]}
+    )
+    assert created.status_code == 201, created.get_json()
+    hook = created.get_json()
+    secret = hook["secret"]
+    assert (
+        secret.startswith("whsec_")
+        and "secret" not in kit.admin.get(f"/api/webhooks/{hook['id']}").get_json()
+    )
+    other = other_kit.admin.post("/api/webhooks", json={"url": receiver.url(theirs), "events": ALL_EVENTS})
+    assert other.status_code == 201
+    other_id = other.get_json()["id"]
+
+    # Endpoints are the tenant's admins': a member is refused, another tenant finds nothing.
+    assert (
+        kit.member.post("/api/webhooks", json={"url": receiver.url(ours), "events": ALL_EVENTS}).status_code
+        == 403
+    )
+    for method, path in [
+        ("get", f"/api/webhooks/{other_id}"),
+        ("get", f"/api/webhooks/{other_id}/deliveries"),
+        ("patch", f"/api/webhooks/{other_id}"),
+        ("delete", f"/api/webhooks/{other_id}"),
+        ("post", f"/api/webhooks/{other_id}/deliveries/{uuid.uuid4()}/redeliver"),
+    ]:
+        response = getattr(kit.admin, method)(
+            path, **({"json": {"enabled": False}} if method == "patch" else {})
+        )
+        assert response.status_code == 404 and error_of(response)["code"] == "not_found", (method, path)
+    assert [h["id"] for h in kit.admin.get("/api/webhooks").get_json()["items"]] == [hook["id"]]
+
+    seed(dovecot, mailbox_user, 3)
+    task_id = kit.admin.post(f"/api/accounts/{account['id']}/sync", json={}).get_json()["task_id"]
+    assert kit.admin.wait_task(task_id)["state"] == "succeeded"
+
+    def events_in() -> list[str]:
+        return sorted(r.event for r in receiver.on(ours))
+
+    # task.succeeded: a 500, then the retry's 200; message.new at once.
+    receiver.wait(lambda: events_in() == ["message.new", "task.succeeded", "task.succeeded"])
+    received = receiver.on(ours)
+    assert all(verified(r, secret) for r in received)
+    assert not verified(received[0], "whsec_wrong")
+    bodies = {r.event: r.json() for r in received}
+    assert bodies["task.succeeded"]["data"]["task_id"] == task_id
+    assert bodies["message.new"]["data"] == {
+        "task_id": task_id,
+        "type": "sync",
+        "account_id": account["id"],
+        "new": 3,
+        "folders": {"INBOX": 3},
+    }
+    retried = [r for r in received if r.event == "task.succeeded"]
+    assert [r.status for r in retried] == [500, 200]
+    assert retried[0].headers["X-Mailroom-Delivery"] == retried[1].headers["X-Mailroom-Delivery"]
+    assert retried[0].body == retried[1].body
+
+    page = kit.admin.get(f"/api/webhooks/{hook['id']}/deliveries").get_json()
+    assert page["total"] == 2
+    by_event = {d["event"]: d for d in page["items"]}
+    done = by_event["task.succeeded"]
+    assert done["state"] == "succeeded" and done["attempts"] == 2 and done["last_status_code"] == 200
+    assert [a["status_code"] for a in done["recent_attempts"]] == [500, 200]
+    assert done["recent_attempts"][0]["error"] and done["last_latency_ms"] >= 0
+    assert done["payload"]["id"] == bodies["task.succeeded"]["id"]
+
+    # A redelivery: the same event, freshly signed, recorded as one more attempt.
+    new = by_event["message.new"]
+    again = kit.admin.post(f"/api/webhooks/{hook['id']}/deliveries/{new['id']}/redeliver")
+    assert again.status_code == 202, again.get_json()
+    receiver.wait(lambda: events_in().count("message.new") == 2)
+    copies = [r for r in receiver.on(ours) if r.event == "message.new"]
+    assert copies[0].json()["id"] == copies[1].json()["id"] and verified(copies[1], secret)
+    receiver.wait(
+        lambda: (
+            kit.admin.get(f"/api/webhooks/{hook['id']}/deliveries").get_json()["items"][0]["attempts"] >= 1
+            and all(
+                d["attempts"] == 2
+                for d in kit.admin.get(f"/api/webhooks/{hook['id']}/deliveries").get_json()["items"]
+            )
+        )
+    )
+
+    # The other tenant's endpoint wants every event, and saw none of this tenant's.
+    assert receiver.on(theirs) == []
+    assert other_kit.admin.get(f"/api/webhooks/{other_id}/deliveries").get_json()["total"] == 0
+
+    # Disabled: no more deliveries are recorded; deleted: gone.
+    assert (
+        kit.admin.patch(f"/api/webhooks/{hook['id']}", json={"enabled": False}).get_json()["enabled"] is False
+    )
+    assert kit.admin.delete(f"/api/webhooks/{hook['id']}").status_code == 204
+    assert kit.admin.get(f"/api/webhooks/{hook['id']}").status_code == 404
+
+
+def test_failed_tasks_report_task_failed_and_account_error(kit, account, receiver) -> None:
+    path = f"/fail-{uuid.uuid4().hex[:8]}"
+    secret = kit.admin.post(
+        "/api/webhooks", json={"url": receiver.url(path), "events": ["task.failed", "account.error"]}
+    ).get_json()["secret"]
+    # A wrong IMAP password: the verify fails at once (a permanent error).
+    imap = {**account["imap"], "password": "wrong"}
+    assert kit.admin.patch(f"/api/accounts/{account['id']}", json={"imap": imap}).status_code == 200
+    task_id = kit.admin.post(f"/api/accounts/{account['id']}/verify").get_json()["task_id"]
+    failed = kit.admin.wait_task(task_id)
+    assert failed["state"] == "failed"
+    receiver.wait(lambda: sorted(r.event for r in receiver.on(path)) == ["account.error", "task.failed"])
+    for received in receiver.on(path):
+        assert verified(received, secret)
+        data = received.json()["data"]
+        assert data["task_id"] == task_id and data["error"]["code"] == failed["error"]["code"]
+
+
+def test_private_targets_are_refused_unless_allowed(
+    app, kit, base_values, settings, sessions, receiver
+) -> None:
+    from mailroom.app import create_app
+
+    strict_values = {**base_values, "allow_private_hosts": "false"}
+    strict = Api(create_app(load_settings(**strict_values)), kit.admin_key)
+    for url in (receiver.url("/x"), "http://10.1.2.3/hook", "http://localhost:8080/", "https://192.168.0.1/"):
+        response = strict.post("/api/webhooks", json={"url": url, "events": ["task.failed"]})
+        assert response.status_code == 422, (url, response.get_json())
+        assert error_of(response)["details"]["field"] == "url"
+    assert strict.get("/api/webhooks").get_json()["total"] == 0
+    # Plain http to a public host is refused even where private hosts are allowed.
+    public = kit.admin.post(
+        "/api/webhooks", json={"url": "http://93.184.215.14/hook", "events": ["task.failed"]}
+    )
+    assert public.status_code == 422 and "tls" in error_of(public)["message"]
+
+    # An endpoint that was allowed, delivered by a worker whose policy refuses private
+    # hosts (the service a worker runs, with that worker's settings): nothing is sent.
+    path = f"/private-{uuid.uuid4().hex[:8]}"
+    box = SecretBox(settings.encryption_keys())
+    bound = tenant_sessions(sessions, kit.tenant_id)
+    with transaction(bound) as session:
+        endpoint, _ = webhooks.create_endpoint(
+            session,
+            tenant_id=kit.tenant_id,
+            user_id=kit.admin_id,
+            url=receiver.url(path),
+            events=["task.failed"],
+            description="",
+            enabled=True,
+            box=box,
+            allow_private=True,
+        )
+        # Disabled for the workers, so only the calls below deliver it.
+        endpoint.enabled = False
+        delivery = WebhookDelivery(
+            tenant_id=kit.tenant_id,
+            endpoint_id=endpoint.id,
+            event="task.failed",
+            event_id=str(uuid.uuid4()),
+            payload=json.dumps({"id": "x", "type": "task.failed", "data": {}}),
+            state="pending",
+            attempts=0,
+            attempt_log=[],
+        )
+        session.add(delivery)
+        session.flush()
+        delivery_id, endpoint_id = delivery.id, endpoint.id
+    with transaction(bound) as session:
+        session.get(type(endpoint), endpoint_id).enabled = True  # type: ignore[union-attr]
+    refusing = load_settings(**strict_values)
+    outcome = webhooks.deliver(bound, delivery_id, box=box, settings=refusing)
+    assert outcome.state == "failed" and outcome.retry_in is None
+    with transaction(bound) as session:
+        row = session.get(WebhookDelivery, delivery_id)
+        assert row is not None and row.attempts == 1 and row.last_status_code is None
+        assert "private" in (row.last_error or "")
+    assert receiver.on(path) == []
+    # Allowed (the test stack's policy), the same delivery goes out.
+    assert webhooks.deliver(bound, delivery_id, box=box, settings=settings, manual=True).state == "succeeded"
+    assert len(receiver.on(path)) == 1
+    with transaction(bound) as session:
+        session.get(type(endpoint), endpoint_id).enabled = False  # type: ignore[union-attr]
+
+
+def _signed(secret: str, body: bytes, *, timestamp: int | None = None) -> dict[str, str]:
+    ts = str(int(time.time()) if timestamp is None else timestamp)
+    mac = hmac.new(secret.encode(), ts.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return {
+        "X-Mailroom-Timestamp": ts,
+        "X-Mailroom-Signature": f"sha256={mac}",
+        "Content-Type": "application/json",
+    }
+
+
+def test_inbound_hook_queues_a_sync_only_when_signed_fresh_and_new(
+    app, kit, other_kit, account, sessions
+) -> None:
+    hook_url = f"/api/hooks/inbound/{account['id']}"
+    anonymous = Api(app, None)
+
+    def tasks_of_tenant() -> int:
+        with sessions() as session:
+            return (
+                session.scalar(
+                    select(func.count()).select_from(TaskRecord).where(TaskRecord.tenant_id == kit.tenant_id)
+                )
+                or 0
+            )
+
+    body = json.dumps({"folder": "INBOX"}).encode()
+    # No secret yet: refused like any bad signature.
+    no_secret = anonymous.post(hook_url, data=body, headers=_signed("whsec_none", body))
+    assert no_secret.status_code == 401
+    assert other_kit.admin.post(f"/api/accounts/{account['id']}/hook-secret").status_code == 404
+    made = kit.admin.post(f"/api/accounts/{account['id']}/hook-secret")
+    assert made.status_code == 201, made.get_json()
+    secret = made.get_json()["secret"]
+    assert made.get_json()["inbound_url"].endswith(hook_url)
+
+    refusals = {
+        "unsigned": anonymous.post(hook_url, data=body, headers={"Content-Type": "application/json"}),
+        "bad signature": anonymous.post(hook_url, data=body, headers=_signed("whsec_wrong", body)),
+        "other body": anonymous.post(hook_url, data=b'{"folder": "Junk"}', headers=_signed(secret, body)),
+        "stale": anonymous.post(
+            hook_url, data=body, headers=_signed(secret, body, timestamp=int(time.time()) - 400)
+        ),
+        "future": anonymous.post(
+            hook_url, data=body, headers=_signed(secret, body, timestamp=int(time.time()) + 400)
+        ),
+        "unknown account": anonymous.post(
+            f"/api/hooks/inbound/{uuid.uuid4()}", data=body, headers=_signed(secret, body)
+        ),
+        "not an id": anonymous.post("/api/hooks/inbound/nope", data=body, headers=_signed(secret, body)),
+    }
+    first = error_of(refusals["bad signature"])
+    for name, response in refusals.items():
+        assert response.status_code in (401, 404), name
+        if name != "not an id":  # a malformed id is refused by the path check, before any lookup
+            assert response.status_code == 401 and error_of(response) == first, name
+    assert tasks_of_tenant() == 0
+
+    headers = _signed(secret, body)
+    accepted = anonymous.post(hook_url, data=body, headers=headers)
+    assert accepted.status_code == 202, accepted.get_json()
+    task_id = accepted.get_json()["task_id"]
+    task = kit.admin.wait_task(task_id)
+    assert task["state"] == "succeeded" and task["type"] == "sync"
+    assert task["origin"] == "hook" and task["params"] == {"folders": ["INBOX"]}
+    # The same request again is a replay.
+    replay = anonymous.post(hook_url, data=body, headers=headers)
+    assert replay.status_code == 401 and error_of(replay) == first
+    # An empty body syncs every folder.
+    empty = anonymous.post(hook_url, data=b"", headers=_signed(secret, b""))
+    assert empty.status_code == 202
+    assert kit.admin.wait_task(empty.get_json()["task_id"])["params"] == {}
+    assert tasks_of_tenant() == 2
+
+    # A new secret replaces the old one; deleting it turns hooks off.
+    newer = kit.admin.post(f"/api/accounts/{account['id']}/hook-secret").get_json()["secret"]
+    fresh = json.dumps({"folder": "Sent"}).encode()
+    assert anonymous.post(hook_url, data=fresh, headers=_signed(secret, fresh)).status_code == 401
+    assert kit.admin.delete(f"/api/accounts/{account['id']}/hook-secret").status_code == 204
+    assert anonymous.post(hook_url, data=fresh, headers=_signed(newer, fresh)).status_code == 401
+    assert tasks_of_tenant() == 2
