@@ -248,6 +248,17 @@ def worker_host(queue_specs: tuple[str, ...], beat: bool) -> None:
     sys.exit(WorkerHost(settings_or_exit(), queues, beat=beat).run())
 
 
+@main.command("watcher")
+def watcher() -> None:
+    """Watch this process's share of the accounts over IMAP (NOTIFY where the server has
+    it, else IDLE on INBOX plus STATUS rounds) and queue a sync of each folder that
+    changes. Run several: accounts spread over the live watchers of MAILROOM_WATCHER_GROUP.
+    Stops on SIGTERM or Ctrl-C."""
+    from services.watcher.main import run_watcher
+
+    run_watcher(settings_or_exit())
+
+
 @main.command("flower")
 @click.option("--port", type=int, default=None, help="Port (default MAILROOM_FLOWER_PORT, 5555).")
 @click.option("--address", default="127.0.0.1", show_default=True, help="Address to listen on.")
