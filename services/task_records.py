@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, make_transient_to_detached
 
 from services import task_stats
 from services.errors import Conflict, NotFound
-from services.models import TaskRecord, TaskState, new_id, utcnow
+from services.models import Account, TaskRecord, TaskState, new_id, utcnow
 from services.tenancy import Principal, get_scoped, scoped
 
 FINAL = [s.value for s in TaskState.final()]
@@ -223,7 +223,7 @@ def mark_succeeded(session: Session, task_id: str, result: dict[str, Any]) -> No
 
 
 def mark_failed(session: Session, task_id: str, error: str, code: str, *, ref: str | None = None) -> None:
-    _transition(
+    if _transition(
         session,
         task_id,
         IN_FLIGHT,
@@ -232,11 +232,12 @@ def mark_failed(session: Session, task_id: str, error: str, code: str, *, ref: s
         error_code=code,
         error_ref=ref,
         finished_at=utcnow(),
-    )
+    ):
+        _let_go_of_account(session, task_id)
 
 
 def mark_cancelled(session: Session, task_id: str, stage: str = "cancelled") -> None:
-    _transition(
+    if _transition(
         session,
         task_id,
         IN_FLIGHT,
@@ -244,6 +245,22 @@ def mark_cancelled(session: Session, task_id: str, stage: str = "cancelled") -> 
         cancel_requested=True,
         stage=stage,
         finished_at=utcnow(),
+    ):
+        _let_go_of_account(session, task_id)
+
+
+def _let_go_of_account(session: Session, task_id: str) -> None:
+    """A task that ended failed or cancelled no longer holds its account's sync lock. The
+    lock counts as free anyway once its holder is final (services.accounts); clearing it
+    keeps ``sync_task_id`` what the API says it is: the sync in flight, if any."""
+    session.execute(
+        update(Account)
+        .where(
+            Account.id == select(TaskRecord.account_id).where(TaskRecord.id == task_id).scalar_subquery(),
+            Account.sync_task_id == task_id,
+        )
+        .values(sync_task_id=None)
+        .execution_options(synchronize_session=False)
     )
 
 
@@ -262,7 +279,9 @@ def request_cancel(session: Session, record: TaskRecord) -> bool:
         stage="cancelled before it ran",
         finished_at=utcnow(),
     )
-    if not stopped_now:
+    if stopped_now:
+        _let_go_of_account(session, record.id)
+    else:
         _transition(session, record.id, [TaskState.RUNNING.value], cancel_requested=True)
     session.refresh(record)
     return True

@@ -33,21 +33,29 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
 
+from mailroom.app import create_app
+from services import accounts
 from services.db import make_engine
 from services.migrate import upgrade
-from services.models import Folder, Message, TaskRecord
+from services.models import Folder, Message, TaskRecord, utcnow
 from services.settings import load_settings
 from tasks.monitoring import get_queue_stats
+from tasks.queues import QUEUES
 from tasks.redispatch import EPOCH_KEY, sweep
+from tests.conftest import account_body, env_for, worker_env
+from tests.servers.dovecot import DovecotServer
 from tests.servers.postgres import PostgresServer
 from tests.servers.redis import RedisServer
+from tests.servers.workers import CeleryWorker
+from tests.support import Api
+from tests.test_send import delivered
 from tests.test_sync_tasks import seed, stored
 from tests.test_task_life import Stack
 
@@ -182,3 +190,84 @@ def test_postgres_restarted_mid_sync_retries_and_the_sync_is_exact(pg_stack, dov
         folder = session.scalars(inbox).one()
     assert tuple(rows) == (3000, 3000)
     assert folder.message_count == 3000
+
+
+def test_imap_down_past_the_retry_budget_fails_shows_and_recovers(
+    kit, smtp, mailbox_user, sessions, workers
+) -> None:
+    """The account's IMAP server goes away for longer than the sync's retries last: the
+    task ends ``failed`` saying it gave up, the account shows the error, Beat still finds
+    the account due at its interval (the failure neither stops nor hastens it), and the
+    first sync after the server is back is exact."""
+    server = DovecotServer()
+    server.start()
+    try:
+        server.add_user(*mailbox_user)
+        seed(server, mailbox_user, "INBOX", 20)
+        account = kit.admin.post("/api/accounts", json=account_body(server, smtp, mailbox_user)).get_json()
+
+        def sync() -> dict[str, Any]:
+            task_id = kit.admin.post(f"/api/accounts/{account['id']}/sync").get_json()["task_id"]
+            return kit.admin.wait_task(task_id, timeout=90)
+
+        assert sync()["state"] == "succeeded"
+        server.stop()
+        task = sync()
+        assert task["state"] == "failed" and task["error"]["code"] == "mail_unavailable", task
+        assert task["attempts"] == QUEUES["sync"].max_retries + 1
+        assert task["error"]["message"].startswith(f"gave up after {task['attempts']} attempts")
+        shown = kit.admin.get(f"/api/accounts/{account['id']}").get_json()
+        assert "IMAP" in (shown["last_sync_error"] or "") and shown["sync_task_id"] is None
+        interval, tick = shown["sync_interval"], 300.0
+        with sessions() as session:
+            now = utcnow()
+            assert account["id"] not in accounts.due_account_ids(session, now, tick_seconds=tick)
+            later = now + timedelta(seconds=1.5 * interval + tick)
+            assert account["id"] in accounts.due_account_ids(session, later, tick_seconds=tick)
+        server.start()
+        seed(server, mailbox_user, "INBOX", 5, start=20)
+        again = sync()
+        assert again["state"] == "succeeded", again
+        assert stored(sessions, account["id"]) == len(server.uids(*mailbox_user, "INBOX")) == 25
+        assert kit.admin.get(f"/api/accounts/{account['id']}").get_json()["last_sync_error"] is None
+    finally:
+        server.cleanup()
+
+
+def test_a_scheduled_send_whose_time_passed_with_no_worker_goes_out_once(
+    kit, account, smtp, base_values
+) -> None:
+    """A send worker takes a scheduled send (holding it until its time) and stops; the
+    ``send_at`` passes while no send worker runs; the next worker sends it once, at once."""
+    broker = RedisServer()
+    broker.start()
+    values = {**base_values, "broker_url": broker.url}
+    api = Api(create_app(load_settings(**values)), kit.admin_key)
+    env = worker_env(env_for(values))
+    holder = CeleryWorker(["send"], env=env, name=f"holder-{uuid.uuid4().hex[:6]}")
+    heir = CeleryWorker(["send"], env=env, name=f"heir-{uuid.uuid4().hex[:6]}")
+    holder.start()
+    try:
+        send_at = datetime.now(UTC) + timedelta(seconds=3)
+        body = {
+            "to": ["a@example.test"],
+            "text": "on time",
+            "save_sent": False,
+            "send_at": send_at.isoformat(),
+        }
+        accepted = api.post(f"/api/accounts/{account['id']}/send", json=body).get_json()
+        task_id, message_id = accepted["task_id"], accepted["message_id"]
+        holder.wait_for_log(rf"Task mailroom\.send_email\[{task_id}\] received", timeout=20)
+        holder.stop()  # a warm shutdown hands the held message back to the broker
+        time.sleep(max(0.0, (send_at - datetime.now(UTC)).total_seconds()) + 1)
+        assert delivered(smtp, message_id) == [] and api.task(task_id)["state"] == "queued"
+        heir.start()
+        task = api.wait_task(task_id, timeout=30)
+        time.sleep(1)
+    finally:
+        holder.stop()
+        heir.stop()
+        broker.stop()
+    assert task["state"] == "succeeded" and task["attempts"] == 1, task
+    assert len(delivered(smtp, message_id)) == 1
+    assert _received(heir.log_text(), task_id) == 1
