@@ -395,11 +395,12 @@ class Watcher:
             await asyncio.sleep(seconds)
 
     async def _heartbeat(self) -> None:
-        await self.blocking(self.registry.beat)
+        # The liveness file first: a Redis outage must not restart the watcher.
         heartbeat_file = self.settings.worker_heartbeat_file
         if heartbeat_file:
             with contextlib.suppress(OSError):
                 Path(heartbeat_file).touch()
+        await self.blocking(self.registry.beat)
 
     async def reload(self) -> None:
         """Take this process's share of the accounts; drop the rest; reconnect changed ones."""

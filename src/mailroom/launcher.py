@@ -3,8 +3,8 @@
 Starts a private Redis when no broker or result-backend URL is configured, migrates the
 database, makes sure a bootstrap admin and its key exist, then runs the API (gunicorn),
 ``mailroom worker-host`` (one Celery worker per I/O-bound queue, and Beat, in one process),
-a solo worker for the spam queue and, on request, Flower, as child processes whose output
-is prefixed with their name. Ctrl-C or SIGTERM stops them all; if one dies, the rest are
+a solo worker for the spam queue, ``mailroom watcher`` and, on request, Flower, as child
+processes whose output is prefixed with their name. Ctrl-C or SIGTERM stops them all; if one dies, the rest are
 stopped too.
 """
 
@@ -42,7 +42,7 @@ BOOTSTRAP_TENANT = "default"
 BOOTSTRAP_EMAIL = "admin@localhost"
 KEY_FILE = "bootstrap-admin.key"
 #: Threads per queue in the embedded worker process (spam runs apart, in a solo worker).
-EMBEDDED_THREADS = {"sync": 4, "send": 4, "delete": 2, "periodic": 1}
+EMBEDDED_THREADS = {"sync": 4, "send": 4, "delete": 2, "periodic": 1, "webhooks": 2}
 COLORS = ["36", "33", "32", "35", "34", "91", "92", "93", "94", "95", "96"]
 
 
@@ -221,6 +221,9 @@ class Launcher:
         commands.append(("workers", host, shared))
         spam = ["worker", "-Q", "spam", "--pool", "solo", "--hostname", "spam@%h", "--loglevel", "INFO"]
         commands.append(("spam", [*celery, *spam], shared))
+        # The watcher: IMAP NOTIFY / IDLE connections that queue a sync of each folder that
+        # changes (services/watcher), one asyncio loop for every account.
+        commands.append(("watcher", [sys.executable, "-m", "mailroom.cli", "watcher"], {}))
         if self.flower:
             # `mailroom flower`: MAILROOM_FLOWER_BASIC_AUTH when set, else open on loopback.
             flower = [sys.executable, "-m", "mailroom.cli", "flower", "--address=127.0.0.1"]
