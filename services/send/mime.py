@@ -69,12 +69,31 @@ def build_message(request: SendRequest, *, sender: str, sender_name: str) -> Bui
 
 
 def _set_bodies(message: EmailMessage, request: SendRequest) -> None:
+    """text/plain, text/html, or multipart/alternative of both; inline attachments make the
+    HTML a multipart/related of the HTML and those parts (RFC 2387, so its ``cid:`` URLs
+    resolve, RFC 2392); other attachments make the whole a multipart/mixed."""
     if request.text is not None:
         message.set_content(request.text, subtype="plain", charset="utf-8")
         if request.html is not None:
             message.add_alternative(request.html, subtype="html", charset="utf-8")
     else:
         message.set_content(request.html or "", subtype="html", charset="utf-8")
+    inline = [item for item in request.attachments if item.inline]
+    if inline:
+        html = message.get_body(("html",))  # SendRequest refuses inline parts without html
+        assert isinstance(html, EmailMessage)
+        for item in inline:
+            maintype, _, subtype = item.content_type.partition("/")
+            html.add_related(
+                item.data,
+                maintype=maintype,
+                subtype=subtype,
+                disposition="inline",
+                filename=item.filename,
+                cid=f"<{item.content_id}>",
+            )
+        html.set_param("type", "text/html")  # the root part's type, which RFC 2387 requires
     for item in request.attachments:
-        maintype, _, subtype = item.content_type.partition("/")
-        message.add_attachment(item.data, maintype=maintype, subtype=subtype, filename=item.filename)
+        if not item.inline:
+            maintype, _, subtype = item.content_type.partition("/")
+            message.add_attachment(item.data, maintype=maintype, subtype=subtype, filename=item.filename)

@@ -3,7 +3,9 @@
 What it promises: every address, name, subject, header value, Message-ID reference and
 attachment field that reaches the MIME builder is free of CR, LF and other control
 characters (a header injection is a 422, never a second header), custom headers are only
-those of :data:`ALLOWED_HEADERS` or ``X-…``, and attachments are valid base64.
+those of :data:`ALLOWED_HEADERS` or ``X-…``, attachments are valid base64, and an inline
+attachment's ``content_id`` is one header token (no CR, LF, spaces or angle brackets) of at
+most :data:`MAX_CONTENT_ID` characters, unique in the message, beside an html body.
 
 Attachments travel as base64 inside the JSON body rather than as ``multipart/form-data``:
 the whole request is then one document that the same model validates, that the OpenAPI
@@ -36,6 +38,11 @@ from services.task_inputs import EmailAddress
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _MSG_ID = re.compile(r"^<[^<>\s]{1,990}>$")
 _HEADER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,75}$")
+#: A Content-ID as the client gives it, without angle brackets: RFC 5322 atext, dots and
+#: one "@" at most, so it is one token in the header and in a ``cid:`` URL alike.
+_CONTENT_ID = r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+(@[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+)?$"
+#: The longest Content-ID accepted (without the angle brackets Mailroom adds).
+MAX_CONTENT_ID = 250
 
 #: Headers a client may set besides ``X-…`` ones: none of them changes who the message is
 #: from, who receives it, how it is parsed, or how it is threaded (those have own fields).
@@ -111,10 +118,29 @@ class Attachment(_Strict):
         default="application/octet-stream", pattern=r"^[A-Za-z0-9!#$&^_.+-]{1,64}/[A-Za-z0-9!#$&^_.+-]{1,64}$"
     )
     content: str = Field(description="The file's bytes, base64 (RFC 4648, standard alphabet).")
+    inline: bool = Field(
+        default=False,
+        description="Shown inside the HTML body rather than as an attachment: the part goes into a "
+        "multipart/related beside the HTML with Content-Disposition inline and the Content-ID "
+        "content_id, which the HTML references as cid:<content_id>. Needs content_id and an html body.",
+    )
+    content_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_CONTENT_ID,
+        pattern=_CONTENT_ID,
+        description="The part's Content-ID without angle brackets (Mailroom adds them), e.g. "
+        "logo.png@example.test; only with inline. Letters, digits, dots and !#$%&'*+/=?^_`{|}~- "
+        "with at most one @.",
+    )
     _data: bytes = PrivateAttr(default=b"")
 
     @model_validator(mode="after")
     def _decode(self) -> Attachment:
+        if self.inline and self.content_id is None:
+            raise ValueError("an inline attachment needs a content_id (referenced as cid:… in the html)")
+        if self.content_id is not None and not self.inline:
+            raise ValueError("content_id is for inline attachments: set inline to true")
         try:
             self._data = base64.b64decode(self.content, validate=True)
         except (binascii.Error, ValueError):
@@ -171,6 +197,11 @@ class SendRequest(_Strict):
                 )
             if len(value) > 998:
                 raise ValueError(f"header {name!r}: longer than 998 characters")
+        inline = [a.content_id for a in self.attachments if a.inline]
+        if inline and self.html is None:
+            raise ValueError("inline attachments need an html body that references them (cid:…)")
+        if len(set(inline)) != len(inline):
+            raise ValueError("each inline attachment needs its own content_id")
         if self.send_at is not None and self.send_at.tzinfo is None:
             raise ValueError("send_at needs a time zone (e.g. 2026-01-01T09:00:00Z)")
         return self
