@@ -29,13 +29,16 @@ the gaps):
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psutil
 import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
@@ -271,3 +274,71 @@ def test_a_scheduled_send_whose_time_passed_with_no_worker_goes_out_once(
     assert task["state"] == "succeeded" and task["attempts"] == 1, task
     assert len(delivered(smtp, message_id)) == 1
     assert _received(heir.log_text(), task_id) == 1
+
+
+def test_spam_worker_killed_mid_check_stores_each_verdict_once(
+    kit, dovecot, smtp, mailbox_user, sessions, base_values, workers
+) -> None:
+    """The spam worker's pool child is SIGKILLed while a check scores and moves spam to
+    Junk batch by batch. The message goes back to the queue (the attempt was lost), the
+    check runs again and ends; every message has its verdict, each spam message is in
+    Junk once, and a sync afterwards finds one row per message on the server."""
+    from tests.test_spam_task import mails, new_account
+
+    account_id = new_account(kit, dovecot, smtp, mailbox_user, spam_move_to_junk=True)
+    assert (
+        kit.admin.patch(
+            "/api/spam/settings", json={"block": ["offers.example"], "allow": ["partner.example"]}
+        ).status_code
+        == 200
+    )
+    ham, spam = 2400, 600
+    dovecot.append_messages(
+        *mailbox_user,
+        "INBOX",
+        mails(ham // 2, "colleague@partner.example", "Minutes", "The minutes of the meeting.")
+        + mails(spam, "deals@news.offers.example", "Offer", "Our weekly newsletter.", start=ham // 2)
+        + mails(ham // 2, "colleague@partner.example", "Notes", "Notes.", start=ham // 2 + spam),
+    )
+    first = kit.admin.post(f"/api/accounts/{account_id}/sync").get_json()["task_id"]
+    assert kit.admin.wait_task(first, timeout=90)["state"] == "succeeded"
+    broker = RedisServer()
+    broker.start()
+    values = {**base_values, "broker_url": broker.url}
+    api = Api(create_app(load_settings(**values)), kit.admin_key)
+    worker = CeleryWorker(["spam"], env=worker_env(env_for(values)), name=f"spam-{uuid.uuid4().hex[:6]}")
+    worker.start()
+    try:
+        task_id = api.post(f"/api/accounts/{account_id}/spam-check", json={"folder": "INBOX"}).get_json()[
+            "task_id"
+        ]
+        api.wait_task(task_id, where=lambda t: t["state"] == "running" and t["progress"] > 0, timeout=60)
+        assert worker.pid is not None
+        children = psutil.Process(worker.pid).children(recursive=True)
+        for child in children:
+            os.kill(child.pid, signal.SIGKILL)
+        task = api.wait_task(task_id, timeout=90)
+    finally:
+        worker.stop()
+        broker.stop()
+    assert children and task["state"] == "succeeded" and task["attempts"] == 2, task
+    again = kit.admin.post(f"/api/accounts/{account_id}/sync").get_json()["task_id"]
+    assert kit.admin.wait_task(again, timeout=90)["state"] == "succeeded"
+    on_server = len(dovecot.uids(*mailbox_user, "INBOX")) + len(dovecot.uids(*mailbox_user, "Junk"))
+    assert on_server == ham + spam and len(dovecot.uids(*mailbox_user, "Junk")) == spam
+    with sessions() as session:
+        mine = Message.account_id == account_id
+        rows, headers, scored = session.execute(
+            select(
+                func.count(),
+                func.count(func.distinct(Message.message_id_header)),
+                func.count(Message.spam_score),
+            ).where(mine)
+        ).one()
+        junk = session.scalar(
+            select(func.count())
+            .select_from(Message)
+            .join(Folder)
+            .where(mine, Folder.name == "Junk", Message.is_spam)
+        )
+    assert (rows, headers, scored, junk) == (ham + spam, ham + spam, ham + spam, spam)
