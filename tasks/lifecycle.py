@@ -63,6 +63,8 @@ class TaskContext:
     attempt: int
     _last_write: float = field(default=0.0)
     _last_progress: int = field(default=-1)
+    #: Set by :meth:`succeed`: the webhook events of the success the body committed itself.
+    _succeeded: list[str] | None = field(default=None)
 
     @property
     def settings(self) -> Settings:
@@ -93,6 +95,18 @@ class TaskContext:
             cancelled = task_records.report_progress(session, self.task_id, pct, stage)
         if cancelled:
             raise TaskCancelled()
+
+    def succeed(self, session: Session, result: dict[str, Any]) -> None:
+        """End the record ``succeeded`` with ``result`` in the body's own last transaction
+        (``session``), instead of in one more transaction after the body returns: what the
+        body wrote last and the record's success then commit together. The body must
+        return ``result`` right after that transaction commits; if it raises instead, the
+        rollback took the success back with it."""
+        task_records.mark_succeeded(session, self.task_id, result)
+        # The running duration statistics dispatch estimates from (O(1) to read there).
+        task_stats.record_success(session, self.task_id)
+        # Webhook events, committed with the state they report and published after it.
+        self._succeeded = webhooks.record_task_events(session, self.tenant_id, self.task_id)
 
     def check_cancelled(self) -> None:
         """A cancellation checkpoint between steps (also stops an attempt whose record was
@@ -214,11 +228,22 @@ def _attempt(
         attempt = record.attempts + 1
         ready_at = metrics.ready_time(record.created_at, record.next_retry_at, task.request.eta, attempt)
         observed = metrics.AttemptMetrics(record.type, record.queue, ready_at)
+        # The message must match its record, and the tenant and user must still own the
+        # account: checked in this same transaction (one round trip less per attempt), and
+        # raised in _run_body, which fails the task for it.
+        refused: MailroomError | None = None
+        if record.tenant_id != tenant_id or record.user_id != user_id or record.account_id != account_id:
+            refused = ValidationFailed("task message does not match its record")
+        elif account_id is not None:
+            try:
+                check_ownership(session, account_id, tenant_id, user_id)
+            except MailroomError as exc:
+                refused = exc
 
     ctx = TaskContext(task_id, tenant_id, user_id, account_id, None, runtime, attempt)
     with log_context(queue=observed.queue, task_type=observed.task_type, attempt=attempt):
         try:
-            result = _run_body(task, body, params_model, ctx, raw_params, observed)
+            result = _run_body(task, body, params_model, ctx, raw_params, observed, refused)
         finally:
             observed.end("failed")  # only when nothing above ended it (e.g. a hard time limit)
     return result
@@ -231,9 +256,10 @@ def _run_body(
     ctx: TaskContext,
     raw_params: dict[str, Any],
     observed: metrics.AttemptMetrics,
+    refused: MailroomError | None,
 ) -> dict[str, Any]:
     runtime, task_id = ctx.runtime, ctx.task_id
-    tenant_id, user_id, account_id = ctx.tenant_id, ctx.user_id, ctx.account_id
+    tenant_id, account_id = ctx.tenant_id, ctx.account_id
     try:
         try:
             ctx.params = params_model.model_validate(raw_params)
@@ -242,12 +268,8 @@ def _run_body(
                 "invalid task parameters",
                 details=[{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()],
             ) from None
-        with ctx.session() as session:
-            record = task_records.require_record(session, task_id)
-            if record.tenant_id != tenant_id or record.user_id != user_id or record.account_id != account_id:
-                raise ValidationFailed("task message does not match its record")
-            if account_id is not None:
-                ctx.load_account(session)
+        if refused is not None:
+            raise refused
         result = body(ctx)
     except TaskCancelled:
         with ctx.session() as session:
@@ -272,12 +294,11 @@ def _run_body(
         if retrying is not None:
             raise retrying from exc
         raise
-    with ctx.session() as session:
-        task_records.mark_succeeded(session, task_id, result)
-        # The running duration statistics dispatch estimates from (O(1) to read there).
-        task_stats.record_success(session, task_id)
-        # Webhook events, committed with the state they report and published after it.
-        events = webhooks.record_task_events(session, tenant_id, task_id)
+    events = ctx._succeeded
+    if events is None:
+        with ctx.session() as session:
+            ctx.succeed(session, result)
+        events = ctx._succeeded or []
     webhooks.publish(task.app, tenant_id, events)
     observed.end("succeeded", result)
     return result

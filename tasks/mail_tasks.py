@@ -80,6 +80,8 @@ def send_email(ctx: TaskContext) -> dict[str, Any]:
         box=ctx.runtime.box,
         settings=ctx.settings,
         progress=lambda percent, stage: ctx.progress(percent, stage, force=True),
+        # The record ends ``succeeded`` in the commit that marks the row ``sent``.
+        finish=ctx.succeed,
     )
 
 

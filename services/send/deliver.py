@@ -44,6 +44,9 @@ from services.models import Account, OutboxEntry, OutboxState, TaskRecord, TaskS
 from services.send import imap_pool, sent
 from services.settings import Settings
 
+#: Called with the session of the transaction that marks a row ``sent`` and the task's result.
+Finish = Callable[[Session, dict[str, Any]], None]
+
 #: States in which the SMTP transaction may still have to happen.
 NOT_YET_SENT = {OutboxState.QUEUED.value, OutboxState.SCHEDULED.value, OutboxState.SENDING.value}
 
@@ -120,9 +123,12 @@ def deliver(
     box: SecretBox,
     settings: Settings,
     progress: Callable[[float, str], None],
+    finish: Finish | None = None,
 ) -> dict[str, Any]:
     """Send the outbox row's message and file its Sent copy; returns the task's result.
-    ``progress`` is called (a cancel checkpoint) only while waiting for the send rate."""
+    ``progress`` is called (a cancel checkpoint) only while waiting for the send rate.
+    ``finish(session, result)``, if given, is called inside the transaction that marks the
+    row ``sent`` (the task's record then ends with it, in one commit)."""
     with transaction(sessions) as session:
         # The row (locked), its account and whether the attempt may go on: one SELECT.
         found = session.execute(
@@ -205,7 +211,7 @@ def deliver(
         try:
             # An attempt that took over a row ``sending`` or ``accepted`` may find a copy
             # filed before (by its predecessor or by the server): it never appends another.
-            _file_copy(
+            return _file_copy(
                 sessions,
                 claimed,
                 account_id,
@@ -213,15 +219,18 @@ def deliver(
                 settings,
                 raw,
                 resumed=before not in (OutboxState.QUEUED.value, OutboxState.SCHEDULED.value),
+                finish=finish,
             )
-            return claimed.result(OutboxState.SENT.value)
         except MailError as exc:
             if exc.transient:
                 raise  # the next attempt resumes at ``accepted``: no second SMTP send
             claimed.error = f"sent, but the copy could not be filed in Sent: {exc.message}"
+    result = claimed.result(OutboxState.SENT.value)
     with transaction(sessions) as session:
         _update(session, outbox_id, **_sent_values(claimed.error))
-    return claimed.result(OutboxState.SENT.value)
+        if finish is not None:
+            finish(session, result)
+    return result
 
 
 def _take_turn(
@@ -349,7 +358,8 @@ def _file_copy(
     raw: bytes,
     *,
     resumed: bool,
-) -> None:
+    finish: Finish | None,
+) -> dict[str, Any]:
     """APPEND the copy (never a second one) and FETCH what its message row needs, then, in
     one transaction, store that row and mark the outbox row ``sent``. The IMAP work is done
     before the transaction, so the Sent folder's row is locked only for the database's part."""
@@ -372,8 +382,12 @@ def _file_copy(
             sent_message_id=stored,
             **_sent_values(None),
         )
-    claimed.error = None
-    claimed.sent_copy = _copy_of(copy.folder, copy.uid, stored)
+        claimed.error = None
+        claimed.sent_copy = _copy_of(copy.folder, copy.uid, stored)
+        result = claimed.result(OutboxState.SENT.value)
+        if finish is not None:
+            finish(session, result)
+    return result
 
 
 def _sent_values(problem: str | None) -> dict[str, Any]:
