@@ -1,4 +1,5 @@
-"""Benchmark of deleting messages against a private Dovecot and a private PostgreSQL.
+"""Benchmark of deleting messages against a private Dovecot and a private PostgreSQL (the
+Deployments' database) or, with ``--database sqlite``, a SQLite file (``mailroom run``'s).
 
 Deletes 5,000 synced INBOX messages, moved to Trash and permanently, with the delete
 worker's service (``services.mail_delete.delete_messages``: plan from the rows, STATUS and
@@ -15,7 +16,8 @@ own times: the ``202`` answer, pickup (the answer until the worker marked the re
 ``running``), the attempt (``running`` until the final state was written) and the rest
 until the poll saw it.
 
-Run: ``.venv/bin/python bench/bench_delete.py [--messages 5000] [--repeat 3]``.
+Run: ``.venv/bin/python bench/bench_delete.py [--messages 5000] [--repeat 3]
+[--database postgresql|sqlite]``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -147,83 +150,96 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--database",
+        choices=("postgresql", "sqlite"),
+        default="postgresql",
+        help="the Deployments' PostgreSQL, or SQLite as `mailroom run` ships it",
+    )
     args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-delete-") as tmp:
+        overrides: dict[str, Any] = (
+            {"database_url": f"sqlite:///{tmp}/mailroom.db"} if args.database == "sqlite" else {}
+        )
+        with BenchEnvironment(dovecot=True, **overrides) as env:
+            run(env, args)
+
+
+def run(env: BenchEnvironment, args: argparse.Namespace) -> None:
     n = args.messages
-    with BenchEnvironment(dovecot=True) as env:
-        worker = CeleryWorker(["delete"], env=env.subprocess_env(), name="bench-delete", cwd=ROOT)
-        env.add_cleanup(worker.cleanup)
-        worker.start()
-        client = create_app(env.settings).test_client()
-        rows = []
-        parts: list[list[str]] = []
-        for permanent in (False, True):
-            ours: list[float] = []
-            end_to_end: list[float] = []
-            phases: list[list[float]] = []
-            raw_batched: list[float] = []
-            raw_one: list[float] = []
-            busy = machine_busy_seconds()
-            for _ in range(args.repeat):
-                mb = fresh_mailbox(env, n, synced=True)
-                seconds, result = mailroom_delete(mb, permanent=permanent)
-                done = result["deleted"] if permanent else result["moved"]
-                assert done == n and not result["gone"], result
-                assert mb.server_uids("INBOX") == [] and not mb.messages("INBOX")
-                ours.append(seconds)
-                seconds, phase = api_delete(env, client, n, permanent=permanent)
-                end_to_end.append(seconds)
-                phases.append(phase)
-                raw_batched.append(
-                    raw_delete(fresh_mailbox(env, n, synced=False), permanent=permanent, batch=BATCH)
-                )
-                raw_one.append(
-                    raw_delete(fresh_mailbox(env, n, synced=False), permanent=permanent, batch=None)
-                )
-            mode = "permanent (UID EXPUNGE)" if permanent else "move to Trash (UID MOVE)"
-            parts.append(
-                [mode, fmt(statistics.median(end_to_end) * 1000, 0)]
-                + [fmt(statistics.median(p[i] for p in phases) * 1000, 0) for i in range(4)]
-                + [fmt(statistics.median(ours) * 1000, 0), fmt(statistics.median(raw_batched) * 1000, 0)]
+    worker = CeleryWorker(["delete"], env=env.subprocess_env(), name="bench-delete", cwd=ROOT)
+    env.add_cleanup(worker.cleanup)
+    worker.start()
+    client = create_app(env.settings).test_client()
+    rows = []
+    parts: list[list[str]] = []
+    for permanent in (False, True):
+        ours: list[float] = []
+        end_to_end: list[float] = []
+        phases: list[list[float]] = []
+        raw_batched: list[float] = []
+        raw_one: list[float] = []
+        busy = machine_busy_seconds()
+        for _ in range(args.repeat):
+            mb = fresh_mailbox(env, n, synced=True)
+            seconds, result = mailroom_delete(mb, permanent=permanent)
+            done = result["deleted"] if permanent else result["moved"]
+            assert done == n and not result["gone"], result
+            assert mb.server_uids("INBOX") == [] and not mb.messages("INBOX")
+            ours.append(seconds)
+            seconds, phase = api_delete(env, client, n, permanent=permanent)
+            end_to_end.append(seconds)
+            phases.append(phase)
+            raw_batched.append(
+                raw_delete(fresh_mailbox(env, n, synced=False), permanent=permanent, batch=BATCH)
             )
-            rate = n / statistics.median(ours)
-            rate_api = n / statistics.median(end_to_end)
-            rate_b = n / statistics.median(raw_batched)
-            rate_one = n / statistics.median(raw_one)
-            rows.append(
-                [
-                    mode,
-                    fmt(rate, 0),
-                    fmt(rate_api, 0),
-                    fmt(rate_b, 0),
-                    fmt(rate_one, 0),
-                    fmt(ratio(rate, rate_b), 2),
-                    fmt(ratio(rate, rate_one), 2),
-                    fmt(ratio(rate_api, rate_b), 2),
-                    fmt(machine_busy_seconds() - busy, 1),
-                ]
-            )
-        print_table(
-            f"Delete {n:,} synced messages: messages/s, median of {args.repeat} alternating rounds "
-            "(Mailroom = the delete task's service with its database writes; raw = imapclient)",
+            raw_one.append(raw_delete(fresh_mailbox(env, n, synced=False), permanent=permanent, batch=None))
+        mode = "permanent (UID EXPUNGE)" if permanent else "move to Trash (UID MOVE)"
+        parts.append(
+            [mode, fmt(statistics.median(end_to_end) * 1000, 0)]
+            + [fmt(statistics.median(p[i] for p in phases) * 1000, 0) for i in range(4)]
+            + [fmt(statistics.median(ours) * 1000, 0), fmt(statistics.median(raw_batched) * 1000, 0)]
+        )
+        rate = n / statistics.median(ours)
+        rate_api = n / statistics.median(end_to_end)
+        rate_b = n / statistics.median(raw_batched)
+        rate_one = n / statistics.median(raw_one)
+        rows.append(
             [
-                "mode",
-                "Mailroom",
-                "API + worker",
-                f"raw, {mail_delete.BATCH_SIZE}/command",
-                "raw, 1 command",
-                f"÷ raw {mail_delete.BATCH_SIZE}",
-                "÷ raw 1 cmd",
-                f"API ÷ raw {mail_delete.BATCH_SIZE}",
-                "busy CPU s",
-            ],
-            rows,
+                mode,
+                fmt(rate, 0),
+                fmt(rate_api, 0),
+                fmt(rate_b, 0),
+                fmt(rate_one, 0),
+                fmt(ratio(rate, rate_b), 2),
+                fmt(ratio(rate, rate_one), 2),
+                fmt(ratio(rate_api, rate_b), 2),
+                fmt(machine_busy_seconds() - busy, 1),
+            ]
         )
-        print_table(
-            "Where the end-to-end time goes (ms, medians): the 202, the worker's pickup, the "
-            "attempt (marked running to final state), the poll; beside the task code alone and raw",
-            ["mode", "end to end", "202", "pickup", "attempt", "poll", "task code", f"raw {BATCH}/cmd"],
-            parts,
-        )
+    print_table(
+        f"Delete {n:,} synced messages on {args.database}: messages/s, median of {args.repeat} "
+        "alternating rounds (Mailroom = the delete task's service with its database writes; "
+        "raw = imapclient)",
+        [
+            "mode",
+            "Mailroom",
+            "API + worker",
+            f"raw, {mail_delete.BATCH_SIZE}/command",
+            "raw, 1 command",
+            f"÷ raw {mail_delete.BATCH_SIZE}",
+            "÷ raw 1 cmd",
+            f"API ÷ raw {mail_delete.BATCH_SIZE}",
+            "busy CPU s",
+        ],
+        rows,
+    )
+    print_table(
+        "Where the end-to-end time goes (ms, medians): the 202, the worker's pickup, the "
+        "attempt (marked running to final state), the poll; beside the task code alone and raw",
+        ["mode", "end to end", "202", "pickup", "attempt", "poll", "task code", f"raw {BATCH}/cmd"],
+        parts,
+    )
 
 
 if __name__ == "__main__":

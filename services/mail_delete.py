@@ -131,14 +131,13 @@ class _Run:
             raise self.stop
         self.submitted += count
         if self.submitted >= self.plan.total:  # the last batch: close the run in its transaction
-            write = partial(self._close, write, _trash_uidnext(self))
+            write = partial(self._close, write)
         self.writer.submit(self._write, write, count, stage)
 
-    def _close(self, write: Callable[[Session], None], trash_uidnext: int | None, session: Session) -> None:
+    def _close(self, write: Callable[[Session], None], session: Session) -> None:
         write(session)
         clear_journal(session, self.account_id)
-        if trash_uidnext is not None:
-            _advance_trash(session, self, trash_uidnext)
+        _advance_trash(session, self)
 
     def finish(self) -> None:
         self.writer.wait()
@@ -156,10 +155,23 @@ class _Run:
             self.stop = exc
 
 
+#: The rows of the last batch are written after its command with no IMAP work left to
+#: overlap, so a last batch longer than this is split in two (500, …, 500, 400, 100 for
+#: 5,000 UIDs): one command more, and a short final write.
+LAST_BATCH = 100
+
+
 def _batches(rows: list[Row], size: int) -> Iterable[list[Row]]:
     ordered = sorted(rows, key=lambda r: r.uid)
-    for start in range(0, len(ordered), size):
+    starts = range(0, len(ordered), size)
+    for start in starts[:-1]:
         yield ordered[start : start + size]
+    last = ordered[starts[-1] :] if starts else []
+    if len(starts) > 1 and len(last) > LAST_BATCH:
+        yield last[:-LAST_BATCH]
+        yield last[-LAST_BATCH:]
+    elif last:
+        yield last
 
 
 def _move_folder(run: _Run, source: Folder, rows: list[Row]) -> None:
@@ -203,35 +215,28 @@ def _expunge_folder(run: _Run, folder: Folder, rows: list[Row]) -> None:
         )
 
 
-def _trash_uidnext(run: _Run) -> int | None:
-    """Trash's UIDNEXT after the moves, when the next sync of Trash may go on above the
-    messages this run moved there (see :func:`_advance_trash`); else None."""
-    trash = run.plan.trash
-    if trash is None or not run.trash_uids:
-        return None
-    if trash.last_seen_uid is None or trash.backfill_below_uid is not None:
-        return None  # never synced, or a first sync still walking down: leave it to the sync
-    # One STATUS, not a SELECT of a Trash that may be large.
-    return int(run.client.folder_status(trash.name, [b"UIDNEXT"])[b"UIDNEXT"])
-
-
-def _advance_trash(session: Session, run: _Run, uidnext: int) -> None:
+def _advance_trash(session: Session, run: _Run) -> None:
     """Let the next sync of Trash go on above the messages this run moved there, when
     nothing else arrived there since the last sync: their rows are stored already, and the
     sync would otherwise fetch them again only to skip them (``insert_messages`` skips
     stored UIDs, so either way they keep their ids)."""
     trash = run.plan.trash
-    assert trash is not None and trash.last_seen_uid is not None
+    if trash is None or not run.trash_uids:
+        return
     last = trash.last_seen_uid
-    # When this run's UIDs are as many as all the UIDs between last_seen_uid and UIDNEXT,
-    # they are exactly those.
+    if last is None or trash.backfill_below_uid is not None:
+        return  # never synced, or a first sync still walking down: leave it to the sync
+    # A folder's UIDs only grow: when this run's Trash UIDs are as many as all the UIDs
+    # from last_seen_uid + 1 to their highest, they are exactly those, and whatever came
+    # after them has a higher UID that the sync still fetches (no STATUS needed).
     ours = set(run.trash_uids)
-    if min(ours) <= last or max(ours) >= uidnext or len(ours) != uidnext - 1 - last:
+    top = max(ours)
+    if min(ours) <= last or len(ours) != top - last:
         return  # another client put mail there too: the sync must fetch it
     session.execute(
         update(Folder)
         .where(Folder.id == trash.id, Folder.last_seen_uid == last)
-        .values(last_seen_uid=uidnext - 1)
+        .values(last_seen_uid=top)
         .execution_options(synchronize_session=False)
     )
 
@@ -311,9 +316,8 @@ def delete_messages(
 
 def _delete(run: _Run, account_id: str, tenant_id: str) -> None:
     """The run's IMAP work and row writes, between committing the journal and clearing it.
-    Trash's UIDNEXT after the moves is read (STATUS) before the last batch's rows are
-    written, so the run ends in one transaction: those rows, the journal cleared and
-    Trash's ``last_seen_uid`` moved on."""
+    The run ends in one transaction: the last batch's rows, the journal cleared and Trash's
+    ``last_seen_uid`` moved on."""
     sessions, client, plan = run.sessions, run.client, run.plan
     if plan.total:
         require_uidplus(client)

@@ -6,21 +6,40 @@ commit."""
 
 from __future__ import annotations
 
+import json
+import sqlite3
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ARRAY, ColumnElement, String, any_, case, cast, delete, func, select, text, update
+from sqlalchemy import (
+    ARRAY,
+    ColumnElement,
+    String,
+    any_,
+    bindparam,
+    case,
+    cast,
+    delete,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from services.errors import NotFound, PermanentMailError, TransientMailError
-from services.models import Account, Folder, Message, utcnow
+from services.models import Account, Folder, Message, UTCDateTime, utcnow
 from services.sync.state import bump_counts, chunks, messages_table
 from services.tenancy import Principal
 
 #: How many unknown ids a 404's details list.
 MAX_LISTED = 50
+
+#: SQLite has json_each built in (3.38; UPDATE … FROM since 3.33): id lists travel as one
+#: JSON text, and a batch's move is one UPDATE … FROM json_each.
+SQLITE_JSON = sqlite3.sqlite_version_info >= (3, 38)
 
 
 class SyncRequired(PermanentMailError):
@@ -49,10 +68,16 @@ def _id_in(session: Session, column: Any, ids: Sequence[str]) -> ColumnElement[b
     and binds several times faster than an IN list of thousands of parameters. Ids without
     a comma (every Mailroom id) travel as one comma-joined text that the server splits:
     the driver turns a list of 5,000 strings into an array literal in Python, one by one."""
-    if session.get_bind().dialect.name == "postgresql":
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
         if not any("," in i for i in ids):
             return column == any_(func.string_to_array(",".join(ids), ","))
         return column == any_(cast(list(ids), ARRAY(String)))
+    if dialect == "sqlite" and SQLITE_JSON:
+        # Likewise one JSON text that SQLite's json_each splits, instead of an IN list that
+        # SQLAlchemy renders with one placeholder per id (a 5,000-id plan read twice as fast).
+        listed = func.json_each(json.dumps(list(ids))).table_valued("value")
+        return column.in_(select(listed.c.value))  # type: ignore[no-any-return]
     return column.in_(ids)  # type: ignore[no-any-return]
 
 
@@ -120,20 +145,22 @@ def plan_delete(
         query = select(m.id, m.folder_id, m.uid, m.seen).where(
             m.account_id == account_id, _id_in(session, m.id, chunk)
         )
-        for row in session.execute(query):
-            found.add(row.id)
-            if row.uid < 1:
+        trash_id = trash.id if trash is not None else None
+        expunges, moves = plan.expunges, plan.moves
+        for id_, folder_id, uid, seen in session.execute(query).tuples():
+            found.add(id_)
+            if uid < 1:
                 raise SyncRequired(
-                    f"folder {folders[row.folder_id].name!r} is being rebuilt by a sync; "
+                    f"folder {folders[folder_id].name!r} is being rebuilt by a sync; "
                     "let it finish, then delete again"
                 )
-            item = Row(row.id, row.uid, bool(row.seen))
-            if permanent or row.id in in_trash:
-                plan.expunges[row.folder_id].append(item)
-            elif trash is not None and row.folder_id == trash.id:
+            item = Row(id_, uid, bool(seen))
+            if permanent or id_ in in_trash:
+                expunges[folder_id].append(item)
+            elif folder_id == trash_id:
                 plan.already_moved += 1  # moved by an earlier attempt of this task
             else:
-                plan.moves[row.folder_id].append(item)
+                moves[folder_id].append(item)
     plan.gone = [i for i in ids if i not in found]
     if plan.moves and trash is None:
         raise DeleteRefused("this account has no \\Trash folder (sync first, or delete permanently)")
@@ -145,9 +172,11 @@ def move_rows(session: Session, source: Folder, trash: Folder, rows: list[Row], 
     if not moved:
         return
     # One statement per batch, not one UPDATE per row, so the batch's write keeps up with
-    # its IMAP command: on PostgreSQL a join with the unnested (id, uid) pairs, elsewhere
-    # a CASE of the new UIDs (about half again as slow on PostgreSQL).
-    if session.get_bind().dialect.name == "postgresql":
+    # its IMAP command: on PostgreSQL a join with the unnested (id, uid) pairs, on SQLite
+    # with json_each of an {id: uid} object, elsewhere a CASE of the new UIDs (about half
+    # again as slow on PostgreSQL; on SQLite each row's CASE walks the whole batch).
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
         session.execute(
             _PG_MOVE,
             {
@@ -155,6 +184,16 @@ def move_rows(session: Session, source: Folder, trash: Folder, rows: list[Row], 
                 "source": source.id,
                 "ids": ",".join(r.id for r in moved),
                 "uids": ",".join(str(new[r.uid]) for r in moved),
+                "now": utcnow(),
+            },
+        )
+    elif dialect == "sqlite" and SQLITE_JSON:
+        session.execute(
+            _SQLITE_MOVE,
+            {
+                "trash": trash.id,
+                "source": source.id,
+                "pairs": json.dumps({r.id: new[r.uid] for r in moved}),
                 "now": utcnow(),
             },
         )
@@ -173,6 +212,14 @@ _PG_MOVE = text(
     "FROM unnest(string_to_array(:ids, ','), CAST(string_to_array(:uids, ',') AS bigint[])) AS v(id, uid) "
     "WHERE m.id = v.id AND m.folder_id = :source"
 )
+
+
+# The same on SQLite: json_each of {id: new uid} gives (key, value) rows, each finding its
+# message by primary key.
+_SQLITE_MOVE = text(
+    "UPDATE messages SET folder_id = :trash, uid = v.value, modseq = NULL, updated_at = :now "
+    "FROM json_each(:pairs) AS v WHERE messages.id = v.key AND messages.folder_id = :source"
+).bindparams(bindparam("now", type_=UTCDateTime()))
 
 
 def _move_rows_portable(

@@ -1,5 +1,5 @@
 """The delete service on PostgreSQL and on SQLite: each backend has its own statement for
-moving a batch's rows (an unnest join, a CASE), and both must leave the same rows, ids and
+moving a batch's rows (a join with unnest, with json_each), and both must leave the same rows, ids and
 counts, agreeing with Dovecot."""
 
 from __future__ import annotations
