@@ -14,8 +14,11 @@ STAMP := $(VENV)/.installed
 REQUIREMENTS := requirements.txt requirements-dev.txt pyproject.toml
 # apt-get needs root: use sudo unless we are root already.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+# Test processes: most tests wait on real servers and workers, so two pytest processes (each
+# with its own private servers) keep 2 cores busy; a whole file always runs in one process.
+TEST_PROCESSES ?= 2
 # Test and coverage options (`make test PYTEST_ARGS="-x -k launcher"` narrows a run).
-PYTEST_ARGS ?= --cov --cov-report=term --cov-fail-under=90 tests
+PYTEST_ARGS ?= -n $(TEST_PROCESSES) --dist loadfile --cov --cov-report=term --cov-fail-under=90 tests
 # Extra options for `mailroom run`, e.g. `make run ARGS="--port 8080 --flower"`.
 ARGS ?=
 
