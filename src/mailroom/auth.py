@@ -6,9 +6,10 @@ from flask import g, request
 
 from mailroom.context import db_session
 from mailroom.ratelimit import count_unauthenticated
-from services import tenancy
+from services import tenancy, webhooks
 from services.db import bind_tenant
 from services.errors import Forbidden, Unauthorized
+from services.models import is_id
 from services.tenancy import Principal
 
 #: The inbound hook carries no API key: its signature is checked by its route.
@@ -20,7 +21,12 @@ def authenticate_request() -> None:
     if not request.path.startswith("/api/") and request.path != "/api":
         return
     if request.path.startswith(HOOK_PATH_PREFIX):
-        return  # signed with the account's hook secret instead (services.webhooks)
+        # Signed with the account's hook secret instead (services.webhooks). A malformed id
+        # is refused here like an unknown one, before the path check would make it a 404.
+        if not is_id(request.path.removeprefix(HOOK_PATH_PREFIX)):
+            count_unauthenticated()
+            raise webhooks.unauthorized()
+        return
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if not header:
