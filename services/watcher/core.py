@@ -257,8 +257,8 @@ class AccountWatch:
 
     async def _watch_idle(self, conn: ImapConnection) -> None:
         settings = self.watcher.settings
+        await self._timed(conn.command("EXAMINE INBOX"))  # its EXISTS is no change
         self.state.mode = "idle"
-        await self._timed(conn.command("EXAMINE INBOX"))
         items = "MESSAGES UIDNEXT UIDVALIDITY UNSEEN"
         if "CONDSTORE" in conn.capabilities:
             items += " HIGHESTMODSEQ"
