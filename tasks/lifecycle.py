@@ -19,14 +19,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from celery import Task, current_app, shared_task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery import Task, current_app, shared_task, signals
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 
 from services import task_records, task_stats, webhooks
 from services.accounts import check_ownership
-from services.db import bound_tenant, tenant_sessions, transaction
+from services.db import bound_tenant, make_engine, make_sessionmaker, tenant_sessions, transaction
 from services.errors import MailroomError, TaskCancelled, ValidationFailed, is_database_fault, is_transient
 from services.logs import log_context
 from services.models import Account, TaskState
@@ -138,6 +138,42 @@ def mailroom_task(name: str, params_model: type[BaseModel], *, max_retries: int)
         return run
 
     return decorate
+
+
+def _on_hard_time_limit(
+    sender: Any = None,
+    task_id: str | None = None,
+    exception: BaseException | None = None,
+    kwargs: dict[str, Any] | None = None,
+    **_: Any,
+) -> None:
+    """A task past its hard time limit is killed with its pool process (nothing in the
+    attempt runs any more); the worker's main process then reports the failure, and here
+    the record ends ``failed`` (``time_limit``) instead of staying ``running`` until the
+    stale-record sweep. A fresh engine, disposed at once: the main process forks pool
+    processes later, and they must not inherit its connections."""
+    if not isinstance(exception, TimeLimitExceeded) or not task_id or sender is None:
+        return
+    tenant_id = (kwargs or {}).get("tenant_id")
+    if not isinstance(tenant_id, str):
+        return  # not a task with a record (Beat's periodic work)
+    engine = make_engine(sender.app.conf.mailroom_settings)
+    try:
+        with transaction(tenant_sessions(make_sessionmaker(engine), tenant_id)) as session:
+            task_records.mark_failed(
+                session, task_id, "the task ran past its hard time limit and was stopped", "time_limit"
+            )
+            events = webhooks.record_task_events(session, tenant_id, task_id)
+        log.error("task %s: stopped at its hard time limit", task_id)
+        if events:
+            webhooks.publish(sender.app, tenant_id, events)
+    except Exception:
+        log.exception("task %s: could not record its hard time limit", task_id)
+    finally:
+        engine.dispose()
+
+
+signals.task_failure.connect(_on_hard_time_limit, weak=False, dispatch_uid="mailroom-hard-time-limit")
 
 
 def run_attempt(
