@@ -7,7 +7,7 @@ import zipfile
 
 import pytest
 
-from services.spam import score_message
+from services.spam import DEFAULT_THRESHOLD, score_message
 from services.spam.parse import parse_message
 from services.spam.rules import evaluate_rules
 
@@ -242,4 +242,73 @@ def test_a_phishing_message_scores_as_spam_and_explains_why() -> None:
     } <= names
     assert "statistical_tokens" in names
     assert all(len(i.detail) <= 200 for i in verdict.indicators)
-    assert score_message(message()).score < 0.5
+    assert not score_message(message()).is_spam(DEFAULT_THRESHOLD)
+
+
+def test_words_that_mix_alphabets_are_obfuscation() -> None:
+    # A Cyrillic "е" in "Gеt", a Greek "Ν" in "ΝFT": look-alike spellings.
+    assert (
+        "mixes alphabets"
+        in fired(message(subject="G\u0435t A High L\u0435v\u0435l Of Protection"))["obfuscated_text"]
+    )
+    assert "obfuscated_text" in fired(message(sender='"\u039dFT launch" <news@example.net>'))
+    assert "obfuscated_text" in fired(
+        message(sender='"C\u034fa\u034fr\u034fr\u034fe\u034ff" <a@example.net>')
+    )
+    # Words wholly in one alphabet, even beside Latin ones, are not.
+    assert "obfuscated_text" not in fired(message(subject="Встреча в четверг / meeting on Thursday"))
+    assert "obfuscated_text" not in fired(message(subject="Σύσκεψη: agenda"))
+
+
+def test_made_up_sender_mailbox() -> None:
+    raw = message(sender='"REI Sweepstakes" <Ouimet_Conrad_1281@promo.example.net>')
+    assert fired(raw)["generated_sender"] == "made-up mailbox ouimet_conrad_1281@promo.example.net"
+    assert "generated_sender" not in fired(message(sender="Anna Smith <anna_smith@example.com>"))
+    assert "generated_sender" not in fired(message(sender="Build Bot <ci_build_2024@example.org>"))
+
+
+def test_advance_fee_needs_millions_and_a_fund() -> None:
+    scam = message("I am the barrister of the deceased. The inheritance of US$15,800,000.00 awaits you.")
+    assert fired(scam)["advance_fee"].startswith('"us$15,800,000"')
+    assert "advance_fee" in fired(message("A donation of 2.5 million dollars was set aside for you."))
+    assert "advance_fee" not in fired(message("The company raised $12,000,000 in its last round."))
+    assert "advance_fee" not in fired(message("Thank you for your donation of $20 to the project."))
+
+
+def test_private_addresses_are_not_ip_links() -> None:
+    for host in ("192.168.1.1", "10.35.18.121", "127.0.0.1", "172.20.0.5"):
+        assert "ip_address_link" not in fired(html(f'<a href="http://{host}/cgi-bin/luci">LuCI</a>'))
+
+
+def test_link_text_naming_a_file_or_cut_short_is_no_mismatch() -> None:
+    assert "link_text_mismatch" not in fired(
+        html('<a href="https://github.com/open-iscsi/open-iscsi/blob/master/etc/iscsid.conf">iscsid.conf</a>')
+    )
+    assert "link_text_mismatch" not in fired(html('<a href="https://www.example.com/">www.example</a>'))
+    assert "link_text_mismatch" in fired(html('<a href="https://login.example.net/">www.example.com</a>'))
+
+
+def test_hidden_style_blocks_and_preheaders() -> None:
+    # Outlook hides its own <style> block: CSS is not hidden text.
+    outlook = html(
+        '<style type="text/css" style="display:none;">P {margin-top:0;margin-bottom:0;}</style>'
+        "<p>See you on Thursday.</p>"
+    )
+    assert "html_only_hidden_text" not in fired(outlook)
+    preheader = html('<div style="display:none">Your receipt for order 1234 is inside.</div><p>Thanks!</p>')
+    stuffed = html(f'<div style="display:none">{"lorem ipsum dolor sit amet " * 20}</div><p>Hi</p>')
+    by_name = {i.name: i for i in evaluate_rules(parse_message(preheader))}
+    assert by_name["html_only_hidden_text"].weight > 0
+    heavier = {i.name: i for i in evaluate_rules(parse_message(stuffed))}["html_only_hidden_text"]
+    assert by_name["html_only_hidden_text"].weight < heavier.weight
+
+
+def test_a_reply_without_quoting_counts_less_than_one_that_quotes() -> None:
+    head = "In-Reply-To: <q1@example.com>\r\nReferences: <q1@example.com>"
+    bare = message("Sounds good.\n", subject="Re: Meeting", extra=head)
+    quoting = message(
+        "Sounds good.\n\n> Shall we meet Thursday?\n> At ten?\n", subject="Re: Meeting", extra=head
+    )
+    weight = {i.name: i.weight for i in evaluate_rules(parse_message(bare))}["thread_reply"]
+    quoted = {i.name: i.weight for i in evaluate_rules(parse_message(quoting))}["thread_reply"]
+    assert quoted < weight < 0

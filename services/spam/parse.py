@@ -41,6 +41,8 @@ _HIDDEN_STYLE = re.compile(
     r"display\s*:\s*none|visibility\s*:\s*hidden|font-size\s*:\s*0(?:\.\d+)?(?:px|pt|em)?\s*[;\"']"
 )
 _TAG_NAME = re.compile(r"<(\w{1,10})")
+# Elements whose content is never shown, hidden or not (Outlook hides its <style> block).
+_NEVER_SHOWN = frozenset(["style", "script", "head", "title", "meta"])
 _URL = re.compile(r"https?://[^\s<>\"'()\[\]{}]{1,2000}", re.I)
 _WS = re.compile(r"\s+")
 _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]+")
@@ -465,7 +467,7 @@ def _read_html(markup: str, parsed: ParsedMessage, reader: _Reader) -> None:
         start = lower.rfind("<", max(0, hit.start() - 2000), hit.start())
         name = _TAG_NAME.match(lower, start) if start >= 0 else None
         open_end = lower.find(">", hit.end(), hit.end() + 2000)
-        if name is None or open_end < 0:
+        if name is None or open_end < 0 or name.group(1) in _NEVER_SHOWN:
             continue
         close = lower.find("</" + name.group(1), open_end, open_end + 20_000)
         if close < 0:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from services.spam import wording
-from services.spam.features import registered_domain, url_host
+from services.spam.features import is_public_ip, registered_domain, url_host
 from services.spam.parse import ParsedMessage, address_of, domain_of
 from services.spam.verdict import Indicator
 
@@ -33,6 +33,10 @@ W_MISSING_DATE = 1.0
 W_MISSING_MESSAGE_ID = 0.7
 W_BAD_DATE = 0.7
 W_HIDDEN_TEXT = 1.5
+# Up to a preview line's length, hidden text is what newsletters put before their content
+# ("preheader"); phishing hides far more (the median on modern phishing is about 1,000 characters).
+W_HIDDEN_PREHEADER = 0.75
+PREHEADER_CHARS = 200
 W_AUTH_FAIL = 1.5
 W_FORM = 0.5
 W_PASSWORD_FORM = 2.5
@@ -44,9 +48,12 @@ W_MALFORMED_SENDER = 2.0
 W_FREE_HOSTING_SENDER = 1.5
 W_FREE_HOSTING_LINK = 1.0
 W_LURE = 1.5
-# Evidence for ham: a reply within a thread, quoting what it answers.
-W_THREAD_REPLY = -1.0
-W_QUOTED_REPLY = -1.0
+W_GENERATED_SENDER = 1.5
+W_ADVANCE_FEE = 1.5
+# Evidence for ham: a reply within a thread, quoting what it answers. Headers alone are weak
+# evidence (phishing copies In-Reply-To and "Re:" to look like a reply); quoting is stronger.
+W_THREAD_REPLY = -0.5
+W_QUOTED_REPLY = -1.5
 
 EXECUTABLE_EXT = frozenset(
     "exe scr com pif bat cmd vbs vbe js jse wsf wsh hta msi msp cpl jar ps1 lnk reg dll iso img vhd".split()  # noqa: SIM905
@@ -165,7 +172,12 @@ _MSGID = re.compile(r"^\s*<[^<>@\s]{1,250}@[^<>@\s]{1,250}>\s*$")
 # Characters that show nothing or imitate letters: Unicode tags and variation selectors,
 # zero-width marks, mathematical alphanumerics ("𝐏𝐥𝐞𝐚𝐬𝐞"). Phishing uses them to hide a brand
 # name from filters while a reader still sees it.
-_INVISIBLE = re.compile("[\U000e0000-\U000e007f\U000e0100-\U000e01ef\u200b\u200d\u2060\u00ad\ufeff]")
+_INVISIBLE = re.compile("[\U000e0000-\U000e007f\U000e0100-\U000e01ef\u200b\u200d\u2060\u00ad\ufeff\u034f]")
+# A word that mixes Latin letters with Cyrillic or Greek ones ("Gеt" with a Cyrillic "е",
+# "ΝFT"): a look-alike spelling, never how a word in either script is written.
+_WORD = re.compile(r"\w{3,}")
+_LATIN = re.compile(r"[a-zA-Z]")
+_CYRILLIC_GREEK = re.compile("[\u0370-\u03ff\u0400-\u04ff]")
 _MATH_LETTERS = re.compile("[\U0001d400-\U0001d7ff]")
 _TEXT_HIDDEN_MARKS = re.compile("[\U000e0000-\U000e007f\U000e0100-\U000e01ef]")
 _SPACED = re.compile(r"(?:\S {1,3}){20}")
@@ -206,6 +218,45 @@ _FREE_HOSTING = frozenset(
 _VALID_DOMAIN = re.compile(r"^(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
 # RFC 5322's date: "[Tue, ]1 Dec 2026 09:00[:00] +0000" (the zone is often odd; not checked).
 _DATE = re.compile(r"\b\d{1,2}\s+[A-Za-z]{3}\s+\d{2,4}\s+\d{1,2}:\d{2}")
+# Link texts that look like a domain but name a file (none of these is a top-level domain).
+_FILE_EXTENSIONS = frozenset(
+    [
+        "conf",
+        "cfg",
+        "ini",
+        "txt",
+        "log",
+        "json",
+        "yaml",
+        "yml",
+        "xml",
+        "rst",
+        "patch",
+        "diff",
+        "cpp",
+        "java",
+        "php",
+        "html",
+        "htm",
+        "css",
+        "csv",
+        "tar",
+        "gz",
+        "bz2",
+        "xz",
+        "bin",
+        "img",
+        "iso",
+        "deb",
+        "rpm",
+        "ipk",
+        "js",
+        "rb",
+        "ko",
+        "dts",
+        "dtsi",
+    ]
+)
 _IP_HOST = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
 
 
@@ -227,6 +278,9 @@ def link_text_mismatch(parsed: ParsedMessage) -> Indicator | None:
         if not m or "@" in link.text:
             continue
         shown = m.group(1).lower()
+        # "iscsid.conf" is a file's name; "www.example" a cut-off "www.example.com".
+        if shown.rpartition(".")[2] in _FILE_EXTENSIONS or target.startswith(shown + "."):
+            continue
         if registered_domain(shown) != registered_domain(target):
             return Indicator("link_text_mismatch", W_LINK_MISMATCH, f"shows {shown}, goes to {target}"[:200])
     return None
@@ -359,7 +413,8 @@ def html_only_hidden_text(parsed: ParsedMessage) -> Indicator | None:
     hidden = parsed.hidden_text
     if len(hidden) < 20:
         return None
-    return Indicator("html_only_hidden_text", W_HIDDEN_TEXT, f"{len(hidden)} hidden characters")
+    weight = W_HIDDEN_TEXT if len(hidden) >= PREHEADER_CHARS else W_HIDDEN_PREHEADER
+    return Indicator("html_only_hidden_text", weight, f"{len(hidden)} hidden characters")
 
 
 def auth_results_fail(parsed: ParsedMessage) -> Indicator | None:
@@ -385,8 +440,18 @@ def credential_form(parsed: ParsedMessage) -> Indicator | None:
 
 def ip_address_link(parsed: ParsedMessage) -> Indicator | None:
     for host in parsed.url_hosts():
-        if _IP_HOST.match(host):
+        if _IP_HOST.match(host) and is_public_ip(host):
             return Indicator("ip_address_link", W_IP_LINK, host)
+    return None
+
+
+def mixed_script_word(value: str) -> str | None:
+    """The first word of ``value`` that mixes Latin with Cyrillic or Greek letters."""
+    if value.isascii():
+        return None
+    for word in _WORD.findall(value):
+        if not word.isascii() and _LATIN.search(word) and _CYRILLIC_GREEK.search(word):
+            return word
     return None
 
 
@@ -397,6 +462,11 @@ def obfuscated_text(parsed: ParsedMessage) -> Indicator | None:
         if _INVISIBLE.search(value) or len(_MATH_LETTERS.findall(value)) >= 3:
             return Indicator(
                 "obfuscated_text", W_OBFUSCATED, f"invisible or look-alike characters in the {where}"
+            )
+        mixed = mixed_script_word(value)
+        if mixed:
+            return Indicator(
+                "obfuscated_text", W_OBFUSCATED, f"{mixed!r} in the {where} mixes alphabets"[:200]
             )
     text = parsed.text[:20_000]
     # Characters beyond the BMP take two UTF-16 units: a cheap test before the searches.
@@ -465,6 +535,55 @@ def lure_terms(parsed: ParsedMessage) -> Indicator | None:
     return Indicator("lure_terms", W_LURE, ", ".join(sorted(found)[:5]))
 
 
+# Mailboxes made up by bulk senders: two words and a serial number ("conrad_ouimet_1281"),
+# not a year ("ci_build_2024").
+_GENERATED_LOCAL = re.compile(r"^[a-z]{2,20}_[a-z]{2,20}_(?!(?:19|20)\d\d$)\d{3,}$", re.I)
+
+
+def generated_sender(parsed: ParsedMessage) -> Indicator | None:
+    _, addr = address_of(parsed.header("from"))
+    local = addr.rpartition("@")[0]
+    if local and _GENERATED_LOCAL.match(local):
+        return Indicator("generated_sender", W_GENERATED_SENDER, f"made-up mailbox {addr}"[:200])
+    return None
+
+
+# Advance-fee fraud: a sum in the millions beside an inheritance, donation or transfer.
+_FEE_WORDS = frozenset(
+    [
+        "beneficiary",
+        "beneficiaries",
+        "inheritance",
+        "donation",
+        "donations",
+        "consignment",
+        "deceased",
+        "barrister",
+        "lottery",
+        "unclaimed",
+    ]
+)
+_FEE_PHRASES = ("next of kin", "compensation fund", "atm card", "fund transfer", "transfer of the fund")
+_MILLIONS = re.compile(
+    r"(?:us\$|\$|usd|€|£)\s?\d{1,3}(?:[,.]\d{3}){2,}"
+    r"|\d{1,3}(?:[,.]\d{3}){2,}(?:[,.]\d\d)?\s?(?:usd|dollars|euros?|eur|gbp)"
+    r"|\b\d+(?:[.,]\d+)?\s?(?:million|m)\s?(?:usd|dollars|euros?|us dollars)"
+)
+
+
+def advance_fee(parsed: ParsedMessage) -> Indicator | None:
+    text = parsed.lower_text()
+    cue = wording.first_word(parsed.lower_words(), _FEE_WORDS) or next(
+        (p for p in _FEE_PHRASES if p in text), None
+    )
+    if not cue:
+        return None
+    m = _MILLIONS.search(text)
+    if not m:
+        return None
+    return Indicator("advance_fee", W_ADVANCE_FEE, f'"{m.group(0)}" with "{cue}"'[:200])
+
+
 _QUOTE_LINE = re.compile(r"^[ \t]*>", re.M)
 
 
@@ -483,6 +602,8 @@ SINGLE_RULES: tuple[Rule, ...] = (
     malformed_sender,
     free_hosting,
     lure_terms,
+    generated_sender,
+    advance_fee,
     link_text_mismatch,
     lookalike_domain,
     display_name_spoofs_brand,

@@ -26,7 +26,7 @@ from services.spam.parse import parse_message
 VALIDATION_MODULUS = 5
 STEPS = 400
 LEARNING_RATE = 0.05
-L2 = 2e-4
+L2 = 5e-5
 MAX_MEMBER_BYTES = 8 * 1024 * 1024
 
 
