@@ -140,7 +140,9 @@ def _check_body() -> None:
     if not request.is_json:
         raise UnsupportedMediaType("request bodies must be JSON (Content-Type: application/json)")
     try:
-        parsed = json.loads(data)
+        # Strict UTF-8 first: json.loads(bytes) would let an encoded surrogate (ED A0 80)
+        # through as a lone surrogate, which PostgreSQL then refuses to store (a 500).
+        parsed = json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(parsed, dict):

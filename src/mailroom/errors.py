@@ -61,7 +61,11 @@ def register_error_handlers(app: Flask) -> None:
         if exc.response is not None and exc.response.mimetype == "application/json":
             return exc.response  # type: ignore[return-value]  # already in the error shape
         status = exc.code or 500
-        return error_response(status, HTTP_CODES.get(status, "error"), exc.description or exc.name)
+        response = error_response(status, HTTP_CODES.get(status, "error"), exc.description or exc.name)
+        for name, value in exc.get_headers():  # e.g. a 405's Allow
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

@@ -15,7 +15,7 @@ from typing import Any
 
 from flask import request
 
-from services.errors import NotFound, ValidationFailed
+from services.errors import InvalidRequest, NotFound, ValidationFailed
 from services.models import ID_PATTERN, is_id
 
 __all__ = ["ID_PATTERN", "check_json_text", "check_request_text", "is_id"]
@@ -61,7 +61,12 @@ def refuse(loc: tuple[str | int, ...], problem: str) -> ValidationFailed:
 
 def check_request_text() -> None:
     """``before_request``: ids in the path must look like ids (else 404), and no path
-    segment or query value may hold NUL or a lone surrogate (else 422)."""
+    segment or query value may hold NUL or a lone surrogate (else 422), and the raw query
+    string must be UTF-8 (else 400: Werkzeug would raise decoding it, a 500)."""
+    try:
+        request.query_string.decode()
+    except UnicodeDecodeError:
+        raise InvalidRequest("the query string is not valid UTF-8", code="invalid_request") from None
     for name, value in (request.view_args or {}).items():
         if isinstance(value, str) and name.endswith("_id") and not is_id(value):
             raise NotFound(f"{name.removesuffix('_id').replace('_', ' ')} not found")
