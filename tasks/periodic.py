@@ -7,7 +7,7 @@ from datetime import timedelta
 from itertools import groupby
 from typing import Any
 
-from celery import Task, shared_task
+from celery import Celery, Task, shared_task
 from sqlalchemy.exc import IntegrityError
 
 from services import accounts, task_records
@@ -16,7 +16,7 @@ from services.errors import NotFound, ServiceUnavailable
 from services.models import utcnow
 from services.send.retention import sweep_outbox
 from tasks.dispatch import dispatch
-from tasks.runtime import get_runtime
+from tasks.runtime import Runtime, get_runtime
 
 log = logging.getLogger("mailroom.periodic")
 
@@ -38,7 +38,11 @@ def periodic_sync(self: Task) -> dict[str, Any]:
     One query reads the due accounts with their tenant and user; they are queued tenant by
     tenant, up to :data:`DISPATCH_CHUNK` in one session, each in its own short transaction
     (the record, the lock claim, the publish)."""
-    runtime = get_runtime(self.app)
+    return queue_due_syncs(self.app, get_runtime(self.app))
+
+
+def queue_due_syncs(app: Celery, runtime: Runtime) -> dict[str, Any]:
+    """periodic_sync's round (also timed by bench/bench_beat.py)."""
     # Beat reads across tenants on purpose; each dispatch then runs bound to its tenant.
     with transaction(unrestricted_unsafe_sessions(runtime.sessions)) as session:
         due = accounts.due_accounts(session, utcnow(), tick_seconds=runtime.settings.periodic_sync_seconds)
@@ -49,7 +53,7 @@ def periodic_sync(self: Task) -> dict[str, Any]:
         members = list(group)
         for start in range(0, len(members), DISPATCH_CHUNK):
             try:
-                outcome = _dispatch_chunk(self, runtime, tenant_id, members[start : start + DISPATCH_CHUNK])
+                outcome = _dispatch_chunk(app, runtime, tenant_id, members[start : start + DISPATCH_CHUNK])
             except ServiceUnavailable:
                 log.warning("periodic sync: broker unavailable, stopping this round")
                 return _summary(due, queued, skipped)
@@ -59,7 +63,7 @@ def periodic_sync(self: Task) -> dict[str, Any]:
 
 
 def _dispatch_chunk(
-    task: Task, runtime: Any, tenant_id: str, chunk: list[accounts.DueAccount]
+    app: Celery, runtime: Runtime, tenant_id: str, chunk: list[accounts.DueAccount]
 ) -> tuple[list[str], int]:
     """Queue one tenant's chunk of due accounts in one session: (task ids queued, accounts
     skipped because a sync was in flight already)."""
@@ -70,7 +74,7 @@ def _dispatch_chunk(
         for account in chunk:
             try:
                 result = dispatch(
-                    task.app,
+                    app,
                     session,
                     type="sync",
                     tenant_id=tenant_id,
