@@ -25,6 +25,10 @@ published again within two sweeps of the broker being back (one if its record wa
 than the grace at the first). A worker given a message whose record is finished or
 cancelled meanwhile drops it (tasks.lifecycle), so a re-published message never runs a task
 twice.
+
+What it does not cover: a broker that comes back with part of its data (an append-only
+file missing its last second, a failover to a replica that lagged) keeps the marker, so
+messages lost that way are only ended by the day-old cleanup (tasks.periodic).
 """
 
 from __future__ import annotations
