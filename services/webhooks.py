@@ -30,9 +30,13 @@ attempt's status code, latency and error are kept (the last :data:`ATTEMPT_LOG` 
 The URL's host is resolved once per attempt and checked against the mail host policy
 (services.mail.hosts: no private or loopback address unless
 ``MAILROOM_ALLOW_PRIVATE_HOSTS``; ``http`` only to such hosts), and the connection goes to
-the checked address. Why a dead endpoint does not delay other tenants: each delivery is its
-own message, an attempt holds a worker slot for at most about twice the timeout, and a
-retry waits in the broker (a countdown), not in a worker.
+the checked address. Why a slow or dead endpoint does not delay other tenants: each
+delivery is its own message; an attempt holds a worker slot for at most about twice the
+timeout (per address the host resolves to); a retry waits in the broker (a countdown), not
+in a worker; and an endpoint that timed out or refused a connection is marked down in the
+broker's Redis for :data:`DOWN_SECONDS`, during which its other deliveries record a failed
+attempt without connecting and come back after the window, so a dead endpoint costs one
+timeout per window, not one per delivery.
 
 Limits, stated: delivery is at least once (a worker lost mid-attempt sends again;
 ``X-Mailroom-Delivery`` and the event ``id`` let a receiver drop duplicates); order is not
@@ -58,6 +62,7 @@ import hmac
 import http.client
 import json
 import logging
+import random
 import secrets
 import ssl
 import time
@@ -425,6 +430,8 @@ class Attempt:
     error: str | None
     #: Refused before any connection (the host policy): retrying would not help.
     permanent: bool = False
+    #: Not sent: the endpoint was down a moment ago (:class:`_DownEndpoints`).
+    skipped: bool = False
 
     @property
     def ok(self) -> bool:
@@ -494,6 +501,7 @@ def deliver(
             _record(delivery, Attempt(None, 0.0, "the webhook is disabled"), "failed", None)
             return Outcome("failed")
         url, secret, body = endpoint.url, box.decrypt(endpoint.secret_enc), delivery.payload.encode()
+        endpoint_id = endpoint.id
         event, created_at = delivery.event, delivery.created_at
     timestamp = int(time.time())
     headers = {
@@ -504,13 +512,19 @@ def deliver(
         TIMESTAMP_HEADER: str(timestamp),
         SIGNATURE_HEADER: sign(secret, timestamp, body),
     }
-    attempt = post(
-        url,
-        headers,
-        body,
-        timeout=settings.webhook_timeout_seconds,
-        allow_private=settings.allow_private_hosts,
-    )
+    down = _DownEndpoints(settings)
+    if not manual and down.is_down(endpoint_id):
+        attempt = Attempt(None, 0.0, NOT_SENT, skipped=True)
+    else:
+        attempt = post(
+            url,
+            headers,
+            body,
+            timeout=settings.webhook_timeout_seconds,
+            allow_private=settings.allow_private_hosts,
+        )
+        if attempt.status_code is None and not attempt.permanent:
+            down.mark_down(endpoint_id)
     with transaction(sessions) as session:
         delivery = session.get(WebhookDelivery, delivery_id)
         if delivery is None:
@@ -519,6 +533,9 @@ def deliver(
             _record(delivery, attempt, "succeeded", None)
             return Outcome("succeeded")
         delay = backoff_delay(retry_number, base=settings.retry_base_seconds, cap=retry_cap(settings))
+        if attempt.skipped:
+            # Back when the endpoint may be tried again, spread out so they do not return at once.
+            delay = max(delay, round(DOWN_SECONDS * random.uniform(1.0, 1.5), 3))  # noqa: S311 - jitter
         next_at = utcnow() + timedelta(seconds=delay)
         if (
             manual
@@ -530,6 +547,38 @@ def deliver(
             return Outcome("failed")
         _record(delivery, attempt, "retrying", next_at)
         return Outcome("retrying", delay)
+
+
+#: How long an endpoint that timed out or refused a connection is not tried again.
+DOWN_SECONDS = 30
+NOT_SENT = f"not sent: the endpoint timed out or refused a connection within the last {DOWN_SECONDS} s"
+
+
+class _DownEndpoints:
+    """Endpoints that timed out or refused a connection lately, in the broker's Redis (for
+    :data:`DOWN_SECONDS`): their other deliveries meanwhile count a failed attempt without
+    a connection, so a dead endpoint costs one timeout per window, not one per delivery.
+    Redis unreachable: every delivery is tried."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def _client(self) -> Any:
+        from services.tenant_slots import broker_redis
+
+        return broker_redis(self.settings)
+
+    def is_down(self, endpoint_id: str) -> bool:
+        try:
+            return bool(self._client().exists(f"mailroom:webhook-down:{endpoint_id}"))
+        except Exception:  # noqa: BLE001 - never let the breaker stop a delivery
+            return False
+
+    def mark_down(self, endpoint_id: str) -> None:
+        try:
+            self._client().set(f"mailroom:webhook-down:{endpoint_id}", b"1", ex=DOWN_SECONDS)
+        except Exception:  # noqa: BLE001
+            log.warning("webhooks: could not mark endpoint %s down", endpoint_id)
 
 
 def retry_cap(settings: Settings) -> float:

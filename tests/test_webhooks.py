@@ -62,6 +62,8 @@ class Receiver:
     server: ThreadingHTTPServer
     requests: list[Received] = field(default_factory=list)
     fail_first: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: Seconds to wait before answering a path (a slow endpoint).
+    delays: dict[str, float] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def url(self, path: str) -> str:
@@ -96,10 +98,15 @@ def receiver() -> Iterator[Receiver]:
                     rcv.fail_first[key] = failing - 1
                 status = 500 if failing else 200
                 rcv.requests.append(Received(self.path, headers, body, status))
-            self.send_response(status)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"ok")
+                delay = rcv.delays.get(self.path, 0.0)
+            time.sleep(delay)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+            except OSError:
+                pass  # the client gave up waiting
 
         def log_message(self, *args: Any) -> None:
             pass
@@ -409,3 +416,71 @@ def test_inbound_hook_queues_a_sync_only_when_signed_fresh_and_new(
     assert kit.admin.delete(f"/api/accounts/{account['id']}/hook-secret").status_code == 204
     assert anonymous.post(hook_url, data=fresh, headers=_signed(newer, fresh)).status_code == 401
     assert tasks_of_tenant() == 2
+
+
+def _endpoint_with_deliveries(sessions, tenant_id: str, url: str, count: int, box: SecretBox) -> list[str]:
+    """An endpoint of ``tenant_id`` and ``count`` deliveries for it, written directly (not
+    published: only the calls of the test deliver them)."""
+    with transaction(tenant_sessions(sessions, tenant_id)) as session:
+        endpoint, _ = webhooks.create_endpoint(
+            session,
+            tenant_id=tenant_id,
+            user_id=None,
+            url=url,
+            events=["message.spam"],
+            description="",
+            enabled=True,
+            box=box,
+            allow_private=True,
+        )
+        rows = [
+            WebhookDelivery(
+                tenant_id=tenant_id,
+                endpoint_id=endpoint.id,
+                event="message.spam",
+                event_id=str(uuid.uuid4()),
+                payload=json.dumps({"id": str(i), "type": "message.spam", "data": {}}),
+                state="pending",
+                attempts=0,
+                attempt_log=[],
+            )
+            for i in range(count)
+        ]
+        session.add_all(rows)
+        session.flush()
+        return [row.id for row in rows]
+
+
+def test_a_slow_endpoint_is_cut_at_the_timeout_and_then_left_alone(
+    kit, other_kit, base_values, settings, sessions, receiver
+) -> None:
+    slow = f"/slow-{uuid.uuid4().hex[:8]}"
+    fine = f"/fine-{uuid.uuid4().hex[:8]}"
+    receiver.delays[slow] = 3.0
+    short = load_settings(**{**base_values, "webhook_timeout_seconds": "0.5"})
+    box = SecretBox(settings.encryption_keys())
+    stuck = _endpoint_with_deliveries(sessions, kit.tenant_id, receiver.url(slow), 3, box)
+    (theirs,) = _endpoint_with_deliveries(sessions, other_kit.tenant_id, receiver.url(fine), 1, box)
+    ours, other = tenant_sessions(sessions, kit.tenant_id), tenant_sessions(sessions, other_kit.tenant_id)
+
+    # The first delivery waits for the timeout, not for the endpoint's 3 s.
+    first = webhooks.deliver(ours, stuck[0], box=box, settings=short)
+    assert first.state == "retrying" and first.retry_in is not None
+    # The next ones of that endpoint are not sent while it is down: no connection at all,
+    # and they come back after the endpoint's window, not at the backoff's first step.
+    later = [webhooks.deliver(ours, d, box=box, settings=short) for d in stuck[1:]]
+    assert all(o.state == "retrying" and (o.retry_in or 0) >= webhooks.DOWN_SECONDS for o in later)
+    assert len(receiver.on(slow)) == 1
+    # Another tenant's endpoint is delivered meanwhile as usual.
+    assert webhooks.deliver(other, theirs, box=box, settings=short).state == "succeeded"
+    assert len(receiver.on(fine)) == 1
+    with transaction(ours) as session:
+        rows = [session.get(WebhookDelivery, d) for d in stuck]
+        assert all(r is not None and r.attempts == 1 and r.state == "retrying" for r in rows)
+        timed_out, *skipped = rows
+        assert timed_out is not None and "timed out" in (timed_out.last_error or "").lower()
+        # cut at the 0.5 s timeout: well below the 3 s the endpoint takes
+        assert (timed_out.last_latency_ms or 0) < 3000 * 0.8
+        assert all(
+            r is not None and r.last_error == webhooks.NOT_SENT and r.last_latency_ms == 0 for r in skipped
+        )
