@@ -47,7 +47,7 @@ from services import task_records
 from services.db import transaction, unrestricted_unsafe_sessions
 from services.models import OutboxEntry, TaskRecord, TaskState, utcnow
 from tasks.dispatch import publish
-from tasks.queues import PRIORITY_STEPS, QUEUES
+from tasks.queues import PRIORITY_STEPS, QUEUES, TASK_TYPES
 from tasks.runtime import get_runtime
 
 log = logging.getLogger("mailroom.redispatch")
@@ -169,6 +169,9 @@ def _republish(app: Celery, sessions: sessionmaker[Session], record: TaskRecord)
     with transaction(sessions) as session:
         current = session.get(TaskRecord, record.id)
         if current is None or current.state != record.state or current.updated_at != record.updated_at:
+            return "skipped"
+        if record.type not in TASK_TYPES:
+            log.error("task %s: unknown type %r, not published again", record.id, record.type)
             return "skipped"
         eta, retries = None, 0
         if record.state == TaskState.RETRYING.value:
