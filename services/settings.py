@@ -179,7 +179,9 @@ class Settings(BaseSettings):
         default=30, ge=1, le=200, description="Attempts of one webhook delivery at most (within a day)."
     )
     webhook_retry_max_seconds: float = Field(
-        default=3600.0, gt=0, description="Longest wait between two attempts of a webhook delivery (kept below "
+        default=3600.0,
+        gt=0,
+        description="Longest wait between two attempts of a webhook delivery (kept below "
         "MAILROOM_BROKER_VISIBILITY_TIMEOUT minus MAILROOM_TASK_HARD_TIME_LIMIT: a retry waits "
         "in the broker).",
     )

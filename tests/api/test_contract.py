@@ -37,7 +37,8 @@ def test_api_operations_declare_bearer_and_error_shape(spec) -> None:
             continue
         for method, op in ops.items():
             # The inbound hook is signed with its account's hook secret instead of a key.
-            expected = [{"hook_signature": []}] if path.startswith("/api/hooks/inbound/") else [{"bearer": []}]
+            scheme = "hook_signature" if path.startswith("/api/hooks/inbound/") else "bearer"
+            expected: list[dict[str, list[str]]] = [{scheme: []}]
             assert op.get("security") == expected, (method, path)
             assert "401" in op["responses"], (method, path)
 
