@@ -42,14 +42,16 @@ def create_record_if_allowed(
     default_estimate: float | None,
     cap: int | None,
     visible_to: Principal | None,
+    task_id: str | None = None,
 ) -> TaskRecord | None:
     """Write a ``queued`` record (inserted, not committed) in one statement that also
     checks that ``visible_to`` may see the account and that the tenant has fewer than
     ``cap`` tasks in flight on ``queue``, and reads the duration estimate (a running mean,
-    never the history: ``services.task_stats.insert_if_allowed``). None when refused."""
+    never the history: ``services.task_stats.insert_if_allowed``). None when refused.
+    ``task_id`` is the record's id when the caller chose it beforehand (a new one if not)."""
     values = _defaults()
     values.update(
-        id=new_id(),
+        id=task_id or new_id(),
         tenant_id=tenant_id,
         user_id=user_id,
         account_id=account_id,

@@ -77,6 +77,7 @@ def dispatch(
     origin: str = "api",
     visible_to: Principal | None = None,
     eta: datetime | None = None,
+    task_id: str | None = None,
 ) -> Dispatched:
     """Record and queue one task. A sync of an account that already has one in flight
     returns that task instead of queueing a second.
@@ -88,11 +89,14 @@ def dispatch(
     the sync lock already bounds them to one per account). With ``visible_to``, the account
     must be one that principal may see (else :class:`NotFound`), checked in the same round
     trip as the cap and the estimate. With ``eta`` the message is published to be run at
-    that time (a scheduled send); the record is ``queued`` until then."""
+    that time (a scheduled send); the record is ``queued`` until then. ``task_id`` is the
+    record's id when the caller chose it beforehand (to write it into its own rows of the
+    same transaction)."""
+    args = (type, tenant_id, user_id, account_id, params, origin, visible_to, eta, task_id)
     if isinstance(sessions, Session):
-        return _dispatch(app, sessions, type, tenant_id, user_id, account_id, params, origin, visible_to, eta)
+        return _dispatch(app, sessions, *args)
     with transaction(sessions) as session:
-        return _dispatch(app, session, type, tenant_id, user_id, account_id, params, origin, visible_to, eta)
+        return _dispatch(app, session, *args)
 
 
 def _dispatch(
@@ -106,6 +110,7 @@ def _dispatch(
     origin: str,
     visible_to: Principal | None,
     eta: datetime | None = None,
+    task_id: str | None = None,
 ) -> Dispatched:
     kind = TASK_TYPES[type]
     from_beat = origin == "beat"
@@ -129,6 +134,7 @@ def _dispatch(
             default_estimate=kind.default_estimate,
             cap=cap,
             visible_to=visible_to,
+            task_id=task_id,
         )
         if record is not None:
             break

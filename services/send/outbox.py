@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 
 from services import task_records
 from services.errors import Conflict, MailroomError, ServiceUnavailable, ValidationFailed
-from services.models import Account, OutboxEntry, OutboxState, TaskRecord, TaskState, utcnow
+from services.models import Account, OutboxEntry, OutboxState, TaskRecord, TaskState, new_id, utcnow
 from services.send.mime import build_message
 from services.send.request import SendRequest
 from services.tenancy import Principal
@@ -131,7 +131,11 @@ def accept_send(
         if earlier is not None:
             return earlier
     built = build_message(body, sender=account.email, sender_name=account.name)
+    # The task's id is chosen here, so that the row carries it from its INSERT and commits
+    # with its task record in dispatch's one commit (no second commit to write it).
+    task_id = new_id()
     row = OutboxEntry(
+        task_id=task_id,
         tenant_id=principal.tenant_id,
         account_id=account.id,
         user_id=principal.user_id,
@@ -159,8 +163,8 @@ def accept_send(
         if earlier is None:
             raise
         return earlier
-    # The row and the task record commit together inside dispatch; the row learns its
-    # task id in a second short commit (a replay in between is told to retry).
+    # The row, holding its task id already, and the task record commit together inside
+    # dispatch.
     try:
         result = dispatch(
             app,
@@ -172,19 +176,17 @@ def accept_send(
             params=_params(row),
             visible_to=principal,
             eta=eta,
+            task_id=task_id,
         )
-    except ServiceUnavailable as exc:
+    except ServiceUnavailable:
         # Nothing was queued (dispatch recorded its task as failed, and the client gets a
         # 503 saying "try again"): the row ends failed and lets go of its Idempotency-Key,
         # so that the retry with the same key sends the message instead of finding this row.
         row.idempotency_key = None
-        row.task_id = (exc.details or {}).get("task_id") if isinstance(exc.details, dict) else None
         row.state, row.raw = OutboxState.FAILED.value, None
         row.error = "the task queue was unavailable; nothing was sent"
         session.commit()
         raise
-    row.task_id = result.record.id
-    session.commit()
     return Accepted(result.record, row, created=True)
 
 
