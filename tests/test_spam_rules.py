@@ -255,6 +255,7 @@ def test_words_that_mix_alphabets_are_obfuscation() -> None:
     assert "obfuscated_text" in fired(
         message(sender='"C\u034fa\u034fr\u034fr\u034fe\u034ff" <a@example.net>')
     )
+    assert "obfuscated_text" in fired(message(sender='"~\u1455.lou-d.\u15e9-lert" <news@example.net>'))
     # Words wholly in one alphabet, even beside Latin ones, are not.
     assert "obfuscated_text" not in fired(message(subject="Встреча в четверг / meeting on Thursday"))
     assert "obfuscated_text" not in fired(message(subject="Σύσκεψη: agenda"))

@@ -178,6 +178,8 @@ _INVISIBLE = re.compile("[\U000e0000-\U000e007f\U000e0100-\U000e01ef\u200b\u200d
 _WORD = re.compile(r"\w{3,}")
 _LATIN = re.compile(r"[a-zA-Z]")
 _CYRILLIC_GREEK = re.compile("[\u0370-\u03ff\u0400-\u04ff]")
+# Cherokee and Canadian syllabics beside Latin letters stand in for them ("ᗩlert", "ᑕloud").
+_SYLLABICS = re.compile("[\u13a0-\u13ff\u1400-\u167f]")
 _MATH_LETTERS = re.compile("[\U0001d400-\U0001d7ff]")
 _TEXT_HIDDEN_MARKS = re.compile("[\U000e0000-\U000e007f\U000e0100-\U000e01ef]")
 _SPACED = re.compile(r"(?:\S {1,3}){20}")
@@ -446,9 +448,13 @@ def ip_address_link(parsed: ParsedMessage) -> Indicator | None:
 
 
 def mixed_script_word(value: str) -> str | None:
-    """The first word of ``value`` that mixes Latin with Cyrillic or Greek letters."""
+    """The first word of ``value`` that mixes Latin with Cyrillic or Greek letters (or a
+    syllabic letter in Latin text)."""
     if value.isascii():
         return None
+    syllabic = _SYLLABICS.search(value)
+    if syllabic and _LATIN.search(value):
+        return syllabic.group(0)
     for word in _WORD.findall(value):
         if not word.isascii() and _LATIN.search(word) and _CYRILLIC_GREEK.search(word):
             return word
