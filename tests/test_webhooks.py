@@ -231,6 +231,18 @@ def test_signed_deliveries_retry_after_a_500_and_stay_with_their_tenant(
         )
     )
 
+    # Now only deletes: a delete of one message reports its id.
+    patched = kit.admin.patch(f"/api/webhooks/{hook['id']}", json={"events": ["message.deleted"]})
+    assert patched.status_code == 200 and patched.get_json()["events"] == ["message.deleted"]
+    doomed = kit.admin.get(f"/api/accounts/{account['id']}/messages?limit=1").get_json()["items"][0]["id"]
+    deleting = kit.admin.post(f"/api/accounts/{account['id']}/delete", json={"message_ids": [doomed]})
+    assert kit.admin.wait_task(deleting.get_json()["task_id"])["state"] == "succeeded"
+    receiver.wait(lambda: "message.deleted" in events_in())
+    (deleted,) = [r for r in receiver.on(ours) if r.event == "message.deleted"]
+    assert verified(deleted, secret)
+    assert deleted.json()["data"]["message_ids"] == [doomed] and deleted.json()["data"]["count"] == 1
+    assert events_in().count("task.succeeded") == 2  # the delete's own success was not wanted
+
     # The other tenant's endpoint wants every event, and saw none of this tenant's.
     assert receiver.on(theirs) == []
     assert other_kit.admin.get(f"/api/webhooks/{other_id}/deliveries").get_json()["total"] == 0
@@ -484,3 +496,26 @@ def test_a_slow_endpoint_is_cut_at_the_timeout_and_then_left_alone(
         assert all(
             r is not None and r.last_error == webhooks.NOT_SENT and r.last_latency_ms == 0 for r in skipped
         )
+
+
+def test_a_spam_check_reports_the_spam_it_found() -> None:
+    """The events of a finished spam check, from its record (the check itself is tested
+    with real workers in tests/test_spam_task.py)."""
+    record = TaskRecord(
+        id=str(uuid.uuid4()),
+        type="spam_check",
+        account_id=str(uuid.uuid4()),
+        state="succeeded",
+        params={"message_ids": ["m1", "m2"]},
+        result={
+            "scored": 2,
+            "spam": 1,
+            "moved": 1,
+            "messages": [{"id": "m1", "is_spam": True}, {"id": "m2", "is_spam": False}],
+        },
+    )
+    events = dict(webhooks.task_events(record))
+    assert set(events) == {"task.succeeded", "message.spam"}
+    assert events["message.spam"]["spam"] == 1 and events["message.spam"]["message_ids"] == ["m1"]
+    record.result = {**(record.result or {}), "spam": 0}
+    assert [e for e, _ in webhooks.task_events(record)] == ["task.succeeded"]
