@@ -105,33 +105,56 @@ def _received(log: str, task_id: str) -> int:
 
 
 def test_a_broker_restarted_empty_loses_no_queued_task(stack, dovecot, mailbox_user) -> None:
-    """Two tasks queued with no worker; the broker restarts empty; a third is queued into
-    the new broker. The sweep re-publishes exactly the two lost ones (same ids), leaves the
-    third alone, and then sets its marker; a worker started afterwards runs each once."""
+    """Three tasks wait with no worker (one queued, one between retries, one queued just
+    now); the broker restarts empty; a fourth is queued into the new broker. The sweep
+    re-publishes exactly the lost ones with the same ids, the one too young to be sure of
+    at the next sweep, leaves the fourth alone, and then sets its marker; a worker started
+    afterwards runs each once."""
     stack, broker = stack
-    users = [mailbox_user] + [_user(dovecot) for _ in range(2)]
+    users = [mailbox_user] + [_user(dovecot) for _ in range(3)]
     for n, user in enumerate(users):
         seed(dovecot, user, "INBOX", 3 + n)
     accounts = [stack.make_account(dovecot, user) for user in users]
-    lost_sync, lost_other = (stack.dispatch_sync(a) for a in accounts[:2])
-    broker.restart()  # the test Redis keeps nothing: both messages are gone
+    lost, retried, young = (stack.dispatch_sync(a) for a in (accounts[0], accounts[1], accounts[3]))
+    broker.restart()  # the test Redis keeps nothing: all three messages are gone
     kept = stack.dispatch_sync(accounts[2])
-    _age(stack, [lost_sync, lost_other, kept], 120)
+    _age(stack, [lost, retried, kept], 120)
+    with stack.sessions() as session:  # as if its first attempt had failed and it waits to retry
+        session.execute(
+            update(TaskRecord)
+            .where(TaskRecord.id == retried)
+            .values(
+                state="retrying",
+                attempts=1,
+                next_retry_at=utcnow(),
+                updated_at=utcnow() - timedelta(minutes=2),
+            )
+        )
+        session.commit()
     first = sweep(stack.celery, stack.sessions)
-    assert first["checked"] and first["waiting"] == 3 and first["deferred"] == 0
-    assert sorted(first["task_ids"]) == sorted([lost_sync, lost_other])
-    assert get_queue_stats(stack.celery)["sync"] == 3
+    assert (first["checked"], first["waiting"], first["deferred"]) == (True, 4, 1)
+    assert sorted(first["task_ids"]) == sorted([lost, retried])
+    _age(stack, [young], 120)
+    second = sweep(stack.celery, stack.sessions)  # no marker yet: it looks again
+    assert (second["checked"], second["deferred"], second["task_ids"]) == (True, 0, [young])
+    assert get_queue_stats(stack.celery)["sync"] == 4
     assert not sweep(stack.celery, stack.sessions)["checked"]  # the marker: one EXISTS from now on
     worker = stack.worker("sync")
     worker.start()
+    ids = [lost, retried, kept, young]
     try:
-        records = [stack.wait(t, lambda r: r.is_final, timeout=60) for t in (lost_sync, lost_other, kept)]
+        records = [stack.wait(t, lambda r: r.is_final, timeout=60) for t in ids]
     finally:
         worker.stop()
-    assert [(r.state, r.attempts) for r in records] == [("succeeded", 1)] * 3, [r.last_error for r in records]
+    assert [(r.state, r.attempts) for r in records] == [
+        ("succeeded", 1),
+        ("succeeded", 2),
+        ("succeeded", 1),
+        ("succeeded", 1),
+    ], [r.last_error for r in records]
     log = worker.log_text()
-    assert [_received(log, t) for t in (lost_sync, lost_other, kept)] == [1, 1, 1]
-    assert [stored(stack.sessions, a.id) for a in accounts] == [3, 4, 5]
+    assert [_received(log, t) for t in ids] == [1, 1, 1, 1]
+    assert [stored(stack.sessions, a.id) for a in accounts] == [3, 4, 5, 6]
     assert get_queue_stats(stack.celery)["sync"] == 0
     with stack.celery.connection_for_read() as conn:
         assert conn.default_channel.client.exists(EPOCH_KEY)
