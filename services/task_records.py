@@ -359,6 +359,25 @@ def waiting_for_broker(session: Session, *, settled_before: datetime) -> list[Ta
     return list(session.scalars(query))
 
 
+def claim_for_republish(session: Session, record: TaskRecord) -> bool:
+    """Take the right to publish ``record``'s lost message again: one conditional UPDATE
+    (it moves ``updated_at``) that succeeds only while the record is as it was read, so of
+    two sweeps running at once only one publishes, and a record that started, ended or was
+    cancelled meanwhile gets no message."""
+    result = session.execute(
+        update(TaskRecord)
+        .where(
+            TaskRecord.id == record.id,
+            TaskRecord.state == record.state,
+            TaskRecord.updated_at == record.updated_at,
+        )
+        .values(updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    assert isinstance(result, CursorResult)
+    return result.rowcount == 1
+
+
 def delete_history(session: Session, *, older_than: datetime) -> int:
     """Forget finished records older than the kept history."""
     result = session.execute(

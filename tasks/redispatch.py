@@ -164,14 +164,14 @@ def _task_id(message: Any) -> str | None:
 
 def _republish(app: Celery, sessions: sessionmaker[Session], record: TaskRecord) -> str:
     """Publish the record's message again if it is still waiting as it was when found lost
-    (a cancel or a finish meanwhile needs no message): ``published``, ``skipped`` or
-    ``failed`` (the broker refused: the next sweep tries again)."""
+    (a cancel or a finish meanwhile needs no message, and of two sweeps at once only one
+    publishes: :func:`services.task_records.claim_for_republish`): ``published``,
+    ``skipped`` or ``failed`` (the broker refused: the next sweep tries again)."""
+    if record.type not in TASK_TYPES:
+        log.error("task %s: unknown type %r, not published again", record.id, record.type)
+        return "skipped"
     with transaction(sessions) as session:
-        current = session.get(TaskRecord, record.id)
-        if current is None or current.state != record.state or current.updated_at != record.updated_at:
-            return "skipped"
-        if record.type not in TASK_TYPES:
-            log.error("task %s: unknown type %r, not published again", record.id, record.type)
+        if not task_records.claim_for_republish(session, record):
             return "skipped"
         eta, retries = None, 0
         if record.state == TaskState.RETRYING.value:

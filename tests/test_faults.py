@@ -44,14 +44,14 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
 
 from mailroom.app import create_app
-from services import accounts
+from services import accounts, task_records
 from services.db import make_engine
 from services.migrate import upgrade
 from services.models import Account, Folder, Message, TaskRecord, utcnow
 from services.settings import load_settings
 from tasks.monitoring import get_queue_stats
 from tasks.queues import QUEUES
-from tasks.redispatch import EPOCH_KEY, sweep
+from tasks.redispatch import EPOCH_KEY, _republish, sweep
 from tests.conftest import account_body, env_for, worker_env
 from tests.servers.dovecot import DovecotServer
 from tests.servers.postgres import PostgresServer
@@ -131,9 +131,13 @@ def test_a_broker_restarted_empty_loses_no_queued_task(stack, dovecot, mailbox_u
             )
         )
         session.commit()
+    with stack.sessions() as session:
+        as_read = {r.id: r for r in task_records.waiting_for_broker(session, settled_before=utcnow())}
     first = sweep(stack.celery, stack.sessions)
     assert (first["checked"], first["waiting"], first["deferred"]) == (True, 4, 1)
     assert sorted(first["task_ids"]) == sorted([lost, retried])
+    # A second sweep running at the same time, which read the records before: it publishes nothing.
+    assert [_republish(stack.celery, stack.sessions, as_read[t]) for t in (lost, retried)] == ["skipped"] * 2
     _age(stack, [young], 120)
     second = sweep(stack.celery, stack.sessions)  # no marker yet: it looks again
     assert (second["checked"], second["deferred"], second["task_ids"]) == (True, 0, [young])
