@@ -13,7 +13,8 @@ else. When some want the task's events, one delivery row per (event, endpoint) i
 in a savepoint of that transaction, so an event exists exactly when what it reports was
 committed, and a fault while recording is logged and rolled back alone, never failing the
 task. (The endpoints query itself runs outside the savepoint, saving two round trips per
-task: it can fail only when the database does, and then the transaction fails anyway.) After the commit one ``mailroom.deliver_webhook`` message per delivery goes to the
+task: it can fail only when the database does, and then the transaction fails anyway.)
+After the commit one ``mailroom.deliver_webhook`` message per delivery goes to the
 ``webhooks`` queue. Events come from the finished task itself: ``task.succeeded`` /
 ``task.failed`` (every task type), ``message.new`` (a sync that stored new messages:
 counts per folder, at most :data:`MAX_FOLDERS` folders), ``message.deleted`` (a delete:
@@ -77,7 +78,7 @@ from celery import Celery
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.crypto import SecretBox
+from services.crypto import SecretBox, SecretDecryptError
 from services.db import transaction
 from services.errors import NotFound, Unauthorized, ValidationFailed
 from services.mail.hosts import PinnedHost, connect_pinned, resolve_host
@@ -648,7 +649,11 @@ def verify_inbound(
         )
     secret = _DUMMY_SECRET
     if account is not None and account.hook_secret_enc is not None:
-        secret = box.decrypt(account.hook_secret_enc)
+        try:
+            secret = box.decrypt(account.hook_secret_enc)
+        except SecretDecryptError:
+            log.error("inbound hook: the hook secret of account %s cannot be decrypted", account.id)
+            account = None
     ts = (timestamp or "").strip()
     expected = sign(secret, ts, body)
     good = hmac.compare_digest(expected.encode(), (signature or "").strip().encode())
