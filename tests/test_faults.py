@@ -13,8 +13,10 @@ the gaps):
 - Broker down: a 503 and a ``dispatch_failed`` record:
   test_pipeline.py::test_broker_down_is_503_and_the_record_says_so; a worker rides out
   the outage and serves again: test_liveness.py.
-- Broker restarted empty while tasks are queued: the sweep (tasks/redispatch.py)
-  re-publishes exactly the lost messages: test_a_broker_restarted_empty_loses_no_queued_task.
+- Broker restarted empty while tasks are queued or waiting to retry: the sweep
+  (tasks/redispatch.py) re-publishes exactly the lost messages, once, with the same ids:
+  test_a_broker_restarted_empty_loses_no_queued_task. Workers reconnect to a broker that
+  came back empty and serve new work: test_liveness.py.
 - Result backend down changes nothing a client sees:
   test_dispatch.py::test_result_backend_down_dispatch_and_worker_still_work.
 - PostgreSQL restarted mid-sync: test_postgres_restarted_mid_sync_retries_and_the_sync_is_exact.
@@ -22,7 +24,9 @@ the gaps):
   test_imap_down_past_the_retry_budget_fails_shows_and_recovers; the verify task's budget:
   test_pipeline.py::test_transient_error_retries_with_backoff_then_gives_up.
 - A worker child killed on every attempt (memory limit, OOM killer): bounded, then
-  ``worker_lost``: test_task_life.py::test_a_message_that_kills_every_worker_fails_as_worker_lost.
+  ``worker_lost``: test_task_life.py::test_a_message_that_kills_every_worker_fails_as_worker_lost;
+  past its hard time limit: ``failed`` (``time_limit``) at once, never left ``running``:
+  test_a_task_past_its_hard_time_limit_ends_failed_at_once.
 - Clock: a ``send_at`` passing while every send worker is down:
   test_a_scheduled_send_whose_time_passed_with_no_worker_goes_out_once.
 """
