@@ -270,7 +270,7 @@ class Message(Base):
     flags: Mapped[list[str]] = mapped_column(JSON, default=list)
     seen: Mapped[bool] = mapped_column(Boolean, default=False)
     flagged: Mapped[bool] = mapped_column(Boolean, default=False)
-    size: Mapped[int] = mapped_column(Integer, default=0)
+    size: Mapped[int] = mapped_column(BigInteger, default=0)  # RFC822.SIZE as declared: may pass 2 GiB
     snippet: Mapped[str] = mapped_column(Text, default="")
     attachments: Mapped[list[str]] = mapped_column(JSON, default=list)
     # Spam scoring (services.spam_store): the calibrated score, the verdict at the tenant's
