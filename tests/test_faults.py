@@ -53,6 +53,7 @@ from services.db import make_engine
 from services.migrate import upgrade
 from services.models import Account, Folder, Message, TaskRecord, utcnow
 from services.settings import load_settings
+from tasks.celery_app import make_celery
 from tasks.monitoring import get_queue_stats
 from tasks.queues import QUEUES
 from tasks.redispatch import EPOCH_KEY, _republish, sweep
@@ -395,3 +396,12 @@ def test_a_task_past_its_hard_time_limit_ends_failed_at_once(stack, dovecot, mai
     assert "Hard time limit" in worker.log_text()
     with stack.sessions() as session:
         assert session.get(Account, account.id).sync_task_id is None  # type: ignore[union-attr]
+
+
+def test_beat_runs_the_sweep_every_minute_on_the_periodic_queue(settings) -> None:
+    app = make_celery(settings)
+    app.loader.import_default_modules()
+    entry = app.conf.beat_schedule["redispatch-lost"]
+    assert entry["task"] == "mailroom.redispatch_lost" and entry["task"] in app.tasks
+    assert entry["schedule"] == 60 and entry["options"]["queue"] == "periodic"
+    assert app.amqp.router.route({}, entry["task"])["queue"].name == "periodic"
