@@ -103,10 +103,11 @@ class TaskContext:
         return ``result`` right after that transaction commits; if it raises instead, the
         rollback took the success back with it."""
         task_records.mark_succeeded(session, self.task_id, result)
-        # The running duration statistics dispatch estimates from (O(1) to read there).
-        task_stats.record_success(session, self.task_id)
         # Webhook events, committed with the state they report and published after it.
         self._succeeded = webhooks.record_task_events(session, self.tenant_id, self.task_id)
+        # The running duration statistics dispatch estimates from (O(1) to read there); last,
+        # since every task of the account and type updates that one row.
+        task_stats.record_success(session, self.task_id)
 
     def check_cancelled(self) -> None:
         """A cancellation checkpoint between steps (also stops an attempt whose record was

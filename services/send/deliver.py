@@ -373,7 +373,10 @@ def _file_copy(
             copy = sent.append_copy(pooled.client, folder, uidvalidity, raw, claimed.message_id)
         fetched = sent.fetch_copy(pooled.client, copy)
     with transaction(sessions) as session:
-        stored = sent.store_copy(session, copy, fetched, tenant_id=claimed.tenant_id, account_id=account_id)
+        # The row of the copy first; the Sent folder's counts (a row every send of the
+        # account updates) last, so that its lock is held only until the commit.
+        inserted = sent.store_copy(session, copy, fetched, tenant_id=claimed.tenant_id, account_id=account_id)
+        stored = inserted.message_id if inserted is not None else None
         _update(
             session,
             claimed.outbox_id,
@@ -387,6 +390,8 @@ def _file_copy(
         result = claimed.result(OutboxState.SENT.value)
         if finish is not None:
             finish(session, result)
+        if inserted is not None:
+            inserted.count(session)
     return result
 
 

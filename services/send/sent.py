@@ -20,10 +20,9 @@ from sqlalchemy import Table, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from services.errors import PermanentMailError
+from services.errors import PermanentMailError, TransientMailError
 from services.models import Folder, Message, new_id, utcnow
 from services.sync.fetch import fetch_messages, message_row
-from services.sync.state import bump_counts
 
 MESSAGES = cast(Table, Message.__table__)
 
@@ -80,28 +79,28 @@ def fetch_copy(client: imapclient.IMAPClient, copy: FiledCopy) -> dict[bytes, An
 
 def store_copy(
     session: Session, copy: FiledCopy, fetched: dict[bytes, Any] | None, *, tenant_id: str, account_id: str
-) -> str | None:
-    """Store the filed copy as a message row from ``fetched`` (see the module's docstring);
-    its id, or None when the folder is not one Mailroom has synced with this UIDVALIDITY.
+) -> StoredCopy | None:
+    """Store the filed copy as a message row from ``fetched`` (see the module's docstring),
+    or None when the folder is not one Mailroom has synced with this UIDVALIDITY. The
+    folder's counts are not moved yet: the caller calls :meth:`StoredCopy.count` as the
+    last statement of its transaction.
 
-    Two statements: an UPDATE that finds the folder row (with the copy's UIDVALIDITY),
-    locks it against a sync of the same folder and counts the copy in, and an INSERT that
-    skips a UID stored already (the sync got there first: its row stands, the count goes
-    back)."""
+    The folder row is read FOR KEY SHARE: it cannot be deleted before the commit, while
+    other sends' count updates of the same folder do not wait for this one. The INSERT
+    skips a UID stored already (the sync got there first: its row stands, and counts).
+    Every send of an account counts into its one Sent folder row, so that row's lock is
+    taken last, just before the commit, and held for nothing else."""
     if fetched is None:
         return None
     row = message_row(copy.uid, fetched)
-    unread = 0 if row["seen"] else 1
     folder_id = session.scalar(
-        update(Folder)
+        select(Folder.id)
         .where(
             Folder.account_id == account_id,
             Folder.name == copy.folder,
             Folder.uidvalidity == copy.uidvalidity,
         )
-        .values(message_count=Folder.message_count + 1, unread_count=Folder.unread_count + unread)
-        .returning(Folder.id)
-        .execution_options(synchronize_session=False)
+        .with_for_update(read=True, key_share=True)
     )
     if folder_id is None:
         return None
@@ -117,10 +116,38 @@ def store_copy(
     }
     stored: str | None = session.scalar(_insert_new(session).values(record).returning(MESSAGES.c.id))
     if stored is None:
-        bump_counts(session, folder_id, -1, -unread)
         where = (Message.folder_id == folder_id, Message.uid == copy.uid)
-        stored = session.scalar(select(Message.id).where(*where))
-    return stored
+        return StoredCopy(session.scalar(select(Message.id).where(*where)), None, copy, 0)
+    return StoredCopy(stored, folder_id, copy, 0 if row["seen"] else 1)
+
+
+@dataclass
+class StoredCopy:
+    """The stored copy's message id, and what :meth:`count` needs to count it in."""
+
+    message_id: str | None
+    #: The folder the row was inserted into; None when the row was there already.
+    folder_id: str | None
+    copy: FiledCopy
+    unread: int
+
+    def count(self, session: Session) -> None:
+        """Count the inserted row into its folder (an UPDATE that locks the folder row, as
+        the last statement before the commit). A sync that changed the folder's UIDVALIDITY
+        since the row was inserted made the row stale: :class:`TransientMailError`, so that
+        the transaction rolls back and the next attempt, which resumes at ``accepted``,
+        finds the copy in Sent and stores it again."""
+        if self.folder_id is None:
+            return
+        counted = session.scalar(
+            update(Folder)
+            .where(Folder.id == self.folder_id, Folder.uidvalidity == self.copy.uidvalidity)
+            .values(message_count=Folder.message_count + 1, unread_count=Folder.unread_count + self.unread)
+            .returning(Folder.id)
+            .execution_options(synchronize_session=False)
+        )
+        if counted is None:
+            raise TransientMailError("the Sent folder changed while its copy was being stored; will retry")
 
 
 def _insert_new(session: Session) -> Any:
