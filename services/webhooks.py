@@ -70,12 +70,12 @@ import ssl
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
 from celery import Celery
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.crypto import SecretBox, SecretDecryptError
@@ -608,6 +608,17 @@ def _record(delivery: WebhookDelivery, attempt: Attempt, state: str, next_at: An
     }
     delivery.attempt_log = [*(delivery.attempt_log or []), entry][-ATTEMPT_LOG:]
     delivery.updated_at = now
+
+
+def delete_old_deliveries(session: Session, *, older_than: datetime) -> int:
+    """Forget deliveries made before ``older_than`` (the task history's window; by then
+    none is retried any more). A plain range delete, run by the hourly cleanup."""
+    result = session.execute(
+        delete(WebhookDelivery)
+        .where(WebhookDelivery.created_at < older_than)
+        .execution_options(unrestricted_unsafe=True, synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def prepare_redelivery(delivery: WebhookDelivery) -> None:

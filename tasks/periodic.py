@@ -10,7 +10,7 @@ from typing import Any
 from celery import Celery, Task, shared_task
 from sqlalchemy.exc import IntegrityError
 
-from services import accounts, task_records
+from services import accounts, task_records, webhooks
 from services.db import tenant_sessions, transaction, unrestricted_unsafe_sessions
 from services.errors import NotFound, ServiceUnavailable
 from services.models import utcnow
@@ -103,8 +103,8 @@ def _summary(due: list[accounts.DueAccount], queued: list[str], skipped: int) ->
 def cleanup_stale_results(self: Task) -> dict[str, int]:
     """Fail records no worker can still be working on, fail queued records the broker lost,
     settle the outbox (drop message bytes no attempt can need, delete final rows older than
-    the outbox retention: services.send.retention), and forget finished records older than
-    the kept history. Celery's own results in Redis expire by themselves
+    the outbox retention: services.send.retention), and forget finished records and webhook
+    deliveries older than the kept history. Celery's own results in Redis expire by themselves
     (``result_expires``)."""
     runtime = get_runtime(self.app)
     s = runtime.settings
@@ -125,6 +125,9 @@ def cleanup_stale_results(self: Task) -> dict[str, int]:
         # Before the history goes: a row whose task ended takes its final state from the record.
         outbox = sweep_outbox(session, now=now, retention=timedelta(hours=s.outbox_retention_hours))
         forgotten = task_records.delete_history(session, older_than=now - timedelta(days=s.task_history_days))
+        deliveries = webhooks.delete_old_deliveries(
+            session, older_than=now - timedelta(days=s.task_history_days)
+        )
     log.info(
         "cleanup: %d stuck, %d undelivered, %d forgotten; outbox: %d settled, %d bytes dropped, %d deleted",
         stuck,
@@ -138,5 +141,6 @@ def cleanup_stale_results(self: Task) -> dict[str, int]:
         "stuck_failed": stuck,
         "undelivered_failed": lost,
         "history_deleted": forgotten,
+        "webhook_deliveries_deleted": deliveries,
         **outbox.as_dict(),
     }

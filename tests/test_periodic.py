@@ -187,6 +187,7 @@ def test_cleanup_stale_results(isolated: Isolated, periodic_worker) -> None:
         "stuck_failed": 1,
         "undelivered_failed": 1,
         "history_deleted": 1,
+        "webhook_deliveries_deleted": 0,
         "outbox_settled": 0,
         "outbox_bytes_dropped": 0,
         "outbox_deleted": 0,

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -519,3 +520,14 @@ def test_a_spam_check_reports_the_spam_it_found() -> None:
     assert events["message.spam"]["spam"] == 1 and events["message.spam"]["message_ids"] == ["m1"]
     record.result = {**(record.result or {}), "spam": 0}
     assert [e for e, _ in webhooks.task_events(record)] == ["task.succeeded"]
+
+
+def test_old_deliveries_are_forgotten(kit, settings, sessions, receiver) -> None:
+    box = SecretBox(settings.encryption_keys())
+    old, new = _endpoint_with_deliveries(sessions, kit.tenant_id, receiver.url("/old"), 2, box)
+    with transaction(sessions) as session:
+        session.get(WebhookDelivery, old).created_at = datetime.now(UTC) - timedelta(days=40)  # type: ignore[union-attr]
+    with transaction(sessions) as session:
+        assert webhooks.delete_old_deliveries(session, older_than=datetime.now(UTC) - timedelta(days=30)) >= 1
+    with transaction(sessions) as session:
+        assert session.get(WebhookDelivery, old) is None and session.get(WebhookDelivery, new) is not None
