@@ -124,6 +124,10 @@ class AccountWatch:
         self.dirty_all = False
         self.inflight: str | None = None
         self.dispatching = False
+        # After a failed dispatch (broker or database down): not before this loop time, so
+        # an outage does not turn every dirty account into a failed record per poll.
+        self.retry_at = 0.0
+        self._retry_delay = 0.0
         self.state = WatchState()
         self._listing: list[str] | None = None
         self._statuses: dict[str, dict[str, int]] = {}
@@ -145,6 +149,8 @@ class AccountWatch:
     def flush(self) -> None:
         """Dispatch a sync of the dirty folders unless one is in flight or being queued."""
         if self.inflight is None and not self.dispatching and self.is_dirty:
+            if self.retry_at and asyncio.get_running_loop().time() < self.retry_at:
+                return
             self.dispatching = True
             asyncio.get_running_loop().create_task(self._dispatch())
 
@@ -156,7 +162,10 @@ class AccountWatch:
         except Exception as exc:  # noqa: BLE001 - kept dirty, tried again by the poller
             log.warning("watcher: queueing a sync of account %s failed: %s", self.target.account_id, exc)
             self._restore(folders)
+            self._retry_delay = min(max(self._retry_delay * 2, 1.0), 60.0)
+            self.retry_at = asyncio.get_running_loop().time() + self._retry_delay
         else:
+            self.retry_at, self._retry_delay = 0.0, 0.0
             self.inflight = record_id
             if created:
                 self.state.dispatched += 1
