@@ -376,7 +376,6 @@ class Watcher:
     # -- the loops -----------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self.blocking(self.registry.beat)
         loops = [
             asyncio.create_task(self._every(self.settings.watcher_heartbeat_seconds, self._heartbeat)),
             asyncio.create_task(self._every(self.settings.watcher_reload_seconds, self.reload)),

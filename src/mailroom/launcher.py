@@ -4,8 +4,8 @@ Starts a private Redis when no broker or result-backend URL is configured, migra
 database, makes sure a bootstrap admin and its key exist, then runs the API (gunicorn),
 ``mailroom worker-host`` (one Celery worker per I/O-bound queue, and Beat, in one process),
 a solo worker for the spam queue, ``mailroom watcher`` and, on request, Flower, as child
-processes whose output is prefixed with their name. Ctrl-C or SIGTERM stops them all; if one dies, the rest are
-stopped too.
+processes whose output is prefixed with their name. Ctrl-C or SIGTERM stops them all; if
+one dies, the rest are stopped too.
 """
 
 from __future__ import annotations
