@@ -366,7 +366,18 @@ class WebhookDelivery(Base):
     """One event for one endpoint: the exact body that is signed and sent, and its attempts."""
 
     __tablename__ = "webhook_deliveries"
-    __table_args__ = (Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at"),
+        # The hourly cleanup's range delete (services.webhooks.delete_old_deliveries).
+        Index("ix_webhook_deliveries_created_at", "created_at"),
+        # The few deliveries not yet sent, for the unpublished-delivery sweep.
+        Index(
+            "ix_webhook_deliveries_pending",
+            "created_at",
+            postgresql_where=text("state = 'pending'"),
+            sqlite_where=text("state = 'pending'"),
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
