@@ -579,9 +579,8 @@ _MILLIONS = re.compile(
 
 def advance_fee(parsed: ParsedMessage) -> Indicator | None:
     text = parsed.lower_text()
-    cue = wording.first_word(parsed.lower_words(), _FEE_WORDS) or next(
-        (p for p in _FEE_PHRASES if p in text), None
-    )
+    words = parsed.lower_words()
+    cue = wording.first_word(words, _FEE_WORDS) or wording.first_phrase(text, _FEE_PHRASES, words)
     if not cue:
         return None
     m = _MILLIONS.search(text)
