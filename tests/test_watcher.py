@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.db import transaction
 from services.models import TaskRecord
+from services.watcher.imap import encode_mailbox, parse_untagged, status_values
 from services.watcher.shard import owner
 from tests.conftest import ROOT, env_for, worker_env
 from tests.servers.dovecot import DovecotServer
@@ -186,3 +187,24 @@ def test_rendezvous_hashing_moves_only_a_share_when_a_watcher_joins() -> None:
     assert min(shares.values()) > 800
     without_w2 = {a: owner(a, ["w1", "w3"]) for a in accounts}
     assert all(without_w2[a] == before[a] for a in accounts if before[a] != "w2")
+
+
+@pytest.mark.parametrize(
+    ("line", "kind", "mailbox"),
+    [
+        ('STATUS "My Folder" (MESSAGES 2 UIDNEXT 3)', "STATUS", "My Folder"),
+        ("STATUS Archive (UNSEEN 1 HIGHESTMODSEQ 4)", "STATUS", "Archive"),
+        ('STATUS "Entw&APw-rfe" (MESSAGES 1)', "STATUS", "Entwürfe"),  # modified UTF-7
+        ('STATUS "a \\"(b)\\"" (MESSAGES 1)', "STATUS", 'a "(b)"'),
+        ('LIST (\\HasNoChildren) "/" "Projects/2024"', "LIST", "Projects/2024"),
+        ('LIST () "/" New1', "LIST", "New1"),
+        ("3 EXISTS", "EXISTS", None),
+        ("7 FETCH (FLAGS (\\Seen) MODSEQ (12))", "FETCH", None),
+    ],
+)
+def test_untagged_responses_name_their_folder(line: str, kind: str, mailbox: str | None) -> None:
+    parsed = parse_untagged(line)
+    assert (parsed.kind, parsed.mailbox) == (kind, mailbox)
+    if kind == "STATUS":
+        assert status_values(line)["MESSAGES" if "MESSAGES" in line else "UNSEEN"] >= 1
+    assert encode_mailbox("Entwürfe") == '"Entw&APw-rfe"'
