@@ -300,11 +300,12 @@ def average_durations(session: Session, tenant_id: str) -> dict[str, float]:
     return task_stats.average_durations(session, tenant_id)
 
 
-def fail_stuck(session: Session, *, older_than: datetime) -> int:
+def fail_stuck(session: Session, *, older_than: datetime) -> list[tuple[str, str]]:
     """Records still running/retrying with no sign of life since ``older_than`` (their
-    last write, or the retry time they wait for): failed, counted. The caller picks
-    ``older_than`` past the broker's visibility timeout, so a record whose worker died is
-    only given up once the broker has had its chance to redeliver the message."""
+    last write, or the retry time they wait for): failed; their (tenant id, task id), for
+    the caller to record their ``task.failed`` events in the same transaction. The caller
+    picks ``older_than`` past the broker's visibility timeout, so a record whose worker
+    died is only given up once the broker has had its chance to redeliver the message."""
     result = session.execute(
         update(TaskRecord)
         .where(
@@ -317,15 +318,16 @@ def fail_stuck(session: Session, *, older_than: datetime) -> int:
             last_error="no worker reported on this task for too long (its worker was lost)",
             finished_at=utcnow(),
         )
+        .returning(TaskRecord.tenant_id, TaskRecord.id)
         .execution_options(synchronize_session=False)
     )
-    assert isinstance(result, CursorResult)
-    return result.rowcount
+    return [(tenant_id, task_id) for tenant_id, task_id in result]
 
 
-def fail_undelivered(session: Session, *, older_than: datetime) -> int:
+def fail_undelivered(session: Session, *, older_than: datetime) -> list[tuple[str, str]]:
     """``queued`` records that no worker picked up for far longer than the broker keeps an
-    unacknowledged message: the message is lost, so the record must not stay queued forever."""
+    unacknowledged message: the message is lost, so the record must not stay queued
+    forever. Failed; their (tenant id, task id), as :func:`fail_stuck`."""
     result = session.execute(
         update(TaskRecord)
         .where(TaskRecord.state == TaskState.QUEUED.value, TaskRecord.created_at < older_than)
@@ -335,10 +337,10 @@ def fail_undelivered(session: Session, *, older_than: datetime) -> int:
             last_error="the task was never picked up by a worker",
             finished_at=utcnow(),
         )
+        .returning(TaskRecord.tenant_id, TaskRecord.id)
         .execution_options(synchronize_session=False)
     )
-    assert isinstance(result, CursorResult)
-    return result.rowcount
+    return [(tenant_id, task_id) for tenant_id, task_id in result]
 
 
 def waiting_for_broker(session: Session, *, settled_before: datetime) -> list[TaskRecord]:

@@ -44,10 +44,16 @@ Limits, stated: delivery is at least once (a worker lost mid-attempt sends again
 ``X-Mailroom-Delivery`` and the event ``id`` let a receiver drop duplicates); order is not
 kept; the queue is FIFO per priority, not fair per tenant, so a burst of one tenant's
 events is worked through before later ones of others (each at most the timeout long);
-events of a task whose message could not be published after the commit stay ``pending``
-(listed, redeliverable), nothing sweeps them; a task failed by the stale-task sweep
-(tasks.periodic) records no event; retries waiting in the broker are held by workers as
-countdown messages.
+retries waiting in the broker are held by workers as countdown messages. A delivery whose
+message could not be published after the commit (or whose publisher died in between)
+stays ``pending`` until Beat's minute-level sweep (tasks.webhook_tasks.sweep_unpublished)
+finds it untouched for :data:`PUBLISH_GRACE` with no message in the broker and publishes
+it again (at most :data:`SWEEP_LIMIT` a sweep); one still pending a day after its event
+ends ``failed``. Every task that ends ``failed`` reports ``task.failed``: in the attempt,
+at the hard time limit, after its worker was lost too often, when its dispatch found the
+broker unreachable (published by that sweep), and when the stale-task sweep
+(tasks.periodic) gives it up (:func:`record_swept_failures`). A cancelled task reports
+nothing (there is no such event).
 
 **Inbound.** ``POST /api/hooks/inbound/{account_id}`` carries no API key. The account's
 hook secret (``POST /api/accounts/{id}/hook-secret``, shown once, stored encrypted) signs
@@ -75,7 +81,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from celery import Celery
-from sqlalchemy import delete, func, select
+from sqlalchemy import ColumnElement, String, delete, func, literal_column, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.crypto import SecretBox, SecretDecryptError
@@ -210,6 +216,15 @@ def update_endpoint(
     return endpoint
 
 
+def rotate_secret(endpoint: WebhookEndpoint, box: SecretBox) -> str:
+    """A new signing secret for ``endpoint`` (returned this once); the old one signs
+    nothing more: each attempt reads the secret when it signs."""
+    secret = new_secret()
+    endpoint.secret_enc = box.encrypt(secret)
+    endpoint.updated_at = utcnow()
+    return secret
+
+
 def get_endpoint(session: Session, endpoint_id: str) -> WebhookEndpoint:
     """The session's tenant's endpoint (another tenant's is not found)."""
     endpoint = session.get(WebhookEndpoint, endpoint_id) if is_id(endpoint_id) else None
@@ -341,6 +356,46 @@ def record_task_events(session: Session, tenant_id: str, task_id: str) -> list[s
         return []
 
 
+def record_swept_failures(session: Session, failed: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """Inside the transaction of the stale-task sweep (tasks.periodic), which failed
+    ``failed`` (tenant id, task id) with one UPDATE each: their events (``task.failed``,
+    and ``account.error`` for a sync or verify), as :func:`record_task_events` records a
+    task's; the delivery ids per tenant, to publish after the commit. One query finds
+    which of those tenants have an enabled endpoint; the tasks of the others cost nothing
+    more. Never raises."""
+    if not failed:
+        return {}
+    tenants = sorted({tenant_id for tenant_id, _ in failed})
+    try:
+        rows = session.execute(
+            select(WebhookEndpoint.tenant_id, WebhookEndpoint.id, WebhookEndpoint.events)
+            .where(WebhookEndpoint.tenant_id.in_(tenants), WebhookEndpoint.enabled.is_(True))
+            .execution_options(unrestricted_unsafe=True)
+        ).all()
+    except Exception:
+        log.warning("webhooks: reading endpoints for swept tasks failed", exc_info=True)
+        return {}
+    by_tenant: dict[str, list[tuple[str, Any]]] = {}
+    for tenant_id, endpoint_id, events in rows:
+        by_tenant.setdefault(tenant_id, []).append((endpoint_id, events))
+    out: dict[str, list[str]] = {}
+    for tenant_id, task_id in failed:
+        endpoints = by_tenant.get(tenant_id)
+        if not endpoints:
+            continue
+        try:
+            with session.begin_nested():
+                record = session.get(TaskRecord, task_id, populate_existing=True)
+                if record is None:
+                    continue
+                ids = _insert_deliveries(session, tenant_id, endpoints, task_events(record))
+        except Exception:
+            log.warning("webhooks: recording events of task %s failed", task_id, exc_info=True)
+            continue
+        out.setdefault(tenant_id, []).extend(ids)
+    return out
+
+
 def _insert_deliveries(
     session: Session, tenant_id: str, endpoints: Any, events: list[tuple[str, dict[str, Any]]]
 ) -> list[str]:
@@ -378,7 +433,8 @@ def _insert_deliveries(
 
 def publish(app: Celery, tenant_id: str, delivery_ids: list[str], *, manual: bool = False) -> int:
     """Queue one delivery message each (after the commit that wrote them); never raises.
-    Returns how many were published."""
+    Returns how many were published. The message's task id is the delivery's id, so the
+    sweep of unpublished deliveries (tasks.webhook_tasks) finds it in the broker."""
     from tasks.queues import WEBHOOK_TASK, broker_priority, logical_priority
 
     published = 0
@@ -386,6 +442,7 @@ def publish(app: Celery, tenant_id: str, delivery_ids: list[str], *, manual: boo
         try:
             app.send_task(
                 WEBHOOK_TASK,
+                task_id=delivery_id,
                 kwargs={"tenant_id": tenant_id, "delivery_id": delivery_id, "manual": manual},
                 queue="webhooks",
                 routing_key="webhooks",
@@ -616,6 +673,71 @@ def delete_old_deliveries(session: Session, *, older_than: datetime) -> int:
     result = session.execute(
         delete(WebhookDelivery)
         .where(WebhookDelivery.created_at < older_than)
+        .execution_options(unrestricted_unsafe=True, synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+#: A ``pending`` delivery untouched for this long had its publish fail (or its publisher
+#: die) after the commit, unless its message is still waiting in the broker.
+PUBLISH_GRACE = timedelta(minutes=2)
+#: Deliveries one sweep publishes again at most (the oldest first; the rest next minute).
+SWEEP_LIMIT = 500
+_PENDING: ColumnElement[str] = literal_column(
+    "'pending'", String
+)  # inline, so the partial index always matches
+
+
+def unpublished_candidates(
+    session: Session, *, now: datetime, limit: int = SWEEP_LIMIT
+) -> list[WebhookDelivery]:
+    """``pending`` deliveries of every tenant untouched for :data:`PUBLISH_GRACE` and
+    younger than :data:`RETRY_WINDOW`, oldest first (the partial index
+    ``ix_webhook_deliveries_pending``). Whether their message is in the broker is the
+    caller's to check."""
+    return list(
+        session.scalars(
+            select(WebhookDelivery)
+            .where(
+                WebhookDelivery.state == _PENDING,
+                WebhookDelivery.created_at >= now - RETRY_WINDOW,
+                WebhookDelivery.created_at < now - PUBLISH_GRACE,
+                WebhookDelivery.updated_at < now - PUBLISH_GRACE,
+            )
+            .order_by(WebhookDelivery.created_at)
+            .limit(limit)
+            .execution_options(unrestricted_unsafe=True)
+        )
+    )
+
+
+def claim_unpublished(session: Session, delivery: WebhookDelivery) -> bool:
+    """Take the right to publish ``delivery`` again: one conditional UPDATE (moving
+    ``updated_at``) that succeeds only while it is still ``pending`` as it was read, so of
+    two sweeps at once only one publishes, and one a worker took up meanwhile is left."""
+    result = session.execute(
+        update(WebhookDelivery)
+        .where(
+            WebhookDelivery.id == delivery.id,
+            WebhookDelivery.state == _PENDING,
+            WebhookDelivery.updated_at == delivery.updated_at,
+        )
+        .values(updated_at=utcnow())
+        .execution_options(unrestricted_unsafe=True, synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0) == 1
+
+
+NEVER_SENT = "never sent: its message could not be queued within a day of the event"
+
+
+def fail_unpublished(session: Session, *, now: datetime) -> int:
+    """``pending`` deliveries older than :data:`RETRY_WINDOW` (never published, never
+    attempted) end ``failed``: nothing would retry them any more."""
+    result = session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.state == _PENDING, WebhookDelivery.created_at < now - RETRY_WINDOW)
+        .values(state="failed", last_error=NEVER_SENT, updated_at=utcnow())
         .execution_options(unrestricted_unsafe=True, synchronize_session=False)
     )
     return int(getattr(result, "rowcount", 0) or 0)

@@ -27,7 +27,7 @@ from kombu.exceptions import KombuError, OperationalError
 from redis.exceptions import RedisError
 from sqlalchemy.orm import Session, sessionmaker
 
-from services import accounts, task_records, task_stats
+from services import accounts, task_records, task_stats, webhooks
 from services.db import transaction
 from services.errors import MailroomError, NotFound, ServiceUnavailable
 from services.models import TaskRecord
@@ -173,6 +173,9 @@ def _dispatch(
         task_records.mark_dispatch_failed(session, record.id, f"the broker is unreachable: {exc}")
         if type == "sync" and account_id is not None:
             accounts.release_sync_lock(session, account_id, record.id)
+        # Its task.failed event, committed with the failure; not published now (the broker
+        # just refused): Beat's sweep publishes it (tasks.webhook_tasks.sweep_unpublished).
+        webhooks.record_task_events(session, tenant_id, record.id)
         session.commit()
         raise ServiceUnavailable(
             "the task queue is unavailable; nothing was queued, try again shortly",

@@ -128,18 +128,22 @@ def cleanup_stale_results(self: Task) -> dict[str, int]:
         deliveries = webhooks.delete_old_deliveries(
             session, older_than=now - timedelta(days=s.task_history_days)
         )
+        # Their task.failed (and account.error) events, committed with the failures.
+        events = webhooks.record_swept_failures(session, stuck + lost)
+    for tenant_id, delivery_ids in events.items():
+        webhooks.publish(self.app, tenant_id, delivery_ids)
     log.info(
         "cleanup: %d stuck, %d undelivered, %d forgotten; outbox: %d settled, %d bytes dropped, %d deleted",
-        stuck,
-        lost,
+        len(stuck),
+        len(lost),
         forgotten,
         outbox.settled,
         outbox.bytes_dropped,
         outbox.deleted,
     )
     return {
-        "stuck_failed": stuck,
-        "undelivered_failed": lost,
+        "stuck_failed": len(stuck),
+        "undelivered_failed": len(lost),
         "history_deleted": forgotten,
         "webhook_deliveries_deleted": deliveries,
         **outbox.as_dict(),

@@ -26,6 +26,9 @@ than the grace at the first). A worker given a message whose record is finished 
 cancelled meanwhile drops it (tasks.lifecycle), so a re-published message never runs a task
 twice.
 
+Each sweep also publishes again the webhook deliveries whose publish failed after their
+commit (tasks.webhook_tasks.sweep_unpublished: a short index read while there are none).
+
 What it does not cover: a broker that comes back with part of its data (an append-only
 file missing its last second, a failover to a replica that lagged) keeps the marker, so
 messages lost that way are only ended by the day-old cleanup (tasks.periodic).
@@ -65,9 +68,15 @@ SECOND_LOOK_SECONDS = 1.0
 @shared_task(name="mailroom.redispatch_lost", bind=True, ignore_result=False)
 def redispatch_lost(self: Task) -> dict[str, Any]:
     """Beat's entry point: see the module's docstring."""
+    from tasks.webhook_tasks import sweep_unpublished
+
     runtime = get_runtime(self.app)
     # The sweep reads every tenant's waiting records on purpose.
-    return sweep(self.app, unrestricted_unsafe_sessions(runtime.sessions))
+    sessions = unrestricted_unsafe_sessions(runtime.sessions)
+    summary = sweep(self.app, sessions)
+    # Webhook deliveries whose publish failed after their commit (no task record to look at).
+    summary["webhooks"] = sweep_unpublished(self.app, sessions)
+    return summary
 
 
 def sweep(app: Celery, sessions: sessionmaker[Session], *, now: datetime | None = None) -> dict[str, Any]:

@@ -8,13 +8,17 @@ as a new message after the backoff (a countdown in the broker, never a sleeping 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
+from datetime import datetime
 
-from celery import Task, shared_task
+from celery import Celery, Task, shared_task
+from sqlalchemy.orm import Session, sessionmaker
 
 from services import webhooks
-from services.db import tenant_sessions
+from services.db import tenant_sessions, transaction
 from services.logs import log_context
+from services.models import utcnow
 from tasks.queues import WEBHOOK_TASK
 from tasks.runtime import get_runtime
 
@@ -40,3 +44,47 @@ def deliver_webhook(self: Task, tenant_id: str, delivery_id: str, manual: bool =
             # A new message after the countdown; this one is acknowledged.
             raise self.retry(countdown=outcome.retry_in, max_retries=None)
     return {"state": outcome.state}
+
+
+def sweep_unpublished(
+    app: Celery, sessions: sessionmaker[Session], *, now: datetime | None = None
+) -> dict[str, int]:
+    """Publish again the deliveries whose message never reached the broker (its publish
+    failed after the commit, or the process died between the two), run by Beat's
+    minute-level lost-message sweep (tasks.redispatch). One read of the partial index
+    ``ix_webhook_deliveries_pending`` finds the ``pending`` ones untouched for
+    :data:`services.webhooks.PUBLISH_GRACE` (at most :data:`services.webhooks.SWEEP_LIMIT`,
+    oldest first); only when there are some is the broker read (the queues' lists and the
+    unacked hash, twice a second apart, as tasks.redispatch does) to leave out those whose
+    message is waiting there (a backlog, not a loss). Each is claimed by a conditional
+    UPDATE before its publish, so two sweeps publish it once, and a delivery that a worker
+    took up meanwhile is left alone. Pending ones older than a day end ``failed``."""
+    from tasks.redispatch import SECOND_LOOK_SECONDS, _message_ids
+
+    now = now or utcnow()
+    with transaction(sessions) as session:
+        expired = webhooks.fail_unpublished(session, now=now)
+        candidates = webhooks.unpublished_candidates(session, now=now)
+        for delivery in candidates:
+            session.expunge(delivery)
+    missing = candidates
+    if candidates:
+        with app.connection_for_write() as conn:
+            for look in range(2):
+                if look:
+                    time.sleep(SECOND_LOOK_SECONDS)
+                present = set(_message_ids(conn.default_channel))
+                missing = [d for d in missing if d.id not in present]
+                if not missing:
+                    break
+    published = 0
+    for delivery in missing:
+        with transaction(sessions) as session:
+            if not webhooks.claim_unpublished(session, delivery):
+                continue
+        published += webhooks.publish(app, delivery.tenant_id, [delivery.id])
+    if published or expired:
+        log.warning(
+            "webhooks: %d unpublished deliveries published again, %d failed as too old", published, expired
+        )
+    return {"pending": len(candidates), "republished": published, "expired": expired}

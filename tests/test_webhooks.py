@@ -531,3 +531,245 @@ def test_old_deliveries_are_forgotten(kit, settings, sessions, receiver) -> None
         assert webhooks.delete_old_deliveries(session, older_than=datetime.now(UTC) - timedelta(days=30)) >= 1
     with transaction(sessions) as session:
         assert session.get(WebhookDelivery, old) is None and session.get(WebhookDelivery, new) is not None
+
+
+# --- the loose ends: rotation, the stale-task sweep, unpublished deliveries, real spam ------
+
+
+def test_rotating_a_secret_signs_every_later_attempt_with_the_new_one_only(
+    kit, other_kit, account, receiver
+) -> None:
+    path = f"/rotate-{uuid.uuid4().hex[:8]}"
+    created = kit.admin.post("/api/webhooks", json={"url": receiver.url(path), "events": ["task.succeeded"]})
+    hook_id, old = created.get_json()["id"], created.get_json()["secret"]
+    task_id = kit.admin.post(f"/api/accounts/{account['id']}/verify").get_json()["task_id"]
+    assert kit.admin.wait_task(task_id)["state"] == "succeeded"
+    receiver.wait(lambda: len(receiver.on(path)) == 1)
+    assert verified(receiver.on(path)[0], old)
+
+    # Admins only; another tenant's endpoint is not found.
+    assert kit.member.post(f"/api/webhooks/{hook_id}/secret").status_code == 403
+    foreign = other_kit.admin.post(f"/api/webhooks/{hook_id}/secret")
+    assert foreign.status_code == 404 and error_of(foreign)["code"] == "not_found"
+    rotated = kit.admin.post(f"/api/webhooks/{hook_id}/secret")
+    assert rotated.status_code == 200, rotated.get_json()
+    new = rotated.get_json()["secret"]
+    assert new.startswith("whsec_") and new != old and rotated.get_json()["id"] == hook_id
+    assert "secret" not in kit.admin.get(f"/api/webhooks/{hook_id}").get_json()
+
+    # The earlier event, sent again: signed with the new secret, no longer the old one.
+    (delivery,) = kit.admin.get(f"/api/webhooks/{hook_id}/deliveries").get_json()["items"]
+    assert kit.admin.post(f"/api/webhooks/{hook_id}/deliveries/{delivery['id']}/redeliver").status_code == 202
+    receiver.wait(lambda: len(receiver.on(path)) == 2)
+    again = receiver.on(path)[1]
+    assert verified(again, new) and not verified(again, old)
+    assert again.json()["id"] == receiver.on(path)[0].json()["id"]
+
+
+def test_tasks_failed_by_the_stale_task_sweep_report_task_failed(
+    kit, account, sessions, settings, receiver
+) -> None:
+    """The hourly cleanup fails a running record nobody reported on and a queued one no
+    worker took: each reports task.failed (and account.error: they are verifies), signed."""
+    from tasks.celery_app import make_celery
+
+    path = f"/stale-{uuid.uuid4().hex[:8]}"
+    secret = kit.admin.post(
+        "/api/webhooks", json={"url": receiver.url(path), "events": ["task.failed", "account.error"]}
+    ).get_json()["secret"]
+    long_ago = datetime.now(UTC) - timedelta(days=3)
+    with transaction(tenant_sessions(sessions, kit.tenant_id)) as session:
+        rows = [
+            TaskRecord(
+                tenant_id=kit.tenant_id,
+                account_id=account["id"],
+                type="verify",
+                queue="sync",
+                params={},
+                state=state,
+                created_at=long_ago,
+                updated_at=long_ago,
+            )
+            for state in ("running", "queued")
+        ]
+        session.add_all(rows)
+        session.flush()
+        stuck, lost = (r.id for r in rows)
+    celery = make_celery(settings)
+    summary = celery.send_task(
+        "mailroom.cleanup_stale_results", queue="periodic", routing_key="periodic"
+    ).get(timeout=60)
+    assert summary["stuck_failed"] >= 1 and summary["undelivered_failed"] >= 1
+    assert kit.admin.get(f"/api/tasks/{stuck}").get_json()["error"]["code"] == "stuck"
+    receiver.wait(lambda: len(receiver.on(path)) == 4)
+    seen = sorted((r.json()["data"]["task_id"], r.event) for r in receiver.on(path))
+    assert seen == sorted(
+        [(stuck, "task.failed"), (stuck, "account.error"), (lost, "task.failed"), (lost, "account.error")]
+    )
+    for received in receiver.on(path):
+        assert verified(received, secret) and received.json()["data"]["error"]["code"] == "stuck"
+
+
+def _pending_delivery(sessions, tenant_id: str, endpoint_id: str, age: timedelta) -> str:
+    """A delivery recorded ``age`` ago and never published (its publish failed)."""
+    at = datetime.now(UTC) - age
+    with transaction(tenant_sessions(sessions, tenant_id)) as session:
+        row = WebhookDelivery(
+            tenant_id=tenant_id,
+            endpoint_id=endpoint_id,
+            event="task.succeeded",
+            event_id=str(uuid.uuid4()),
+            payload=json.dumps({"id": str(uuid.uuid4()), "type": "task.succeeded", "data": {}}),
+            state="pending",
+            attempts=0,
+            attempt_log=[],
+            created_at=at,
+            updated_at=at,
+        )
+        session.add(row)
+        session.flush()
+        return row.id
+
+
+@pytest.mark.slow
+def test_deliveries_whose_publish_failed_are_published_by_the_sweep(
+    kit, account, base_values, settings, sessions, receiver
+) -> None:
+    """A dispatch that finds the broker down fails its task, and the task.failed event it
+    records cannot be published then; nor can one whose publisher died after the commit.
+    Beat's sweep publishes both once the grace has passed, leaves a fresh one and one whose
+    message waits in the broker alone, publishes each once however often it runs, and fails
+    one a day old."""
+    from services.errors import ServiceUnavailable
+    from tasks.celery_app import make_celery
+    from tasks.dispatch import dispatch
+    from tasks.queues import WEBHOOK_TASK
+    from tasks.webhook_tasks import sweep_unpublished
+    from tests.servers.ports import free_port
+
+    path = f"/unpublished-{uuid.uuid4().hex[:8]}"
+    created = kit.admin.post(
+        "/api/webhooks", json={"url": receiver.url(path), "events": ["task.succeeded", "task.failed"]}
+    ).get_json()
+    hook_id, secret = created["id"], created["secret"]
+
+    # The broker unreachable at dispatch: 503 to the client, the task failed, its event pending.
+    down = make_celery(load_settings(**{**base_values, "broker_url": f"redis://127.0.0.1:{free_port()}/0"}))
+    refused = None
+    with transaction(tenant_sessions(sessions, kit.tenant_id)) as session:
+        try:
+            dispatch(
+                down,
+                session,
+                type="verify",
+                tenant_id=kit.tenant_id,
+                user_id=None,
+                account_id=account["id"],
+                params={},
+                origin="api",
+            )
+        except ServiceUnavailable as exc:
+            refused = exc
+    assert refused is not None
+    failed_task = refused.details["task_id"]  # type: ignore[index]
+    assert kit.admin.get(f"/api/tasks/{failed_task}").get_json()["error"]["code"] == "dispatch_failed"
+    with transaction(sessions) as session:
+        (from_dispatch,) = session.scalars(
+            select(WebhookDelivery).where(WebhookDelivery.endpoint_id == hook_id)
+        ).all()
+        assert from_dispatch.state == "pending" and from_dispatch.event == "task.failed"
+        from_dispatch_id = from_dispatch.id
+        # Minutes pass: past the sweep's grace.
+        from_dispatch.created_at = from_dispatch.updated_at = datetime.now(UTC) - timedelta(minutes=10)
+
+    lost = _pending_delivery(sessions, kit.tenant_id, hook_id, timedelta(minutes=10))
+    fresh = _pending_delivery(sessions, kit.tenant_id, hook_id, timedelta(seconds=5))
+    expired = _pending_delivery(sessions, kit.tenant_id, hook_id, timedelta(days=2))
+    # One whose message is in the broker (held by the worker until its countdown): not lost.
+    waiting = _pending_delivery(sessions, kit.tenant_id, hook_id, timedelta(minutes=10))
+    celery = make_celery(settings)
+    celery.send_task(
+        WEBHOOK_TASK,
+        task_id=waiting,
+        kwargs={"tenant_id": kit.tenant_id, "delivery_id": waiting},
+        queue="webhooks",
+        routing_key="webhooks",
+        countdown=2,
+        ignore_result=True,
+    )
+    time.sleep(0.5)  # the worker has taken it (into the broker's unacked hash)
+
+    first = sweep_unpublished(celery, sessions)
+    assert first["expired"] >= 1 and first["republished"] >= 2
+    receiver.wait(lambda: len(receiver.on(path)) == 3)  # from_dispatch, lost, then waiting's own
+    second = sweep_unpublished(celery, sessions)
+
+    def states() -> dict[str, str]:
+        with transaction(sessions) as session:
+            return {
+                d: session.get(WebhookDelivery, d).state  # type: ignore[union-attr]
+                for d in (from_dispatch_id, lost, fresh, expired, waiting)
+            }
+
+    receiver.wait(lambda: states()[waiting] == "succeeded")
+    assert states() == {
+        from_dispatch_id: "succeeded",
+        lost: "succeeded",
+        fresh: "pending",
+        expired: "failed",
+        waiting: "succeeded",
+    }
+    sent = receiver.on(path)
+    assert sorted(r.headers["X-Mailroom-Delivery"] for r in sent) == sorted([from_dispatch_id, lost, waiting])
+    assert all(verified(r, secret) for r in sent)
+    by_id = {r.headers["X-Mailroom-Delivery"]: r for r in sent}
+    assert by_id[from_dispatch_id].json()["data"]["task_id"] == failed_task
+    assert second["republished"] == 0  # each was published once
+    with transaction(sessions) as session:
+        gone = session.get(WebhookDelivery, expired)
+        assert gone is not None and gone.last_error == webhooks.NEVER_SENT and gone.attempts == 0
+
+
+def test_a_real_spam_check_delivers_message_spam(kit, dovecot, smtp, mailbox_user, receiver) -> None:
+    """A spam check on the real spam worker finds the block-listed sender's messages: one
+    message.spam event with their count and ids, signed."""
+    from tests.conftest import account_body
+
+    path = f"/spam-{uuid.uuid4().hex[:8]}"
+    secret = kit.admin.post(
+        "/api/webhooks", json={"url": receiver.url(path), "events": ["message.spam"]}
+    ).get_json()["secret"]
+    assert kit.admin.patch("/api/spam/settings", json={"block": ["offers.example"]}).status_code == 200
+    account_id = kit.admin.post("/api/accounts", json=account_body(dovecot, smtp, mailbox_user)).get_json()[
+        "id"
+    ]
+    dovecot.append_messages(
+        *mailbox_user,
+        "INBOX",
+        [
+            message(
+                "Minutes",
+                "The minutes of today's meeting.",
+                sender="colleague@partner.example",
+                to="b@x.test",
+            ),
+            message("Offer 1", "Our weekly newsletter.", sender="deals@news.offers.example", to="b@x.test"),
+            message("Offer 2", "Our weekly newsletter.", sender="deals@news.offers.example", to="b@x.test"),
+        ],
+    )
+    synced = kit.admin.post(f"/api/accounts/{account_id}/sync").get_json()["task_id"]
+    assert kit.admin.wait_task(synced)["state"] == "succeeded"
+    listed = kit.admin.get(f"/api/accounts/{account_id}/messages?limit=10").get_json()["items"]
+    ids = {m["subject"]: m["id"] for m in listed}
+    checked = kit.admin.post(
+        f"/api/accounts/{account_id}/spam-check", json={"message_ids": list(ids.values())}
+    )
+    task_id = checked.get_json()["task_id"]
+    task = kit.admin.wait_task(task_id)
+    assert task["state"] == "succeeded" and task["result"]["spam"] == 2, task
+    receiver.wait(lambda: len(receiver.on(path)) == 1)
+    (received,) = receiver.on(path)
+    assert received.event == "message.spam" and verified(received, secret)
+    data = received.json()["data"]
+    assert data["task_id"] == task_id and data["account_id"] == account_id and data["spam"] == 2
+    assert sorted(data["message_ids"]) == sorted([ids["Offer 1"], ids["Offer 2"]])

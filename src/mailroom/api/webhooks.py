@@ -231,6 +231,17 @@ def delete_webhook(path: WebhookPath) -> tuple[str, int]:
     return "", 204
 
 
+@bp.post("/webhooks/<webhook_id>/secret", responses={200: WebhookCreated, **ERRORS})
+def rotate_webhook_secret(path: WebhookPath) -> Response:
+    """Replace the endpoint's signing secret (admin). The answer holds the new secret, the
+    only time it is shown; every attempt from now on, retries and redeliveries of older
+    events included, is signed with it, and the old secret signs nothing more."""
+    require_admin()
+    endpoint = webhooks.get_endpoint(db_session(), path.webhook_id)
+    secret = webhooks.rotate_secret(endpoint, state().box)
+    return jsonify(webhook_out(endpoint, WebhookCreated, secret=secret))
+
+
 @bp.get("/webhooks/<webhook_id>/deliveries", responses={200: DeliveryPage, **ERRORS})
 def list_deliveries(path: WebhookPath, query: PageQuery) -> Response:
     """The endpoint's deliveries, newest first, with their last attempts (admin)."""
