@@ -218,9 +218,12 @@ class AccountWatch:
                     self.state.last_error = str(exc)[:300]
                     delay = settings.watcher_backoff_max_seconds
                     log.warning("watcher: account %s: login refused: %s", self.target.account_id, exc)
-                except (OSError, TimeoutError, ImapFailure, MailroomError, ValueError) as exc:
+                except (OSError, EOFError, TimeoutError, ImapFailure, MailroomError, ValueError) as exc:
                     self.state.last_error = f"{type(exc).__name__}: {exc}"[:300]
                     log.info("watcher: account %s: %s", self.target.account_id, self.state.last_error)
+                except Exception as exc:  # a bug or a server we misread: retry, never stop watching
+                    self.state.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                    log.warning("watcher: account %s failed", self.target.account_id, exc_info=True)
                 if loop.time() - started > STABLE_SECONDS:
                     delay = backoff = 1.0
                 backoff = min(backoff * 2, settings.watcher_backoff_max_seconds)
