@@ -75,7 +75,9 @@ def test_ids_that_are_not_ids_are_404_on_every_route(app: Any, any_kit: TenantKi
         path = _fill(rule, bad_id)
         response = _call(any_kit, method, path, json={} if method in {"POST", "PATCH"} else None)
         error = _assert_client_error(response, method, path)
-        assert response.status_code in (404, 422), (method, path, error)
+        # the signed inbound hook answers any unknown or malformed id with its one 401
+        expected = (401,) if rule.startswith("/api/hooks/") else (404, 422)
+        assert response.status_code in expected, (method, path, error)
         checked += 1
     assert checked >= 8
 

@@ -209,7 +209,8 @@ def test_oversized_bodies_are_413_and_other_media_types_415(app: Any, kit: Tenan
     assert kit.admin.get("/api/tasks").get_json()["total"] == tasks_before  # nothing queued
 
 
-INVALID_UTF8 = [b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"\xc0\xaf", b"abc\x80"]
+#: A stray byte, an encoded surrogate, an overlong "/", a truncated sequence.
+INVALID_UTF8 = [b"\xff", b"\xed\xa0\x80", b"\xc0\xaf", b"abc\xe2\x82"]
 
 
 def test_invalid_utf8_in_body_query_and_path_is_4xx(app: Any, kit: TenantKit, owned: Any) -> None:
