@@ -773,3 +773,48 @@ def test_a_real_spam_check_delivers_message_spam(kit, dovecot, smtp, mailbox_use
     data = received.json()["data"]
     assert data["task_id"] == task_id and data["account_id"] == account_id and data["spam"] == 2
     assert sorted(data["message_ids"]) == sorted([ids["Offer 1"], ids["Offer 2"]])
+
+
+def test_the_sweep_and_the_cleanup_read_deliveries_through_their_indexes(sessions) -> None:
+    """On PostgreSQL, the sweep's query (its 'pending' inline, so the partial index matches
+    in any plan) and the cleanup's range delete can use their indexes (sequential scans off:
+    the test table is too small for the planner to prefer an index on its own)."""
+    from sqlalchemy import delete as sql_delete
+    from sqlalchemy import text
+    from sqlalchemy.dialects import postgresql
+
+    from services.models import utcnow
+
+    now = utcnow()
+    with transaction(sessions) as session:
+        if session.get_bind().dialect.name != "postgresql":
+            pytest.skip("PostgreSQL plans")
+        session.execute(text("SET LOCAL enable_seqscan = off"))
+        captured: list[str] = []
+
+        def plan(statement: Any) -> str:
+            compiled = statement.compile(dialect=postgresql.dialect())
+            rows = (
+                session.connection()
+                .exec_driver_sql("EXPLAIN " + str(compiled), compiled.params)
+                .scalars()
+                .all()
+            )
+            captured.append("\n".join(rows))
+            return captured[-1]
+
+        from sqlalchemy import select as sql_select
+
+        sweep = (
+            sql_select(WebhookDelivery.id)
+            .where(
+                WebhookDelivery.state == webhooks._PENDING,
+                WebhookDelivery.created_at >= now - webhooks.RETRY_WINDOW,
+                WebhookDelivery.created_at < now - webhooks.PUBLISH_GRACE,
+            )
+            .order_by(WebhookDelivery.created_at)
+            .limit(webhooks.SWEEP_LIMIT)
+        )
+        assert "ix_webhook_deliveries_pending" in plan(sweep), captured
+        cleanup = sql_delete(WebhookDelivery).where(WebhookDelivery.created_at < now - timedelta(days=30))
+        assert "ix_webhook_deliveries_created_at" in plan(cleanup), captured
