@@ -453,7 +453,9 @@ def publish(app: Celery, tenant_id: str, delivery_ids: list[str], *, manual: boo
             published += 1
         except Exception:
             log.warning(
-                "webhooks: publishing delivery %s failed; it stays pending", delivery_id, exc_info=True
+                "webhooks: publishing delivery %s failed; it stays pending until the sweep",
+                delivery_id,
+                exc_info=True,
             )
     return published
 
