@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from datetime import timedelta
-from itertools import groupby
+from itertools import zip_longest
 from typing import Any
 
 from celery import Celery, Task, shared_task
@@ -24,8 +25,8 @@ log = logging.getLogger("mailroom.periodic")
 UNDELIVERED_AFTER = timedelta(days=1)
 
 
-#: Syncs queued per session (one connection, one transaction each) in a round.
-DISPATCH_CHUNK = 200
+#: Syncs of one tenant queued per session (one connection, one transaction each) in a round.
+DISPATCH_CHUNK = 50
 
 
 @shared_task(name="mailroom.periodic_sync", bind=True, ignore_result=False)
@@ -35,9 +36,11 @@ def periodic_sync(self: Task) -> dict[str, Any]:
     sync in flight. Two Beats running at once cannot double a sync: each sync claims the
     account's lock with one conditional UPDATE, and only one claim wins.
 
-    One query reads the due accounts with their tenant and user; they are queued tenant by
-    tenant, up to :data:`DISPATCH_CHUNK` in one session, each in its own short transaction
-    (the record, the lock claim, the publish)."""
+    One query reads the due accounts with their tenant and user; they are queued in chunks
+    of one tenant's accounts, up to :data:`DISPATCH_CHUNK` in one session, each in its own
+    short transaction (the record, the lock claim, the publish). The chunks take turns
+    between tenants (a chunk of each tenant, then the next of each), so a tenant with many
+    accounts does not put all of its syncs ahead of everyone else's in the queue."""
     return queue_due_syncs(self.app, get_runtime(self.app))
 
 
@@ -46,14 +49,24 @@ def queue_due_syncs(app: Celery, runtime: Runtime) -> dict[str, Any]:
     # Beat reads across tenants on purpose; each dispatch then runs bound to its tenant.
     with transaction(unrestricted_unsafe_sessions(runtime.sessions)) as session:
         due = accounts.due_accounts(session, utcnow(), tick_seconds=runtime.settings.periodic_sync_seconds)
-    due.sort(key=lambda account: account.tenant_id)
+    by_tenant: dict[str, list[accounts.DueAccount]] = defaultdict(list)
+    for account in due:
+        by_tenant[account.tenant_id].append(account)
+    chunks = [
+        [
+            (tenant_id, members[start : start + DISPATCH_CHUNK])
+            for start in range(0, len(members), DISPATCH_CHUNK)
+        ]
+        for tenant_id, members in by_tenant.items()
+    ]
     queued: list[str] = []
     skipped = 0
-    for tenant_id, group in groupby(due, key=lambda account: account.tenant_id):
-        members = list(group)
-        for start in range(0, len(members), DISPATCH_CHUNK):
+    for turn in zip_longest(*chunks):
+        for chunk in turn:
+            if chunk is None:
+                continue
             try:
-                outcome = _dispatch_chunk(app, runtime, tenant_id, members[start : start + DISPATCH_CHUNK])
+                outcome = _dispatch_chunk(app, runtime, *chunk)
             except ServiceUnavailable:
                 log.warning("periodic sync: broker unavailable, stopping this round")
                 return _summary(due, queued, skipped)

@@ -23,6 +23,7 @@ from services.db import make_engine, transaction
 from services.migrate import upgrade
 from services.models import Account, TaskRecord, new_id
 from tasks.monitoring import get_queue_stats
+from tasks.periodic import DISPATCH_CHUNK
 from tests.servers.redis import RedisServer
 from tests.servers.workers import CeleryWorker
 from tests.test_periodic import Isolated
@@ -52,20 +53,29 @@ def isolated(postgres: Any, base_values: dict[str, Any]) -> Iterator[Isolated]:
     broker.stop()
 
 
-def make_accounts(iso: Isolated, *, last_sync_at: datetime | None, count: int = ACCOUNTS) -> list[str]:
-    """``count`` account rows over TENANTS tenants, created in one go (rows only: they point
-    at a port nothing listens on, and nothing syncs them here)."""
+def make_accounts(
+    iso: Isolated,
+    *,
+    last_sync_at: datetime | None,
+    count: int = ACCOUNTS,
+    tenants: int = TENANTS,
+    clear: bool = True,
+) -> list[str]:
+    """``count`` account rows over ``tenants`` tenants, created in one go (rows only: they
+    point at a port nothing listens on, and nothing syncs them here); with ``clear``, no
+    other accounts or task records are left."""
     box = SecretBox(iso.settings.encryption_keys())
     secret = box.encrypt("p")
     ids: list[str] = []
     with transaction(iso.sessions) as session:
-        session.execute(delete(TaskRecord))
-        session.execute(delete(Account))
-        for _ in range(TENANTS):
+        if clear:
+            session.execute(delete(TaskRecord))
+            session.execute(delete(Account))
+        for _ in range(tenants):
             tag = uuid.uuid4().hex[:8]
             tenant = tenancy.create_tenant(session, name=tag, slug=f"s-{tag}")
             user = tenancy.create_user(session, tenant_id=tenant.id, email=f"u@{tag}.test", role="admin")
-            for i in range(count // TENANTS):
+            for i in range(count // tenants):
                 account = Account(
                     id=new_id(),
                     tenant_id=tenant.id,
@@ -181,3 +191,17 @@ def test_due_accounts_get_one_sync_each_from_concurrent_rounds(isolated: Isolate
     assert per_account == {account_id: 1 for account_id in ids}
     assert held == CONCURRENT
     assert get_queue_stats(isolated.celery)["sync"] == CONCURRENT
+
+
+def test_a_tenant_with_many_due_accounts_takes_turns_with_the_others(
+    isolated: Isolated, periodic_worker
+) -> None:
+    """periodic_sync queues a chunk of each tenant's due accounts in turn: a small tenant's
+    syncs are queued after the big tenant's first chunk, not after all of its syncs."""
+    big = make_accounts(isolated, last_sync_at=None, count=3 * DISPATCH_CHUNK, tenants=1)
+    small = make_accounts(isolated, last_sync_at=None, count=5, tenants=1, clear=False)
+    assert isolated.run_periodic("mailroom.periodic_sync")["queued"] == len(big) + len(small)
+    with isolated.sessions() as session:
+        order = list(session.scalars(select(TaskRecord.account_id).order_by(TaskRecord.created_at)))
+    last_small = max(order.index(account_id) for account_id in small)
+    assert last_small < 2 * DISPATCH_CHUNK + len(small), last_small
