@@ -70,8 +70,9 @@ def _id_in(session: Session, column: Any, ids: Sequence[str]) -> ColumnElement[b
     the driver turns a list of 5,000 strings into an array literal in Python, one by one."""
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        if not any("," in i for i in ids):
-            return column == any_(func.string_to_array(",".join(ids), ","))
+        joined = ",".join(ids)
+        if joined.count(",") == len(ids) - 1:  # no id holds a comma (counted in C, not per id)
+            return column == any_(func.string_to_array(joined, ","))
         return column == any_(cast(list(ids), ARRAY(String)))
     if dialect == "sqlite" and SQLITE_JSON:
         # Likewise one JSON text that SQLite's json_each splits, instead of an IN list that
@@ -99,7 +100,8 @@ def check_deletable(session: Session, principal: Principal, account_id: str, ids
     )
     if not principal.is_admin:
         query = query.where(Account.user_id == principal.user_id)
-    found = {row.id: row.special_use for row in session.execute(query)}
+    # .all(): one fetch of every row; iterating the result fetches them one at a time.
+    found = dict(session.execute(query).tuples().all())
     if len(found) != len(unique):
         unknown = [i for i in unique if i not in found]
         raise NotFound(
@@ -147,7 +149,7 @@ def plan_delete(
         )
         trash_id = trash.id if trash is not None else None
         expunges, moves = plan.expunges, plan.moves
-        for id_, folder_id, uid, seen in session.execute(query).tuples():
+        for id_, folder_id, uid, seen in session.execute(query).tuples().all():  # one fetch
             found.add(id_)
             if uid < 1:
                 raise SyncRequired(
