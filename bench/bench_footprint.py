@@ -6,7 +6,9 @@ process trees, the number of processes, and a per-process table:
 1. ``mailroom run`` as ``make run`` ships it: a fresh temporary data dir as its working
    directory (so SQLite in ``var/``, its own private Redis, no ``.env``), no MAILROOM_* of
    the caller, no Flower; measured ``--idle-seconds`` after it prints "Mailroom is running".
-   Goal: under 600 MiB RSS.
+   Every process of the tree is counted: the launcher, gunicorn, the worker host (a
+   consumer per I/O-bound queue, webhooks included, Beat and the watcher), the spam
+   worker, redis-server, and any other child the launcher starts. Goal: under 600 MiB RSS.
 2. The same stack during a first sync of ``--messages`` (10,000) ~4 KB synthetic messages
    from a private Dovecot: the account is added through the stack's API with the admin key
    it printed, ``POST /api/accounts/{id}/sync``, the task polled until it ends. The tree is
@@ -130,7 +132,8 @@ def describe(argv: Sequence[str]) -> str:
         return " ".join(filter(None, ["celery", command, queue and f"-Q {queue}", pool and f"--pool {pool}"]))
     if program == "mailroom" and rest[:1] == ["worker-host"]:
         queues = [value.split(":")[0] for name, value in itertools.pairwise(rest) if name == "--queue"]
-        return "mailroom worker-host: " + ", ".join(queues) + (" + Beat" if "--beat" in rest else "")
+        extras = [name for flag, name in (("--beat", "Beat"), ("--watcher", "watcher")) if flag in rest]
+        return "mailroom worker-host: " + ", ".join(queues) + "".join(f" + {name}" for name in extras)
     if program == "mailroom":
         return f"mailroom {' '.join(rest[:1])}".strip()
     return " ".join([program, *rest])[:60]

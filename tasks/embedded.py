@@ -4,7 +4,9 @@ Production runs one Deployment per queue, each a prefork ``celery worker -Q <que
 laptop that is ten interpreters of ~110 MiB each. Here, each queue still gets its own
 Celery worker — its own consumer, its own prefetch and its own pool of threads — so a
 backlog on one queue never holds a message of another; they only share one interpreter.
-Beat can run in the same process as a thread.
+Beat can run in the same process as a thread, and so can the watcher (services/watcher, on
+a thread with its own asyncio loop): it consumes no queue, only publishes syncs, so it holds
+no queue's message back; its own interpreter cost ~110 MiB RSS of ``mailroom run``'s budget.
 
 Each worker gets its own Celery app, because a worker narrows its app's queue list to the
 queues it consumes. Workers here use the synchronous consumer loop (the event loop is a
@@ -39,13 +41,17 @@ POLLING_SECONDS = 0.01
 
 
 class WorkerHost:
-    """One Celery worker per queue (``queues``: name → threads), and Beat if asked, in this
-    process. ``run()`` blocks until SIGTERM or SIGINT, then stops them warmly."""
+    """One Celery worker per queue (``queues``: name → threads), and Beat and the watcher if
+    asked, in this process. ``run()`` blocks until SIGTERM or SIGINT, then stops them warmly."""
 
-    def __init__(self, settings: Settings, queues: Mapping[str, int], *, beat: bool) -> None:
+    def __init__(
+        self, settings: Settings, queues: Mapping[str, int], *, beat: bool, watcher: bool = False
+    ) -> None:
         self.settings = settings
         self.queues = dict(queues)
         self.beat = beat
+        self.watcher = watcher
+        self.watcher_thread: Any = None
         self.stopping = threading.Event()
         self.workers: list[Any] = []
         self.threads: list[threading.Thread] = []
@@ -84,13 +90,21 @@ class WorkerHost:
             app = self._app()
             self.beat_service = EmbeddedService(app, thread=True, scheduler_cls=app.conf.beat_scheduler)
             self.beat_service.start()
+        if self.watcher:
+            from services.watcher.main import WatcherThread
+
+            self.watcher_thread = WatcherThread(self.settings)
+            self.watcher_thread.start()
+        extras = [name for name, on in (("Beat", self.beat), ("the watcher", self.watcher)) if on]
         log.info("worker host: %s%s", ", ".join(f"{q}@{host} ({n} threads)" for q, n in self.queues.items()),
-                 " and Beat" if self.beat else "")  # fmt: skip
+                 "".join(f" and {name}" for name in extras))  # fmt: skip
         # The launcher and the test harness wait for this line, as for a celery worker's.
         for queue in self.queues:
             logging.getLogger("celery.apps.worker").info("%s@%s ready.", queue, host)
 
     def stop(self) -> None:
+        if self.watcher_thread is not None:
+            self.watcher_thread.stop(timeout=5.0)
         if self.beat_service is not None:
             self.beat_service.stop()
         for worker in self.workers:
@@ -110,6 +124,10 @@ class WorkerHost:
         while not self.stopping.wait(1.0):
             if not all(thread.is_alive() for thread in self.threads):
                 log.error("worker host: a worker stopped on its own; stopping the rest")
+                self.stop()
+                return 1
+            if self.watcher_thread is not None and not self.watcher_thread.is_alive():
+                log.error("worker host: the watcher stopped on its own; stopping the rest")
                 self.stop()
                 return 1
         log.info("worker host: stopping (waiting for running tasks)")

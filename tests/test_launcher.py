@@ -158,7 +158,7 @@ def test_run_serves_the_api_with_workers_and_stops_cleanly(
         queued = requests.post(f"{base}/api/accounts/{account_id}/sync", headers=auth, timeout=10).json()
         synced = finished(queued["task_id"])
         assert synced["state"] == "succeeded" and synced["result"]["new"] == 1, synced
-        mail = {"to": [{"email": "friend@example.test"}], "subject": "hi", "text": "hello"}
+        mail: dict[str, Any] = {"to": [{"email": "friend@example.test"}], "subject": "hi", "text": "hello"}
         queued = requests.post(
             f"{base}/api/accounts/{account_id}/send", headers=auth, json=mail, timeout=10
         ).json()
@@ -171,6 +171,22 @@ def test_run_serves_the_api_with_workers_and_stops_cleanly(
             timeout=10,
         ).json()
         assert finished(spam["task_id"])["state"] == "succeeded"
+
+        # The watcher runs on a thread of the worker host: a new message is synced unasked.
+        dovecot.append_messages(
+            *mailbox_user, "INBOX", [b"Subject: two\r\nMessage-ID: <two@x>\r\n\r\nhi\r\n"]
+        )
+        deadline, origins, subjects = time.monotonic() + 90, set(), set()
+        while time.monotonic() < deadline:
+            query = {"type": "sync", "account_id": account_id}
+            tasks = requests.get(f"{base}/api/tasks", headers=auth, params=query, timeout=10).json()["items"]
+            origins = {t["origin"] for t in tasks if t["state"] == "succeeded"}
+            messages = requests.get(f"{base}/api/accounts/{account_id}/messages", headers=auth, timeout=10)
+            subjects = {m["subject"] for m in messages.json()["items"]}
+            if "watcher" in origins and "two" in subjects:
+                break
+            time.sleep(0.5)
+        assert "watcher" in origins and "two" in subjects, (origins, subjects, run.output[-4000:])
 
         key_file = data_dir / "bootstrap-admin.key"
         assert key_file.read_text().strip() == key

@@ -229,9 +229,13 @@ def key_list(tenant_ref: str, as_json: bool) -> None:
     help="QUEUE[:THREADS], repeatable: run a worker for QUEUE with THREADS threads (default 2).",
 )
 @click.option("--beat", is_flag=True, help="Also run Beat in this process.")
-def worker_host(queue_specs: tuple[str, ...], beat: bool) -> None:
-    """Run one Celery worker per queue in this one process (and Beat with --beat): the
-    embedded stack's way to keep queues apart without an interpreter each. Logs like a
+@click.option(
+    "--watcher", "with_watcher", is_flag=True, help="Also run the watcher in this process, on its own thread."
+)
+def worker_host(queue_specs: tuple[str, ...], beat: bool, with_watcher: bool) -> None:
+    """Run one Celery worker per queue in this one process (and Beat with --beat, the
+    watcher with --watcher): the embedded stack's way to keep queues apart without an
+    interpreter each. Logs like a
     celery worker; stops warmly on SIGTERM or Ctrl-C. Production runs one
     `celery worker -Q QUEUE` per queue instead (deploy/)."""
     from tasks.embedded import WorkerHost
@@ -245,7 +249,7 @@ def worker_host(queue_specs: tuple[str, ...], beat: bool) -> None:
         if threads and (not threads.isdigit() or not 1 <= int(threads) <= 64):
             fail(f"threads for {name!r} must be a number from 1 to 64", 2)
         queues[name] = int(threads or 2)
-    sys.exit(WorkerHost(settings_or_exit(), queues, beat=beat).run())
+    sys.exit(WorkerHost(settings_or_exit(), queues, beat=beat, watcher=with_watcher).run())
 
 
 @main.command("watcher")

@@ -2,8 +2,8 @@
 
 Starts a private Redis when no broker or result-backend URL is configured, migrates the
 database, makes sure a bootstrap admin and its key exist, then runs the API (gunicorn),
-``mailroom worker-host`` (one Celery worker per I/O-bound queue, and Beat, in one process),
-a solo worker for the spam queue, ``mailroom watcher`` and, on request, Flower, as child
+``mailroom worker-host`` (one Celery worker per I/O-bound queue, Beat and the watcher, in
+one process), a solo worker for the spam queue and, on request, Flower, as child
 processes whose output is prefixed with their name. Ctrl-C or SIGTERM stops them all; if
 one dies, the rest are stopped too.
 """
@@ -214,16 +214,16 @@ class Launcher:
         # scoring is CPU work and gets its own process, so it never takes the interpreter
         # from a sync. One interpreter per queue, as in production, would cost ~1 GiB here.
         shared = {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
-        host = [sys.executable, "-m", "mailroom.cli", "worker-host", "--beat"]
+        # The watcher (IMAP NOTIFY / IDLE connections that queue a sync of each folder that
+        # changes, services/watcher) runs there too, on a thread with its own asyncio loop: it
+        # consumes no queue, and its own interpreter would add ~110 MiB (docs/capacity.md).
+        host = [sys.executable, "-m", "mailroom.cli", "worker-host", "--beat", "--watcher"]
         host += [
             arg for queue, threads in EMBEDDED_THREADS.items() for arg in ("--queue", f"{queue}:{threads}")
         ]
         commands.append(("workers", host, shared))
         spam = ["worker", "-Q", "spam", "--pool", "solo", "--hostname", "spam@%h", "--loglevel", "INFO"]
         commands.append(("spam", [*celery, *spam], shared))
-        # The watcher: IMAP NOTIFY / IDLE connections that queue a sync of each folder that
-        # changes (services/watcher), one asyncio loop for every account.
-        commands.append(("watcher", [sys.executable, "-m", "mailroom.cli", "watcher"], {}))
         if self.flower:
             # `mailroom flower`: MAILROOM_FLOWER_BASIC_AUTH when set, else open on loopback.
             flower = [sys.executable, "-m", "mailroom.cli", "flower", "--address=127.0.0.1"]
