@@ -193,6 +193,7 @@ def test_due_accounts_get_one_sync_each_from_concurrent_rounds(isolated: Isolate
     assert get_queue_stats(isolated.celery)["sync"] == CONCURRENT
 
 
+@pytest.mark.slow
 def test_a_tenant_with_many_due_accounts_takes_turns_with_the_others(
     isolated: Isolated, periodic_worker
 ) -> None:
