@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.result import Ok
@@ -36,8 +35,10 @@ from tests.support import TenantKit, make_tenant
 
 pytestmark = pytest.mark.slow
 
-#: Examples per operation and mode: ~40 operations, so a few hundred requests per mode.
+#: Examples per operation in the fuzzing phase: ~40 operations, so ~250 requests.
 EXAMPLES = 6
+#: Every how-many-th coverage-phase case is sent (of ~1,700).
+COVERAGE_STRIDE = 3
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
@@ -82,22 +83,18 @@ def fuzz_target(
         kit.admin.delete(f"/api/webhooks/{endpoint['id']}")
 
 
-@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=str)
-def test_the_api_answers_every_generated_request_as_documented(
-    app: Any, fuzz_target: tuple[TenantKit, dict[str, list[str]]], mode: GenerationMode
+def test_generated_requests_are_answered_as_documented(
+    app: Any, fuzz_target: tuple[TenantKit, dict[str, list[str]]]
 ) -> None:
+    """Hypothesis-generated valid requests (the fuzzing phase), EXAMPLES per operation."""
     kit, ids = fuzz_target
     headers = {"Authorization": f"Bearer {kit.admin_key}"}
-    schema = schemathesis.openapi.from_wsgi("/openapi.json", app)
-    results = list(schema.get_all_operations())
-    operations = [result.ok() for result in results if isinstance(result, Ok)]
-    assert len(operations) == len(results), "every operation in the document must load"
-    assert len(operations) >= 30
-    seen: dict[str, Any] = {"requests": 0, "statuses": {}, "server_errors": [], "no_negative": []}
+    operations = _operations(app)
+    seen = _Seen()
     failures: list[str] = []
     for operation in operations:
 
-        @given(case=operation.as_strategy(generation_mode=mode))
+        @given(case=operation.as_strategy(generation_mode=GenerationMode.POSITIVE))
         @settings(
             max_examples=EXAMPLES,
             deadline=None,
@@ -107,26 +104,77 @@ def test_the_api_answers_every_generated_request_as_documented(
         )
         def run(case: Any) -> None:
             _use_real_ids(case, ids)
-            response = case.call(headers=headers)
-            seen["requests"] += 1
-            seen["statuses"][response.status_code] = seen["statuses"].get(response.status_code, 0) + 1
-            if response.status_code >= 500:
-                seen["server_errors"].append((case.operation.label, response.status_code))
-            case.validate_response(response, checks=CHECKS, headers=headers)
+            seen.check(case, case.call(headers=headers), headers)
 
         try:
             run()
-        except Unsatisfiable:
-            # An operation without parameters or body has no invalid request to make.
-            assert mode == GenerationMode.NEGATIVE, operation.label
-            seen["no_negative"].append(operation.label)
-        except Exception as exc:  # gather every operation's finding
+        except BaseException as exc:  # a FailureGroup: gather every operation's finding
             failures.append(f"{operation.label}: {_summary(exc)}")
-    print(f"\nschemathesis {mode.value}: {len(operations)} operations, {seen}")
+    print(f"\nschemathesis fuzzing: {len(operations)} operations, {seen}")
     assert not failures, "\n\n".join(failures)
-    assert not seen["server_errors"]
-    assert seen["requests"] >= EXAMPLES * len(operations) // 2
-    assert len(seen["no_negative"]) <= 4  # /healthz, /readyz, /metrics, /docs
+    assert seen.requests >= EXAMPLES * len(operations) // 2
+
+
+def test_boundary_and_invalid_requests_are_answered_as_documented(
+    app: Any, fuzz_target: tuple[TenantKit, dict[str, list[str]]]
+) -> None:
+    """Schemathesis' coverage phase: boundary values, each constraint broken in turn, missing
+    and wrongly typed fields and parameters, methods the path does not have. Every
+    COVERAGE_STRIDE-th case of each operation is sent (sending all of them, about 1,700
+    requests, found nothing beyond two documented 502s from the mail server)."""
+    kit, ids = fuzz_target
+    headers = {"Authorization": f"Bearer {kit.admin_key}"}
+    schema = schemathesis.openapi.from_wsgi("/openapi.json", app)
+    operations = _operations(app, schema)
+    seen = _Seen()
+    failures: list[str] = []
+    modes = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
+    for operation in operations:
+        config = schema.config.generation_for(operation=operation)
+        cases = schema.iter_coverage_cases(operation, generation_modes=modes, generation_config=config)
+        for index, case in enumerate(cases):
+            if index % COVERAGE_STRIDE:
+                continue
+            _use_real_ids(case, ids)
+            try:
+                seen.check(case, case.call(headers=headers), headers)
+            except BaseException as exc:  # a FailureGroup
+                failures.append(f"{operation.label} {case.method}: {_summary(exc)}")
+    print(f"\nschemathesis coverage: {len(operations)} operations, {seen}")
+    assert not failures, "\n\n".join(failures)
+    assert seen.requests >= 300 and seen.statuses.get(405, 0) > 0
+
+
+class _Seen:
+    """What a run saw, and the checks of each answer."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.statuses: dict[int, int] = {}
+        self.upstream: list[str] = []
+
+    def check(self, case: Any, response: Any, headers: dict[str, str]) -> None:
+        self.requests += 1
+        self.statuses[response.status_code] = self.statuses.get(response.status_code, 0) + 1
+        checks = CHECKS
+        if response.status_code == 502 and response.json()["error"]["code"].startswith("mail_"):
+            # The mail server refused what the fuzzer made of the account (a 320-character
+            # user name, say): a documented 502 naming the mail server, not a server error.
+            self.upstream.append(case.operation.label)
+            checks = [c for c in CHECKS if c is not not_a_server_error]
+        case.validate_response(response, checks=checks, headers=headers)
+
+    def __str__(self) -> str:
+        return f"{self.requests} requests, statuses {self.statuses}, upstream 502s {self.upstream}"
+
+
+def _operations(app: Any, schema: Any = None) -> list[Any]:
+    schema = schema or schemathesis.openapi.from_wsgi("/openapi.json", app)
+    results = list(schema.get_all_operations())
+    operations = [result.ok() for result in results if isinstance(result, Ok)]
+    assert len(operations) == len(results), "every operation in the document must load"
+    assert len(operations) >= 30
+    return operations
 
 
 def _use_real_ids(case: Any, ids: dict[str, list[str]]) -> None:
