@@ -1,9 +1,11 @@
 """Schemathesis against ``/openapi.json``: every route and method, with a real key, on
-PostgreSQL, in-process through the WSGI app. No response may be a 5xx, and every response
-must be one the document declares (status code, content type, body shape).
+PostgreSQL, in-process through the WSGI app: Hypothesis-generated valid requests, then the
+coverage phase's boundary and invalid ones. No response may be a 5xx (a documented 502 in
+which the mail server refused the account is the mail server's answer, counted apart), and
+every response must be one the document declares (status code, content type, body shape).
 
 Half of the generated cases get the ids of the tenant's real objects (an account on the
-shared Dovecot, a stored message, a task, an outbox entry) instead of random ones, so the
+shared Dovecot, a stored message, a task, an outbox entry, a webhook) instead of random ones, so the
 fuzzer reaches past the 404 into the routes' own logic. Tasks it queues are cancelled at the
 end; the account's SMTP points at a closed port so nothing it sends leaves the machine.
 """
