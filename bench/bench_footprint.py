@@ -15,9 +15,10 @@ process trees, the number of processes, and a per-process table:
    sampled every 100 ms; printed are its peak RSS and peak PSS and the sync's duration.
    Goal: under 700 MiB RSS.
 3. The reference: the one-process-per-queue layout production runs (the commands of
-   ``deploy/worker-*.yaml``, ``deploy/beat.yaml`` and ``deploy/api.yaml``, read from those
-   files: a prefork ``celery worker -Q <queue>`` per queue, here with ``--concurrency 1``
-   each, ``celery beat``, gunicorn with 2 workers x 4 threads), with the containers' own
+   ``deploy/worker-*.yaml``, ``deploy/beat.yaml``, ``deploy/watcher.yaml`` and
+   ``deploy/api.yaml``, read from those files: a prefork ``celery worker -Q <queue>`` per
+   queue, here with ``--concurrency 1`` each, ``celery beat``, ``mailroom watcher``,
+   gunicorn with 2 workers x 4 threads), with the containers' own
    environment entries (metrics directory, metrics port, heartbeat file), against its own
    private redis-server and a migrated SQLite file; idle, the same figures.
 4. A summary: embedded against per-queue.
@@ -356,7 +357,8 @@ class PerQueueLayout:
         self.procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
 
     def _argv(self, command: Sequence[str], role_dir: Path) -> list[str]:
-        argv = [sys.executable, "-m", command[0], *command[1:]]
+        module = "mailroom.cli" if command[0] == "mailroom" else command[0]  # the console script
+        argv = [sys.executable, "-m", module, *command[1:]]
         for position, word in enumerate(argv):
             follows = argv[position - 1]
             if follows == "--concurrency" or follows == "-c":
@@ -383,7 +385,8 @@ class PerQueueLayout:
         return env
 
     def start(self) -> None:
-        manifests = [*sorted(DEPLOY.glob("worker-*.yaml")), DEPLOY / "beat.yaml", DEPLOY / "api.yaml"]
+        manifests = [*sorted(DEPLOY.glob("worker-*.yaml")), DEPLOY / "beat.yaml", DEPLOY / "watcher.yaml"]
+        manifests.append(DEPLOY / "api.yaml")
         for path in manifests:
             role = path.stem
             role_dir = self.dir / role
@@ -414,7 +417,11 @@ class PerQueueLayout:
                     with contextlib.suppress(requests.RequestException):
                         if requests.get(f"http://127.0.0.1:{self.port}/healthz", timeout=2).ok:
                             pending.discard(role)
-                elif (role == "beat" and "beat: Starting" in text) or re.search(r"@\S+ ready\.", text):
+                elif (
+                    (role == "beat" and "beat: Starting" in text)
+                    or (role == "watcher" and re.search(r"watcher \S+ started", text))
+                    or re.search(r"@\S+ ready\.", text)
+                ):
                     pending.discard(role)
             self.tree.members()
             if time.monotonic() > deadline:
@@ -610,7 +617,7 @@ def main(argv: list[str] | None = None) -> None:
         reference_idle = layout.tree.snapshot()
         ref_busy = machine_busy_seconds() - busy
         print_snapshot(
-            "3. per-queue layout (deploy/worker-*.yaml with --concurrency 1, beat, gunicorn 2x4), idle",
+            "3. per-queue layout (deploy/: worker-*.yaml with -c 1, beat, watcher, gunicorn 2x4), idle",
             reference_idle.rows,
         )
         print(f"machine CPU busy meanwhile: {ref_busy:.1f} CPU-s in {args.idle_seconds:g} s (all processes)")

@@ -293,7 +293,7 @@ def flower(port: int | None, address: str) -> None:
 @click.option("--flower/--no-flower", default=False, show_default=True, help="Also start Flower.")
 def run(port: int, host: str, flower: bool) -> None:
     """Start everything locally: Redis (if no URL is set), migrations, the API (gunicorn),
-    the workers (the I/O-bound queues and Beat in one process, spam in another) and, with
+    the workers (the I/O-bound queues, Beat and the watcher in one process, spam in another) and, with
     --flower, Flower. Prints the URLs and an admin key; Ctrl-C stops all."""
     from mailroom.launcher import Launcher
 
