@@ -57,7 +57,9 @@ class WatcherThread:
     watcher``; ``is_alive()`` is false once it has ended, on request or not."""
 
     def __init__(self, settings: Settings) -> None:
-        self.watcher = build_watcher(settings)
+        # MAILROOM_WORKER_HEARTBEAT_FILE stays the host's Celery workers' liveness signal: a
+        # watcher touching it too would hide a stuck consumer.
+        self.watcher = build_watcher(settings.model_copy(update={"worker_heartbeat_file": None}))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
