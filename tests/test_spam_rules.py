@@ -276,6 +276,23 @@ def test_advance_fee_needs_millions_and_a_fund() -> None:
     assert "advance_fee" not in fired(message("Thank you for your donation of $20 to the project."))
 
 
+def test_random_string_in_the_subject_or_sender_name() -> None:
+    raw = message(subject="Crédito IR Liberado - maHSkh0WLRUIp")
+    assert fired(raw)["random_string"] == "subject: maHSkh0WLRUIp"
+    raw = message(sender="fraudeovw3Z3aahb <alerta@mail.example.net>", subject="Aviso")
+    assert fired(raw)["random_string"] == "sender name: fraudeovw3Z3aahb"
+    for subject in [
+        "ipq40xx: fails to boot on Mikrotik hAP ac2 / RBD52G-5HacD2HnD (WIP)",
+        "Your iPhone15 order",
+        "PowerPoint deck for MyHeritageDNA",
+        "Order 112-3456789-1234567 shipped",
+        "Ticket ABC12345 updated",
+        "Build x86_64 failed",
+        "Invoice INV2026Dec01",
+    ]:
+        assert "random_string" not in fired(message(subject=subject)), subject
+
+
 def test_private_addresses_are_not_ip_links() -> None:
     for host in ("192.168.1.1", "10.35.18.121", "127.0.0.1", "172.20.0.5"):
         assert "ip_address_link" not in fired(html(f'<a href="http://{host}/cgi-bin/luci">LuCI</a>'))

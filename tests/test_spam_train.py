@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from services.spam.model import MODEL_PATH, model_from_bytes
-from services.spam.train import fit_platt, is_validation
+from services.spam.model import MODEL_PATH, TRAIN_HAM, TRAIN_SPAM, model_from_bytes
+from services.spam.train import fit_platt, is_validation, read_corpus
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpora" / "spamassassin-dev.tar.gz"
 
@@ -38,6 +38,12 @@ def test_training_reproduces_the_shipped_model(tmp_path: Path) -> None:
     assert report["sha256"] == hashlib.sha256(shipped).hexdigest()
     assert report["train_messages"] + report["validation_messages"] == 3598
     assert report["corpus"] == str(CORPUS)
+
+
+@pytest.mark.skipif(not CORPUS.is_file(), reason=f"no corpus at {CORPUS}")
+def test_the_prior_is_the_training_splits_share_of_spam() -> None:
+    labels = [ex.is_spam for ex in read_corpus(CORPUS) if not is_validation(ex.name)]
+    assert (sum(labels), len(labels) - sum(labels)) == (TRAIN_SPAM, TRAIN_HAM)
 
 
 def test_the_shipped_model_loads_and_is_small() -> None:

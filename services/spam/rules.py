@@ -8,6 +8,7 @@ on each), never by training on either. Every rule reads bounded input (see
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from collections.abc import Callable
@@ -50,6 +51,7 @@ W_FREE_HOSTING_LINK = 1.0
 W_LURE = 1.5
 W_GENERATED_SENDER = 1.5
 W_ADVANCE_FEE = 1.5
+W_RANDOM_STRING = 1.5
 # Evidence for ham: a reply within a thread, quoting what it answers. Headers alone are weak
 # evidence (phishing copies In-Reply-To and "Re:" to look like a reply); quoting is stronger.
 W_THREAD_REPLY = -0.5
@@ -554,6 +556,33 @@ def generated_sender(parsed: ParsedMessage) -> Indicator | None:
     return None
 
 
+# A string of random letters and digits in the subject or the sender's name
+# ("Crédito IR Liberado - maHSkh0WLRUIp"): bulk senders make each copy unique to slip past
+# filters that count copies. Upper and lower case and digits, switching at least four times;
+# not a part of a longer, hyphenated name (a product code such as "RBD52G-5HacD2HnD"), nor
+# words and numbers run together ("iPhone15Pro", "INV2026Dec01").
+_RANDOM_CANDIDATE = re.compile(r"(?<![\w.@/%=+-])[A-Za-z0-9]{8,40}(?![\w@/%=+-])")
+_RUN_TOGETHER = re.compile(r"[a-z]?(?:[A-Z][a-z]+|\d+|[A-Z]{2,}(?=\d|$))+")
+
+
+def _is_random(token: str) -> bool:
+    if token.isalpha() or token.isdigit() or token.islower() or token.isupper():
+        return False
+    if not any(c.isdigit() for c in token) or _RUN_TOGETHER.fullmatch(token):
+        return False
+    kinds = ["u" if c.isupper() else "l" if c.islower() else "d" for c in token]
+    return sum(a != b for a, b in itertools.pairwise(kinds)) >= 4
+
+
+def random_string(parsed: ParsedMessage) -> Indicator | None:
+    name, _ = address_of(parsed.header("from"))
+    for where, value in (("subject", parsed.header("subject")), ("sender name", name)):
+        for token in _RANDOM_CANDIDATE.findall(value[:1000]):
+            if _is_random(token):
+                return Indicator("random_string", W_RANDOM_STRING, f"{where}: {token}"[:200])
+    return None
+
+
 # Advance-fee fraud: a sum in the millions beside an inheritance, donation or transfer.
 _FEE_WORDS = frozenset(
     [
@@ -609,6 +638,7 @@ SINGLE_RULES: tuple[Rule, ...] = (
     lure_terms,
     generated_sender,
     advance_fee,
+    random_string,
     link_text_mismatch,
     lookalike_domain,
     display_name_spoofs_brand,

@@ -2,7 +2,9 @@
 lists and (where configured) spamd, combined into one calibrated score.
 
 The score's log-odds are the sum of the indicators' weights: ``statistical_tokens`` (the
-calibrated model plus the tenant's layer) and each rule that fired. A block-listed sender
+calibrated model plus the tenant's layer) and each rule that fired. A message with few
+tokens (an empty one, a photo from a phone) gets little of the model's intercept and sits
+near the training split's share of spam (see ``services.spam.model``). A block-listed sender
 scores 1 and an allow-listed one 0, whatever the rest says (block wins).
 """
 
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from services.spam.features import base_features, sender_features
-from services.spam.model import load_base_model
+from services.spam.model import EVIDENCE_TOKENS, load_base_model
 from services.spam.parse import ParsedMessage, address_of, parse_message
 from services.spam.rules import evaluate_rules
 from services.spam.verdict import Indicator, SenderLists, Verdict
@@ -55,6 +57,8 @@ def analyse(raw: bytes, *, layer: TenantLayer | None = None) -> Analysis:
     statistical = model.calibrated_logit(base)
     features = frozenset(base | sender_features(parsed)) if layer is not None else frozenset(base)
     detail = "tokens of the subject, text and links"
+    if len(base) < EVIDENCE_TOKENS:
+        detail += f" (only {len(base)}: little evidence, near the prior)"
     if layer is not None and len(layer):
         tenant = layer.logit(features)
         if tenant:
