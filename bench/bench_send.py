@@ -16,7 +16,8 @@ Each figure is printed beside its reference, measured in the same run:
    worker stopped (SIGSTOP, its messages wait in the broker and are sent afterwards): the
    API's own latency, as where API pods have CPU of their own.
 
-Beside them, where the CPU went during the end-to-end phase: CPU milliseconds per message
+Beside them, where the CPU went during the end-to-end phase: PostgreSQL transactions
+committed per message (exact, whatever else the machine runs), CPU milliseconds per message
 of each part (the API, the send worker, PostgreSQL, Dovecot, the SMTP server, Redis),
 their sum, and how much of the machine others used meanwhile (and the load average
 before and after the run). CPU per message changes
@@ -44,7 +45,7 @@ import aiosmtplib
 import psutil
 import requests
 import yaml
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
@@ -144,6 +145,19 @@ def tree_cpu_seconds(roots: list[int | None]) -> float:
     return total
 
 
+#: PostgreSQL 15 flushes a busy backend's statistics at most every second and an idle one's
+#: within 10 s: wait this long before reading pg_stat_database.
+PG_STATS_SETTLE_SECONDS = 11.5
+
+
+def pg_commits(env: BenchEnvironment) -> int:
+    """Transactions committed so far in the bench's database (each ``SELECT 1`` a pool
+    ping runs in autocommit counts as one)."""
+    with env.sessions()() as session:
+        query = text("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+        return int(session.scalar(query) or 0)
+
+
 def postmaster_pid(env: BenchEnvironment) -> int | None:
     assert env.postgres is not None
     pid_file = env.postgres.data_dir / "postmaster.pid"
@@ -235,6 +249,8 @@ def main() -> None:
             "SMTP server": [env.smtp.pid],
             "Redis": [env.redis.pid],
         }
+        time.sleep(PG_STATS_SETTLE_SECONDS)
+        commits_before = pg_commits(env)
         cpu_before = {name: tree_cpu_seconds(pids) for name, pids in parts.items()}
         busy_before = machine_busy_seconds()
         started = time.perf_counter()
@@ -248,6 +264,9 @@ def main() -> None:
             name: (tree_cpu_seconds(pids) - cpu_before[name]) * 1000 / args.messages
             for name, pids in parts.items()
         }
+        time.sleep(PG_STATS_SETTLE_SECONDS)
+        # The polling of wait_all_sent reads in transactions that roll back: not counted.
+        commits_per_message = (pg_commits(env) - commits_before) / args.messages
         received = env.smtp.received()
         assert len(received) == args.messages, len(received)
         raw_rate = raw_smtp(env.smtp.port, received[0]["data"], args.messages)
@@ -310,6 +329,7 @@ def main() -> None:
         [
             *[[name, fmt(value, 2)] for name, value in cpu_ms.items()],
             ["sum", fmt(sum(cpu_ms.values()), 2)],
+            ["PostgreSQL transactions committed per message (API and worker)", fmt(commits_per_message, 2)],
             [
                 "machine busy meanwhile (all processes), of which not ours",
                 f"{fmt(100 * busy / (elapsed * psutil.cpu_count()))} % / "
