@@ -292,8 +292,9 @@ def test_admin_views(kit, account) -> None:
     task_id = kit.admin.post(f"/api/accounts/{account['id']}/verify").get_json()["task_id"]
     kit.admin.wait_task(task_id)
     stats = kit.admin.get("/api/admin/stats").get_json()
-    assert set(stats["queues"]) == {"sync", "send", "delete", "spam", "periodic"}
+    assert set(stats["queues"]) == {"sync", "send", "delete", "spam", "periodic", "webhooks"}
     assert stats["queues"]["sync"]["priority"] == 10 and stats["queues"]["spam"]["priority"] == 3
+    assert stats["queues"]["webhooks"]["priority"] == 2
     assert stats["tasks_by_state"]["succeeded"] == 1
     assert "verify" in stats["average_duration_seconds"]
     health = kit.admin.get("/api/admin/health").get_json()
