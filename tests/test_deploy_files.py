@@ -259,7 +259,9 @@ def test_pods_are_locked_down_and_workers_reach_only_public_mail_ports() -> None
     assert "mailroom-api" in by_kind("HorizontalPodAutoscaler")
     policies = by_kind("NetworkPolicy")
     mail = policies["mailroom-egress-mail"]["spec"]
-    assert set(mail["podSelector"]["matchExpressions"][0]["values"]) == {f"worker-{q}" for q in QUEUES} | {"watcher"}
+    assert set(mail["podSelector"]["matchExpressions"][0]["values"]) == {f"worker-{q}" for q in QUEUES} | {
+        "watcher"
+    }
     (rule,) = mail["egress"]
     blocks = [peer["ipBlock"] for peer in rule["to"]]
     v4 = next(b for b in blocks if b["cidr"] == "0.0.0.0/0")
