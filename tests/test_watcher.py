@@ -4,7 +4,10 @@ the API got there because the watcher queued a sync."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import re
+import ssl
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,14 +18,20 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.db import transaction
-from services.models import TaskRecord
-from services.watcher.imap import encode_mailbox, parse_untagged, status_values
-from services.watcher.shard import owner
-from tests.conftest import ROOT, env_for, worker_env
+from services.mail.hosts import pin
+from services.mail.imap import ImapEndpoint
+from services.models import TaskRecord, TaskState
+from services.settings import Settings
+from services.tenant_slots import broker_redis
+from services.watcher.imap import ImapConnection, encode_mailbox, parse_untagged, status_values
+from services.watcher.shard import Registry, owner
+from tests.conftest import ROOT, account_body, env_for, worker_env
 from tests.servers.dovecot import DovecotServer
 from tests.servers.mailgen import message
+from tests.servers.smtp import SmtpServer
 from tests.servers.watcher import WatcherProcess
 from tests.servers.workers import CeleryWorker
+from tests.services.test_hosts_tls import Pki, SniLog, TlsRelay, pki  # noqa: F401 - the fixture
 from tests.support import TenantKit
 
 #: Fast clocks, so a test sees a takeover within seconds.
@@ -44,7 +53,7 @@ def start_watcher(
     group = "t" + uuid.uuid4().hex[:8]
     started: list[WatcherProcess] = []
 
-    def start(**overrides: str) -> WatcherProcess:
+    def start(*, ready: bool = True, **overrides: str) -> WatcherProcess:
         values = {
             **base_values,
             **FAST,
@@ -54,7 +63,7 @@ def start_watcher(
         }
         watcher = WatcherProcess(worker_env(env_for(values)), cwd=str(ROOT), log_dir=str(tmp_path))
         started.append(watcher)
-        return watcher.start(timeout=60)
+        return watcher.start(wait_ready=ready, timeout=60)
 
     yield start
     for watcher in started:
@@ -173,6 +182,166 @@ def test_a_burst_keeps_one_sync_in_flight_and_ends_exact(
         assert end is not None and end <= start, "two syncs of one account overlapped"
     # Far fewer syncs than changes: changes during a sync wait for it and go in one more.
     assert len(syncs) < 26
+
+
+def watched(watcher: WatcherProcess) -> list[str]:
+    """The accounts whose connection ``watcher`` set up, in order (one line per connect)."""
+    return re.findall(r"account (\S+): watching", watcher.log_text())
+
+
+def watcher_id(watcher: WatcherProcess) -> str:
+    found = re.search(r"watcher (\S+) started", watcher.log_text())
+    assert found is not None
+    return found.group(1)
+
+
+def watcher_syncs(sessions: sessionmaker[Session], account_ids: list[str]) -> dict[str, list[str]]:
+    """Each account's watcher-origin syncs (their states), oldest first."""
+    with transaction(sessions) as session:
+        rows = session.execute(
+            select(TaskRecord.account_id, TaskRecord.state)
+            .where(
+                TaskRecord.account_id.in_(account_ids),
+                TaskRecord.type == "sync",
+                TaskRecord.origin == "watcher",
+            )
+            .order_by(TaskRecord.created_at)
+        ).all()
+    found: dict[str, list[str]] = {a: [] for a in account_ids}
+    for account_id, state in rows:
+        found[str(account_id)].append(str(getattr(state, "value", state)))
+    return found
+
+
+@pytest.mark.slow
+def test_two_watchers_split_the_accounts_and_one_takes_over_when_the_other_dies(
+    kit: TenantKit,
+    dovecot: DovecotServer,
+    smtp: SmtpServer,
+    workers: dict[str, CeleryWorker],
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    start_watcher: Callable[..., WatcherProcess],
+) -> None:
+    # Both watchers see each other before the accounts exist, so each account is connected
+    # once, by its owner, and never moves while both live.
+    group = "t" + uuid.uuid4().hex[:8]
+    first, second = (start_watcher(ready=False, watcher_group=group) for _ in range(2))
+    first.wait_ready(timeout=60)
+    second.wait_ready(timeout=60)
+    ids = [watcher_id(first), watcher_id(second)]
+    registry = Registry(broker_redis(settings), group, "test", float(FAST["watcher_ttl_seconds"]))
+    wait_until(lambda: registry.live() == sorted(ids), timeout=10, what="both heartbeats")
+    time.sleep(2 * float(FAST["watcher_reload_seconds"]) + 0.5)  # both have reloaded since
+    users = []
+    accounts: list[str] = []
+    for _ in range(8):
+        name = "u" + uuid.uuid4().hex[:10]
+        dovecot.add_user(name, "pw-" + name)
+        response = kit.admin.post("/api/accounts", json=account_body(dovecot, smtp, (name, "pw-" + name)))
+        assert response.status_code == 201, response.get_json()
+        users.append((name, "pw-" + name))
+        accounts.append(response.get_json()["id"])
+
+    def split() -> bool:
+        mine = {ids[0]: watched(first), ids[1]: watched(second)}
+        return all(a in mine[str(owner(a, ids))] for a in accounts)
+
+    wait_until(split, timeout=30, what="each account watched by its owner")
+
+    # The connect-time syncs end; then one append per account is one more sync, queued once.
+    def settled() -> dict[str, list[str]] | None:
+        syncs = watcher_syncs(sessions, accounts)
+        done = all(s and all(state in FINAL for state in s) for s in syncs.values())
+        return syncs if done else None
+
+    before = wait_until(settled, timeout=30, what="the connect-time syncs")
+    time.sleep(1.0)  # a late duplicate would show up in the counts below
+    before = wait_until(settled, timeout=30, what="the connect-time syncs")
+    for watcher, watcher_name in ((first, ids[0]), (second, ids[1])):
+        assert all(owner(a, ids) == watcher_name for a in watched(watcher)), "watched another's account"
+    assert sorted(watched(first) + watched(second)) == sorted(accounts), "an account watched twice"
+    uids = {
+        a: dovecot.append_messages(*user, "Archive", [make_message(subject=f"split {i}")])
+        for i, (a, user) in enumerate(zip(accounts, users, strict=True))
+    }
+
+    def appended() -> bool:
+        return all([m["uid"] for m in listed(kit, a, "Archive")] == uids[a] for a in accounts)
+
+    wait_until(appended, what="the append to each account")
+    after = wait_until(settled, timeout=30, what="the append syncs")
+    time.sleep(1.0)
+    after = wait_until(settled, timeout=30, what="the append syncs")
+    assert {a: len(after[a]) - len(before[a]) for a in accounts} == dict.fromkeys(accounts, 1)
+
+    # The watcher with the most accounts dies; the other takes them after the TTL (2 s) at
+    # its next reload (0.5 s), keeping its own connections.
+    dying, survivor = (first, second) if len(watched(first)) >= len(watched(second)) else (second, first)
+    kept = watched(survivor)
+    orphans = [a for a in accounts if a not in kept]
+    dying.kill()
+    killed = time.monotonic()
+    bound = float(FAST["watcher_ttl_seconds"]) + float(FAST["watcher_reload_seconds"])
+    wait_until(
+        lambda: all(a in watched(survivor) for a in orphans),
+        timeout=bound * 5 + 10,
+        what="the survivor to take the dead watcher's accounts",
+    )
+    took = time.monotonic() - killed
+    assert took >= float(FAST["watcher_ttl_seconds"]) * 0.5  # not before the heartbeat aged
+    assert sorted(watched(survivor)) == sorted(kept + orphans)  # its own were not reconnected
+    a = orphans[0]
+    user = users[accounts.index(a)]
+    (uid,) = dovecot.append_messages(*user, "Sent", [make_message(subject="after the takeover")])
+    wait_until(lambda: [m["uid"] for m in listed(kit, a, "Sent")] == [uid], what="the takeover's sync")
+
+
+FINAL = {s.value for s in TaskState.final()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ssl", "starttls"])
+def test_watcher_tls_checks_the_name_on_the_pinned_connection(
+    mode: str,
+    pki: Pki,  # noqa: F811 - the fixture imported above
+    dovecot: DovecotServer,
+    mailbox_user: tuple[str, str],
+) -> None:
+    """The watcher's own asyncio IMAP client, through a TLS relay to the session's Dovecot:
+    the certificate (which names only ``localhost``) is checked against the account's host
+    name, sent as SNI, on the pinned address; the same server under another name is refused,
+    and so is a certificate for another name."""
+    context = pki.server_context("localhost")
+    sni = SniLog(context)
+    relay = TlsRelay(context, (dovecot.host, dovecot.port), starttls=mode == "starttls")
+    elsewhere = TlsRelay(
+        pki.server_context("mail.elsewhere.test"), (dovecot.host, dovecot.port), starttls=mode == "starttls"
+    )
+
+    async def session(name: str, port: int) -> tuple[str, frozenset[str]]:
+        endpoint = ImapEndpoint(name, port, mode, *mailbox_user)
+        conn = await ImapConnection.open(pin(name, port, ["127.0.0.1"]), endpoint, timeout=5)
+        try:
+            await conn.command("NOOP")  # logged in to Dovecot through the TLS layer
+            peer = conn.writer.get_extra_info("peername")[0]
+            assert conn.writer.get_extra_info("ssl_object") is not None
+            return peer, conn.capabilities
+        finally:
+            conn.close()
+
+    try:
+        peer, capabilities = asyncio.run(session("localhost", relay.port))
+        assert peer == "127.0.0.1"
+        assert "IDLE" in capabilities and "LOGINDISABLED" not in capabilities  # Dovecot's, after login
+        assert sni.names == ["localhost"]
+        with pytest.raises(ssl.SSLCertVerificationError, match=r"pinned\.invalid"):
+            asyncio.run(session("pinned.invalid", relay.port))
+        with pytest.raises(ssl.SSLCertVerificationError):
+            asyncio.run(session("localhost", elsewhere.port))
+    finally:
+        relay.close()
+        elsewhere.close()
 
 
 def test_rendezvous_hashing_moves_only_a_share_when_a_watcher_joins() -> None:
