@@ -14,16 +14,17 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.db import transaction
 from services.mail.hosts import pin
 from services.mail.imap import ImapEndpoint
-from services.models import TaskRecord, TaskState
-from services.settings import Settings
+from services.models import Account, TaskRecord, TaskState
+from services.settings import Settings, load_settings
 from services.tenant_slots import broker_redis
 from services.watcher.imap import ImapConnection, encode_mailbox, parse_untagged, status_values
+from services.watcher.main import WatcherThread
 from services.watcher.shard import Registry, owner
 from tests.conftest import ROOT, account_body, env_for, worker_env
 from tests.servers.dovecot import DovecotServer
@@ -342,6 +343,57 @@ def test_watcher_tls_checks_the_name_on_the_pinned_connection(
     finally:
         relay.close()
         elsewhere.close()
+
+
+@pytest.mark.slow
+def test_the_watcher_loop_watches_over_tls_and_stops_at_a_certificate_for_another_name(
+    pki: Pki,  # noqa: F811 - the fixture imported above
+    base_values: dict[str, Any],
+    kit: TenantKit,
+    dovecot: DovecotServer,
+    smtp: SmtpServer,
+    workers: dict[str, CeleryWorker],
+    sessions: sessionmaker[Session],
+    mailbox_user: tuple[str, str],
+) -> None:
+    """The whole watch (host policy, pinning, TLS, login, IDLE or NOTIFY) of an ``ssl``
+    account, on a watcher thread of this process (which trusts the test CA); the same
+    account moved to a server whose certificate names another host is refused, and waits
+    the longest backoff as the sync path gives up at once."""
+    good = TlsRelay(pki.server_context("localhost"), (dovecot.host, dovecot.port))
+    wrong = TlsRelay(pki.server_context("mail.elsewhere.test"), (dovecot.host, dovecot.port))
+    imap = {"host": "localhost", "port": good.port, "tls": "ssl", "username": mailbox_user[0]}
+    body = account_body(dovecot, smtp, mailbox_user)
+    body["imap"] = {**imap, "password": mailbox_user[1]}
+    response = kit.admin.post("/api/accounts", json=body)
+    assert response.status_code == 201, response.get_json()
+    account_id = response.get_json()["id"]
+    group = "t" + uuid.uuid4().hex[:8]
+    values = {**base_values, **FAST, "watcher_group": group, "watcher_tenants": kit.tenant_id}
+    thread = WatcherThread(load_settings(**values))
+    thread.start()
+    try:
+        watches = thread.watcher.watches
+
+        def state() -> Any:
+            watch = watches.get(account_id)
+            return watch.state if watch is not None else None
+
+        wait_until(lambda: state() is not None and state().mode, timeout=20, what="the TLS watch")
+        assert state().connects == 1 and not state().last_error
+        with transaction(sessions) as session:
+            session.execute(update(Account).where(Account.id == account_id).values(imap_port=wrong.port))
+        wait_until(
+            lambda: state() is not None and "TLS certificate is not valid" in state().last_error,
+            timeout=20,
+            what="the certificate refused",
+        )
+        assert "'localhost'" in state().last_error, state().last_error  # the name it was checked against
+        assert not state().mode and state().connects == 0  # a new watch (changed account), never logged in
+    finally:
+        thread.stop(timeout=10)
+        good.close()
+        wrong.close()
 
 
 def test_rendezvous_hashing_moves_only_a_share_when_a_watcher_joins() -> None:

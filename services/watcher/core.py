@@ -34,6 +34,7 @@ import logging
 import os
 import random
 import socket
+import ssl
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -218,6 +219,10 @@ class AccountWatch:
                     self.state.last_error = str(exc)[:300]
                     delay = settings.watcher_backoff_max_seconds
                     log.warning("watcher: account %s: login refused: %s", self.target.account_id, exc)
+                except ssl.SSLCertVerificationError as exc:  # as the sync path: not worth a quick retry
+                    self.state.last_error = f"the IMAP server's TLS certificate is not valid: {exc}"[:300]
+                    delay = settings.watcher_backoff_max_seconds
+                    log.warning("watcher: account %s: %s", self.target.account_id, self.state.last_error)
                 except (OSError, EOFError, TimeoutError, ImapFailure, MailroomError, ValueError) as exc:
                     self.state.last_error = f"{type(exc).__name__}: {exc}"[:300]
                     log.info("watcher: account %s: %s", self.target.account_id, self.state.last_error)
