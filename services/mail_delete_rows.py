@@ -241,9 +241,13 @@ def _move_rows_portable(
 
 def delete_rows(session: Session, folder: Folder, rows: list[Row]) -> None:
     if rows:
-        session.execute(
-            delete(Message)
-            .where(_id_in(session, Message.id, [r.id for r in rows]))
-            .execution_options(synchronize_session=False)
+        ids = [r.id for r in rows]
+        # On SQLite a plain IN list of the batch's ids: a DELETE … IN (json_each) ran about
+        # half as fast in bench_delete.
+        where = (
+            Message.id.in_(ids)
+            if session.get_bind().dialect.name == "sqlite"
+            else _id_in(session, Message.id, ids)
         )
+        session.execute(delete(Message).where(where).execution_options(synchronize_session=False))
         bump_counts(session, folder.id, -len(rows), -sum(1 for r in rows if not r.seen))
