@@ -155,23 +155,10 @@ class _Run:
             self.stop = exc
 
 
-#: The rows of the last batch are written after its command with no IMAP work left to
-#: overlap, so a last batch longer than this is split in two (500, …, 500, 400, 100 for
-#: 5,000 UIDs): one command more, and a short final write.
-LAST_BATCH = 100
-
-
 def _batches(rows: list[Row], size: int) -> Iterable[list[Row]]:
     ordered = sorted(rows, key=lambda r: r.uid)
-    starts = range(0, len(ordered), size)
-    for start in starts[:-1]:
+    for start in range(0, len(ordered), size):
         yield ordered[start : start + size]
-    last = ordered[starts[-1] :] if starts else []
-    if len(starts) > 1 and len(last) > LAST_BATCH:
-        yield last[:-LAST_BATCH]
-        yield last[-LAST_BATCH:]
-    elif last:
-        yield last
 
 
 def _move_folder(run: _Run, source: Folder, rows: list[Row]) -> None:
