@@ -80,7 +80,6 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from celery import Celery
 from sqlalchemy import ColumnElement, String, delete, func, literal_column, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -429,35 +428,6 @@ def _insert_deliveries(
             ids.append(delivery.id)
     session.flush()
     return ids
-
-
-def publish(app: Celery, tenant_id: str, delivery_ids: list[str], *, manual: bool = False) -> int:
-    """Queue one delivery message each (after the commit that wrote them); never raises.
-    Returns how many were published. The message's task id is the delivery's id, so the
-    sweep of unpublished deliveries (tasks.webhook_tasks) finds it in the broker."""
-    from tasks.queues import WEBHOOK_TASK, broker_priority, logical_priority
-
-    published = 0
-    for delivery_id in delivery_ids:
-        try:
-            app.send_task(
-                WEBHOOK_TASK,
-                task_id=delivery_id,
-                kwargs={"tenant_id": tenant_id, "delivery_id": delivery_id, "manual": manual},
-                queue="webhooks",
-                routing_key="webhooks",
-                priority=broker_priority(logical_priority("webhooks", from_beat=False)),
-                retry=False,
-                ignore_result=True,
-            )
-            published += 1
-        except Exception:
-            log.warning(
-                "webhooks: publishing delivery %s failed; it stays pending until the sweep",
-                delivery_id,
-                exc_info=True,
-            )
-    return published
 
 
 # --- delivering --------------------------------------------------------------------------

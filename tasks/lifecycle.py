@@ -31,7 +31,7 @@ from services.errors import MailroomError, TaskCancelled, ValidationFailed, is_d
 from services.logs import log_context
 from services.models import Account, TaskState
 from services.settings import Settings
-from tasks import metrics
+from tasks import metrics, webhook_tasks
 from tasks.runtime import Runtime, get_runtime
 
 log = logging.getLogger("mailroom.tasks")
@@ -167,7 +167,7 @@ def _on_hard_time_limit(
             events = webhooks.record_task_events(session, tenant_id, task_id)
         log.error("task %s: stopped at its hard time limit", task_id)
         if events:
-            webhooks.publish(sender.app, tenant_id, events)
+            webhook_tasks.publish(sender.app, tenant_id, events)
     except Exception:
         log.exception("task %s: could not record its hard time limit", task_id)
     finally:
@@ -253,7 +253,7 @@ def _attempt(
                 log.error("task %s: worker lost %d times, failing it", task_id, record.attempts)
                 events = webhooks.record_task_events(session, tenant_id, task_id)
                 session.commit()
-                webhooks.publish(task.app, tenant_id, events)
+                webhook_tasks.publish(task.app, tenant_id, events)
                 return {"failed": "worker_lost"}
             log.warning(
                 "task %s: redelivered after its worker was lost (attempt %d)", task_id, record.attempts
@@ -336,7 +336,7 @@ def _run_body(
         with ctx.session() as session:
             ctx.succeed(session, result)
         events = ctx._succeeded or []
-    webhooks.publish(task.app, tenant_id, events)
+    webhook_tasks.publish(task.app, tenant_id, events)
     observed.end("succeeded", result)
     return result
 
@@ -356,7 +356,7 @@ def _fail(
         if tenant_id is not None:
             events = webhooks.record_task_events(session, tenant_id, task_id)
     if events and tenant_id is not None:
-        webhooks.publish(app or current_app, tenant_id, events)
+        webhook_tasks.publish(app or current_app, tenant_id, events)
 
 
 def _client_error(exc: Exception) -> tuple[str, str, str | None]:

@@ -16,6 +16,7 @@ from services.db import tenant_sessions, transaction, unrestricted_unsafe_sessio
 from services.errors import NotFound, ServiceUnavailable
 from services.models import utcnow
 from services.send.retention import sweep_outbox
+from tasks import webhook_tasks
 from tasks.dispatch import dispatch
 from tasks.runtime import Runtime, get_runtime
 
@@ -144,7 +145,7 @@ def cleanup_stale_results(self: Task) -> dict[str, int]:
         # Their task.failed (and account.error) events, committed with the failures.
         events = webhooks.record_swept_failures(session, stuck + lost)
     for tenant_id, delivery_ids in events.items():
-        webhooks.publish(self.app, tenant_id, delivery_ids)
+        webhook_tasks.publish(self.app, tenant_id, delivery_ids)
     log.info(
         "cleanup: %d stuck, %d undelivered, %d forgotten; outbox: %d settled, %d bytes dropped, %d deleted",
         len(stuck),

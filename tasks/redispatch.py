@@ -41,7 +41,7 @@ import logging
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from celery import Celery, Task, shared_task
 from sqlalchemy.orm import Session, sessionmaker
@@ -63,6 +63,14 @@ PUBLISH_GRACE = timedelta(seconds=30)
 SCAN_CHUNK = 1000
 #: Pause between the two looks for a message.
 SECOND_LOOK_SECONDS = 1.0
+
+
+class _HasId(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+WithId = TypeVar("WithId", bound=_HasId)
 
 
 @shared_task(name="mailroom.redispatch_lost", bind=True, ignore_result=False)
@@ -91,10 +99,7 @@ def sweep(app: Celery, sessions: sessionmaker[Session], *, now: datetime | None 
             waiting = task_records.waiting_for_broker(session, settled_before=now)
             for record in waiting:
                 session.expunge(record)
-        missing = _missing(conn.default_channel, waiting)
-        if missing:
-            time.sleep(SECOND_LOOK_SECONDS)
-            missing = _missing(conn.default_channel, missing)
+        missing = missing_from_broker(conn.default_channel, waiting)
         lost = [r for r in missing if _settled_at(r) < now - PUBLISH_GRACE]
         deferred = len(missing) - len(lost)
         redispatched = []
@@ -127,11 +132,19 @@ def _settled_at(record: TaskRecord) -> datetime:
     return record.updated_at if record.state == TaskState.RETRYING.value else record.created_at
 
 
-def _missing(channel: Any, records: list[TaskRecord]) -> list[TaskRecord]:
-    if not records:
-        return []
-    present = set(_message_ids(channel))
-    return [r for r in records if r.id not in present]
+def missing_from_broker(channel: Any, items: list[WithId]) -> list[WithId]:
+    """The items (task records, webhook deliveries: their ``id`` is their message's task id)
+    whose message the broker holds nowhere. Looked for twice, :data:`SECOND_LOOK_SECONDS`
+    apart: a worker's fetch moves a message from its list to the unacked hash in two steps."""
+    missing = items
+    for look in range(2):
+        if not missing:
+            break
+        if look:
+            time.sleep(SECOND_LOOK_SECONDS)
+        present = set(_message_ids(channel))
+        missing = [item for item in missing if item.id not in present]
+    return missing
 
 
 def _message_ids(channel: Any) -> Iterator[str]:

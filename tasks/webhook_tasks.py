@@ -8,7 +8,6 @@ as a new message after the backoff (a countdown in the broker, never a sleeping 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import replace
 from datetime import datetime
 
@@ -19,7 +18,7 @@ from services import webhooks
 from services.db import tenant_sessions, transaction
 from services.logs import log_context
 from services.models import utcnow
-from tasks.queues import WEBHOOK_TASK
+from tasks.queues import WEBHOOK_TASK, broker_priority, logical_priority
 from tasks.runtime import get_runtime
 
 log = logging.getLogger("mailroom.webhooks")
@@ -46,6 +45,33 @@ def deliver_webhook(self: Task, tenant_id: str, delivery_id: str, manual: bool =
     return {"state": outcome.state}
 
 
+def publish(app: Celery, tenant_id: str, delivery_ids: list[str], *, manual: bool = False) -> int:
+    """Queue one delivery message each (after the commit that wrote them); never raises.
+    Returns how many were published. The message's task id is the delivery's id, so the
+    sweep of unpublished deliveries (:func:`sweep_unpublished`) finds it in the broker."""
+    published = 0
+    for delivery_id in delivery_ids:
+        try:
+            app.send_task(
+                WEBHOOK_TASK,
+                task_id=delivery_id,
+                kwargs={"tenant_id": tenant_id, "delivery_id": delivery_id, "manual": manual},
+                queue="webhooks",
+                routing_key="webhooks",
+                priority=broker_priority(logical_priority("webhooks", from_beat=False)),
+                retry=False,
+                ignore_result=True,
+            )
+            published += 1
+        except Exception:
+            log.warning(
+                "webhooks: publishing delivery %s failed; it stays pending until the sweep",
+                delivery_id,
+                exc_info=True,
+            )
+    return published
+
+
 def sweep_unpublished(
     app: Celery, sessions: sessionmaker[Session], *, now: datetime | None = None
 ) -> dict[str, int]:
@@ -59,7 +85,7 @@ def sweep_unpublished(
     message is waiting there (a backlog, not a loss). Each is claimed by a conditional
     UPDATE before its publish, so two sweeps publish it once, and a delivery that a worker
     took up meanwhile is left alone. Pending ones older than a day end ``failed``."""
-    from tasks.redispatch import SECOND_LOOK_SECONDS, _message_ids
+    from tasks.redispatch import missing_from_broker
 
     now = now or utcnow()
     with transaction(sessions) as session:
@@ -70,19 +96,13 @@ def sweep_unpublished(
     missing = candidates
     if candidates:
         with app.connection_for_write() as conn:
-            for look in range(2):
-                if look:
-                    time.sleep(SECOND_LOOK_SECONDS)
-                present = set(_message_ids(conn.default_channel))
-                missing = [d for d in missing if d.id not in present]
-                if not missing:
-                    break
+            missing = missing_from_broker(conn.default_channel, candidates)
     published = 0
     for delivery in missing:
         with transaction(sessions) as session:
             if not webhooks.claim_unpublished(session, delivery):
                 continue
-        published += webhooks.publish(app, delivery.tenant_id, [delivery.id])
+        published += publish(app, delivery.tenant_id, [delivery.id])
     if published or expired:
         log.warning(
             "webhooks: %d unpublished deliveries published again, %d failed as too old", published, expired

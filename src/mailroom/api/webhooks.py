@@ -24,6 +24,7 @@ from services.errors import ServiceUnavailable
 from services.models import WebhookDelivery, WebhookEndpoint
 from services.task_inputs import SyncParams
 from services.tenant_slots import broker_redis
+from tasks import webhook_tasks
 from tasks.dispatch import dispatch
 
 tag = Tag(
@@ -263,7 +264,7 @@ def redeliver(path: DeliveryPath) -> tuple[Response, int]:
     )
     webhooks.prepare_redelivery(delivery)
     session.commit()
-    if not webhooks.publish(state().celery, who.tenant_id, [delivery.id], manual=True):
+    if not webhook_tasks.publish(state().celery, who.tenant_id, [delivery.id], manual=True):
         raise ServiceUnavailable("the task queue is unavailable; try again shortly")
     return jsonify(delivery_out(delivery)), 202
 
