@@ -32,7 +32,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker, with_loader_criteria
 
-from services.models import Base, Tenant
+from services.models import Base, Tenant, TenantOwned
 from services.settings import Settings
 
 #: ``session.info`` key holding the tenant a session is bound to.
@@ -206,15 +206,22 @@ def visible(session: Session, row: Any) -> bool:
 
 @lru_cache(maxsize=4096)
 def _criteria(tenant_id: str) -> tuple[Any, ...]:
-    # Built once per tenant (per process): building eight options on every statement cost
-    # more than the query itself on a small read.
-    options: list[Any] = [with_loader_criteria(Tenant, lambda cls: cls.id == tenant_id, include_aliases=True)]
-    for model in _tenant_models():
-        if model is not Tenant:
-            options.append(
-                with_loader_criteria(model, lambda cls: cls.tenant_id == tenant_id, include_aliases=True)
-            )
-    return tuple(options)
+    # Built once per tenant (per process). Two options, not one per model: every option is
+    # part of each statement's cache key and is walked on every execution, and fourteen of
+    # them cost more than a small query itself (one on TenantOwned covers every model that
+    # has a tenant_id; _check_owned_models makes sure each such model says so).
+    _check_owned_models()
+    return (
+        with_loader_criteria(Tenant, lambda cls: cls.id == tenant_id, include_aliases=True),
+        with_loader_criteria(TenantOwned, lambda cls: cls.tenant_id == tenant_id, include_aliases=True),
+    )
+
+
+@cache
+def _check_owned_models() -> None:
+    missing = [m.__name__ for m in _tenant_models() if m is not Tenant and not issubclass(m, TenantOwned)]
+    if missing:
+        raise TypeError(f"models with a tenant_id must derive from TenantOwned: {', '.join(sorted(missing))}")
 
 
 @event.listens_for(MailroomSession, "do_orm_execute")

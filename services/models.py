@@ -83,6 +83,16 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
+class TenantOwned:
+    """Marks a model whose rows belong to one tenant (it has a ``tenant_id`` column). A
+    tenant-bound session scopes every such model with one loader criterion on this class
+    (services.db), instead of one per model on every statement. Each model declares its own
+    ``tenant_id`` (its index and key differ); this one is what that criterion is written
+    against."""
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+
+
 class Role(enum.StrEnum):
     MEMBER = "member"
     ADMIN = "admin"
@@ -120,7 +130,7 @@ class Tenant(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
-class User(Base):
+class User(TenantOwned, Base):
     __tablename__ = "users"
     __table_args__ = (UniqueConstraint("tenant_id", "email"),)
 
@@ -132,7 +142,7 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
-class ApiKey(Base):
+class ApiKey(TenantOwned, Base):
     __tablename__ = "api_keys"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -149,7 +159,7 @@ class ApiKey(Base):
     user: Mapped[User] = relationship(lazy="joined")
 
 
-class Account(Base):
+class Account(TenantOwned, Base):
     __tablename__ = "accounts"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -191,7 +201,7 @@ class Account(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
 
-class Folder(Base):
+class Folder(TenantOwned, Base):
     __tablename__ = "folders"
     __table_args__ = (UniqueConstraint("account_id", "name"),)
 
@@ -225,7 +235,7 @@ def _ordered_index(name: str, column: str) -> tuple[Index, Index]:
     )
 
 
-class Message(Base):
+class Message(TenantOwned, Base):
     __tablename__ = "messages"
     __table_args__ = (
         UniqueConstraint("folder_id", "uid"),
@@ -287,7 +297,7 @@ class Message(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
 
-class BodyCacheEntry(Base):
+class BodyCacheEntry(TenantOwned, Base):
     """A message body fetched from IMAP for ``?body=1`` (services.bodies), as the API shows
     it. Keyed by folder, UIDVALIDITY and UID, which name one immutable message content."""
 
@@ -309,7 +319,7 @@ class BodyCacheEntry(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
-class DeleteJournalEntry(Base):
+class DeleteJournalEntry(TenantOwned, Base):
     """What a delete is about to do to one folder's messages, committed before its first
     IMAP command and cleared once its rows are written (services.mail_delete_journal): a
     delete that finds an entry left by an attempt that died brings the rows in line with
@@ -329,7 +339,7 @@ class DeleteJournalEntry(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
-class SpamSettings(Base):
+class SpamSettings(TenantOwned, Base):
     """A tenant's spam settings and its own learned layer over the shipped model (one row
     per tenant, made on first use; services.spam_store)."""
 
@@ -345,7 +355,7 @@ class SpamSettings(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
 
-class WebhookEndpoint(Base):
+class WebhookEndpoint(TenantOwned, Base):
     """A tenant's receiver of event deliveries (services.webhooks)."""
 
     __tablename__ = "webhook_endpoints"
@@ -362,7 +372,7 @@ class WebhookEndpoint(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
 
-class WebhookDelivery(Base):
+class WebhookDelivery(TenantOwned, Base):
     """One event for one endpoint: the exact body that is signed and sent, and its attempts."""
 
     __tablename__ = "webhook_deliveries"
@@ -413,7 +423,7 @@ class OutboxState(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
-class OutboxEntry(Base):
+class OutboxEntry(TenantOwned, Base):
     """One message to send, built once by the API: its exact bytes travel here, never in
     the broker message (services.send)."""
 
@@ -457,7 +467,7 @@ class OutboxEntry(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
 
-class TaskRecord(Base):
+class TaskRecord(TenantOwned, Base):
     __tablename__ = "tasks"
     __table_args__ = (
         Index("ix_tasks_tenant_created", "tenant_id", "created_at"),
@@ -502,7 +512,7 @@ class TaskRecord(Base):
 # --- dispatch and statistics (read on every dispatch and scrape, so each read is O(1)) ----
 
 
-class TaskDuration(Base):
+class TaskDuration(TenantOwned, Base):
     """How long an account's tasks of one type take: kept up to date as each task succeeds,
     so neither dispatch (the estimate) nor the admin stats read the task history."""
 
