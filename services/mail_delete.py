@@ -85,6 +85,11 @@ __all__ = [
 ]
 
 Report = Callable[[float, str], None]
+#: A batch's progress report made inside the batch's own transaction (the task record's
+#: progress beside the rows): returns what to raise at the next batch (a cancel), or None.
+BatchReport = Callable[[Session, float, str], BaseException | None]
+#: Called inside the run's last transaction with the result (the task record's success).
+Finish = Callable[[Session, dict[str, Any]], None]
 
 
 def _check_validity(folder: Folder, validity: Any) -> None:
@@ -117,6 +122,23 @@ class _Run:
     settled: bool = False
     #: What an earlier attempt was found to have done (services.mail_delete_journal).
     reconciled: Reconciled = field(default_factory=lambda: Reconciled(deleted=set()))
+    #: Each batch's report in the batch's transaction instead of ``progress`` after it.
+    report: BatchReport | None = None
+    #: Called in the last transaction with the result; then no report follows it.
+    on_finish: Finish | None = None
+    #: The run's last transaction committed (with ``on_finish`` in it, when given).
+    closed: bool = False
+    requested: list[str] = field(default_factory=list)
+
+    def result(self) -> dict[str, Any]:
+        plan = self.plan
+        deleted = self.reconciled.deleted or set()
+        return {
+            "moved": self.moved + plan.already_moved,
+            "deleted": self.deleted + sum(1 for i in self.requested if i in deleted),
+            "gone": [i for i in plan.gone if i not in deleted],
+            "trash_folder": plan.trash.name if plan.trash is not None and plan.moves else None,
+        }
 
     def commit(self, write: Callable[[Session], None], count: int, stage: str) -> None:
         """Commit this batch's rows, then report it, on the writer thread while the next
@@ -130,14 +152,19 @@ class _Run:
             self.settled = True
             raise self.stop
         self.submitted += count
-        if self.submitted >= self.plan.total:  # the last batch: close the run in its transaction
+        last = self.submitted >= self.plan.total
+        if last:  # the last batch: close the run in its transaction
             write = partial(self._close, write)
-        self.writer.submit(self._write, write, count, stage)
+        self.writer.submit(self._write, write, count, stage, last)
 
     def _close(self, write: Callable[[Session], None], session: Session) -> None:
         write(session)
         clear_journal(session, self.account_id)
         _advance_trash(session, self)
+        if self.on_finish is not None:
+            # Every batch's command is done and the result known: the task's success
+            # commits with the last rows (no progress report after it).
+            self.on_finish(session, self.result())
 
     def finish(self) -> None:
         self.writer.wait()
@@ -145,12 +172,25 @@ class _Run:
             self.settled = True
             raise self.stop
 
-    def _write(self, write: Callable[[Session], None], count: int, stage: str) -> None:
+    def _write(self, write: Callable[[Session], None], count: int, stage: str, last: bool = False) -> None:
+        percent = min(99.0, 100.0 * (self.done + count) / max(1, self.plan.total))
+        finished = last and self.on_finish is not None
+        stop: BaseException | None = None
         with transaction(self.sessions) as session:
             write(session)
+            if self.report is not None and not finished:
+                # The report (and its cancel check) in the batch's own transaction: one
+                # commit per batch instead of two.
+                stop = self.report(session, percent, stage)
         self.done += count
+        if last:
+            self.closed = True
+        if stop is not None:
+            self.stop = stop
+        if self.report is not None or finished:
+            return
         try:
-            self.progress(min(99.0, 100.0 * self.done / max(1, self.plan.total)), stage)
+            self.progress(percent, stage)
         except BaseException as exc:  # noqa: BLE001 - handed to the run's thread by commit()
             self.stop = exc
 
@@ -253,12 +293,18 @@ def delete_messages(
     box: SecretBox,
     settings: Settings,
     progress: Report,
+    report: BatchReport | None = None,
+    finish: Finish | None = None,
     batch_size: int = BATCH_SIZE,
 ) -> dict[str, Any]:
     """Move ``message_ids`` to Trash (``permanent`` false; those in ``in_trash`` are
     deleted permanently) or delete them permanently, as the module docstring promises.
     ``progress`` is called after every committed batch and may raise to stop between
-    batches. Returns ``{"moved", "deleted", "gone", "trash_folder"}``."""
+    batches; with ``report``, a batch's report is made inside the batch's transaction
+    instead (what it returns is raised at the next batch, once that batch's rows are
+    committed). With ``finish``, it is called with the result inside the run's last
+    transaction (the last batch's rows), and no report follows. Returns
+    ``{"moved", "deleted", "gone", "trash_folder"}``."""
     ids = list(dict.fromkeys(message_ids))
     with transaction(sessions) as session:
         account = session.get(Account, account_id)
@@ -283,6 +329,7 @@ def delete_messages(
             endpoint, timeout=settings.mail_timeout_seconds, allow_private=settings.allow_private_hosts
         ) as client:
             run = _Run(sessions, client, account_id, planned.result(), batch_size, progress)
+            run.report, run.on_finish, run.requested = report, finish, ids
             if left_behind:
                 # An attempt died between an IMAP command and its rows: put them right,
                 # then plan again from the rows as they are now.
@@ -290,15 +337,13 @@ def delete_messages(
                 run.reconciled = reconcile(sessions, client, account_id)
                 run.plan = read_plan(report=False)
             _delete(run, account_id, tenant_id)
-    plan = run.plan
-    progress(100, "done")
-    deleted = run.reconciled.deleted or set()
-    return {
-        "moved": run.moved + plan.already_moved,
-        "deleted": run.deleted + sum(1 for i in ids if i in deleted),
-        "gone": [i for i in plan.gone if i not in deleted],
-        "trash_folder": plan.trash.name if plan.trash is not None and plan.moves else None,
-    }
+    result = run.result()
+    if finish is None:
+        progress(100, "done")
+    elif not run.closed:  # no batch (every id gone): the success in a transaction of its own
+        with transaction(sessions) as session:
+            finish(session, result)
+    return result
 
 
 def _delete(run: _Run, account_id: str, tenant_id: str) -> None:

@@ -7,9 +7,10 @@ import logging
 from typing import Any
 
 from celery import current_app
+from sqlalchemy.orm import Session
 
-from services import accounts, mail_delete, spam_check, spam_store
-from services.errors import MailroomError, Superseded
+from services import accounts, mail_delete, spam_check, spam_store, task_records
+from services.errors import MailroomError, Superseded, TaskCancelled
 from services.send.deliver import deliver
 from services.sync import SyncOptions, sync_account
 from services.task_inputs import DeleteParams, SendParams, SpamCheckParams, SyncParams, VerifyParams
@@ -104,6 +105,21 @@ def delete_emails(ctx: TaskContext) -> dict[str, Any]:
             details={"task_id": holder},
         )
     params: DeleteParams = ctx.params
+
+    def report(session: Session, percent: float, stage: str) -> BaseException | None:
+        # Each batch's progress (a cancel checkpoint) commits with the batch's rows.
+        return (
+            TaskCancelled()
+            if task_records.report_progress(session, ctx.task_id, int(percent), stage)
+            else None
+        )
+
+    def finish(session: Session, result: dict[str, Any]) -> None:
+        # The lock given back and the record ended ``succeeded`` in the commit of the last
+        # batch's rows, instead of in two more transactions after the body returns.
+        accounts.release_sync_lock(session, account_id, ctx.task_id)
+        ctx.succeed(session, result)
+
     try:
         return mail_delete.delete_messages(
             ctx.runtime.sessions,
@@ -113,12 +129,14 @@ def delete_emails(ctx: TaskContext) -> dict[str, Any]:
             in_trash=params.in_trash,
             box=ctx.runtime.box,
             settings=ctx.settings,
-            # Every batch writes its progress: each is a cancel checkpoint.
             progress=lambda percent, stage: ctx.progress(percent, stage, force=True),
+            report=report,
+            finish=finish,
         )
-    finally:
+    except BaseException:
         with ctx.session() as session:
             accounts.release_sync_lock(session, account_id, ctx.task_id)
+        raise
 
 
 @mailroom_task("mailroom.check_spam", SpamCheckParams, max_retries=QUEUES["spam"].max_retries)
