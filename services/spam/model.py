@@ -8,6 +8,10 @@ same corpus gives the same file:
     index   count x uint32, ascending
     weight  count x int16, weight = value * scale
 
+The header's floats are rounded to :data:`HEADER_DIGITS` decimals when written: their last
+bits depend on the CPU's vector unit (numpy sums and ``exp`` differ in the last place between
+AVX2 and AVX-512), and must not reach the file either.
+
 ``platt_a``/``platt_b`` calibrate the raw log-odds ``z`` to ``a*z + b`` (Platt scaling fitted
 on the validation split), so that ``sigmoid(a*z + b)`` is a probability of spam.
 
@@ -37,6 +41,7 @@ MAGIC = b"MRSPAM1\n"
 _HEADER = struct.Struct("<BIdddd")
 MODEL_PATH = Path(__file__).with_name("base_model.bin")
 WEIGHT_SCALE = 1.0 / 2048.0
+HEADER_DIGITS = 9
 # The training split of spamassassin-dev: 892 spam and 1,972 ham (``mailroom spam train``
 # prints them; tests/test_spam_train.py checks they still hold).
 TRAIN_SPAM = 892
@@ -92,7 +97,8 @@ def model_bytes(
     idx = np.asarray(indices, dtype="<u4")[keep]
     q = q[keep]
     order = np.argsort(idx, kind="stable")
-    header = _HEADER.pack(HASH_BITS, len(idx), float(bias), float(platt_a), float(platt_b), WEIGHT_SCALE)
+    bias, platt_a, platt_b = (round(float(x), HEADER_DIGITS) for x in (bias, platt_a, platt_b))
+    header = _HEADER.pack(HASH_BITS, len(idx), bias, platt_a, platt_b, WEIGHT_SCALE)
     return MAGIC + header + idx[order].tobytes() + q[order].tobytes()
 
 

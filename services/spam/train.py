@@ -5,8 +5,9 @@ read in name order; a message belongs to the validation split when the CRC-32 of
 name is divisible by :data:`VALIDATION_MODULUS` (about one in five), so the split does not
 depend on order or on a random generator. The logistic regression is fitted by full-batch
 Adam for a fixed number of steps in float64, with sums in a fixed order (``bincount``,
-``reduceat``); weights are quantized when written, so the last bits of a float never reach
-the file. Platt scaling is then fitted on the validation split.
+``reduceat``). Platt scaling is then fitted on the validation split. Weights are quantized
+when written and the bias and Platt's two parameters rounded, so the last bits of a float
+never reach the file.
 """
 
 from __future__ import annotations
