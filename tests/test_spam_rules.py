@@ -98,6 +98,19 @@ def test_display_name_spoofs_brand() -> None:
     assert "display_name_spoofs_brand" not in fired(person)
 
 
+def test_shops_and_parcel_services_from_their_own_country_domains_are_no_spoof() -> None:
+    spoof = message(sender='"Lidl Gewinnspiel" <gewinn.lidl@gmail.com>')
+    assert fired(spoof)["display_name_spoofs_brand"] == '"lidl" sent from gmail.com'
+    assert "display_name_spoofs_brand" in fired(message(sender='"DPD Versand" <info@spreseau.example>'))
+    for sender in (
+        '"Lidl" <newsletter@mail.lidl.de>',
+        '"Leroy Merlin" <news@leroymerlin.es>',
+        '"DPD" <noreply@dpd.co.uk>',
+        '"SHEIN" <shein@sheinemail.com>',
+    ):
+        assert "display_name_spoofs_brand" not in fired(message(sender=sender)), sender
+
+
 def test_credential_request_needs_urgency() -> None:
     urgent = message("Your mailbox is full. Verify your account within 24 hours or it will be suspended.")
     assert "credential_request" in fired(urgent)
@@ -291,6 +304,21 @@ def test_random_string_in_the_subject_or_sender_name() -> None:
         "Invoice INV2026Dec01",
     ]:
         assert "random_string" not in fired(message(subject=subject)), subject
+
+
+def test_serial_number_in_the_sender_name() -> None:
+    raw = message(sender='"(BB - Valores a Receber) - 567213892811406" <plop23203@mail.example.net>')
+    assert fired(raw)["serial_sender_name"] == "sender name: (BB - Valores a Receber) - 567213892811406"
+    raw = message(sender="Bloqueio por fraude20880091 <alerta@mail.example.net>")
+    assert "serial_sender_name" in fired(raw)
+    for sender in (
+        "Ben Miller <ben@example.org>",
+        '"Build 2026" <ci@example.org>',
+        '"1234567890" <1234567890@qq.com>',
+        '"ann.123456@example.org" <ann.123456@example.org>',
+        "Support <support@example.org>",
+    ):
+        assert "serial_sender_name" not in fired(message(sender=sender)), sender
 
 
 def test_private_addresses_are_not_ip_links() -> None:

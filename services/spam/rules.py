@@ -52,6 +52,7 @@ W_LURE = 1.5
 W_GENERATED_SENDER = 1.5
 W_ADVANCE_FEE = 1.5
 W_RANDOM_STRING = 1.5
+W_SERIAL_SENDER_NAME = 1.0
 # Evidence for ham: a reply within a thread, quoting what it answers. Headers alone are weak
 # evidence (phishing copies In-Reply-To and "Re:" to look like a reply); quoting is stronger.
 W_THREAD_REPLY = -0.5
@@ -132,6 +133,90 @@ BRANDS: dict[str, tuple[str, ...]] = {
     "roblox": ("roblox.com",),
     "yahoo": ("yahoo.com",),
     "aol": ("aol.com",),
+    # Shops, parcel services and banks that phishing in Europe and Brazil names most, with the
+    # domains of their main markets.
+    "shein": ("shein.com", "sheinemail.com"),
+    "temu": ("temu.com",),
+    "aliexpress": ("aliexpress.com", "aliexpress.us", "alibaba.com"),
+    "lidl": (
+        "lidl.com",
+        "lidl.de",
+        "lidl.fr",
+        "lidl.nl",
+        "lidl.be",
+        "lidl.es",
+        "lidl.it",
+        "lidl.pl",
+        "lidl.co.uk",
+        "lidl.at",
+        "lidl.ch",
+        "lidl.pt",
+    ),
+    "aldi": (
+        "aldi.com",
+        "aldi.us",
+        "aldi.co.uk",
+        "aldi-nord.de",
+        "aldi-sued.de",
+        "aldi.nl",
+        "aldi.fr",
+        "aldi.be",
+        "aldi.es",
+        "aldi.it",
+        "aldi.pt",
+        "aldi.com.au",
+    ),
+    "ikea": ("ikea.com", "ikea.de", "ikea.fr", "ikea.nl", "ikea.es", "ikea.it", "ikea.se", "ikea.co.uk"),
+    "decathlon": (
+        "decathlon.com",
+        "decathlon.fr",
+        "decathlon.de",
+        "decathlon.es",
+        "decathlon.it",
+        "decathlon.nl",
+        "decathlon.be",
+        "decathlon.pt",
+        "decathlon.co.uk",
+        "decathlon.com.br",
+    ),
+    "leroy merlin": (
+        "leroymerlin.com",
+        "leroymerlin.fr",
+        "leroymerlin.es",
+        "leroymerlin.it",
+        "leroymerlin.pt",
+        "leroymerlin.com.br",
+        "leroymerlin.pl",
+    ),
+    "dpd": (
+        "dpd.com",
+        "dpd.de",
+        "dpd.fr",
+        "dpd.nl",
+        "dpd.be",
+        "dpd.co.uk",
+        "dpd.at",
+        "dpd.pl",
+        "dpdgroup.com",
+    ),
+    "gls": (
+        "gls-group.com",
+        "gls-group.eu",
+        "gls-pakete.de",
+        "gls-spain.es",
+        "gls-italy.com",
+        "gls-france.com",
+        "gls-info.nl",
+    ),
+    "postnl": ("postnl.nl",),
+    "royal mail": ("royalmail.com",),
+    "la poste": ("laposte.fr", "laposte.net"),
+    "correos": ("correos.es",),
+    "banco do brasil": ("bb.com.br",),
+    "mercado livre": ("mercadolivre.com.br",),
+    "wetransfer": ("wetransfer.com",),
+    "kaspersky": ("kaspersky.com",),
+    "trezor": ("trezor.io",),
     "webmail": (),
     "mailbox": (),
     "admin": (),
@@ -583,6 +668,26 @@ def random_string(parsed: ParsedMessage) -> Indicator | None:
     return None
 
 
+# A serial number in the sender's name ("BB - Valores a Receber - 567213892811406", "Bloqueio
+# por fraude20880091"): bulk senders number their copies, or pose as a case or protocol
+# number. People and companies name themselves without one (no ham of either corpus does).
+# An address in the name, or the number of the sender's own mailbox (QQ mail addresses are
+# numbers, and their owners' names often repeat them), is not such a serial.
+_SERIAL = re.compile(r"\d{6,}")
+_ADDRESS_IN_NAME = re.compile(r"\S*@\S*")
+
+
+def serial_sender_name(parsed: ParsedMessage) -> Indicator | None:
+    name, addr = address_of(parsed.header("from"))
+    if not name or not any(c.isdigit() for c in name):
+        return None
+    local = addr.rpartition("@")[0]
+    for m in _SERIAL.finditer(_ADDRESS_IN_NAME.sub(" ", name[:300])):
+        if m.group(0) not in local:
+            return Indicator("serial_sender_name", W_SERIAL_SENDER_NAME, f"sender name: {name}"[:200])
+    return None
+
+
 # Advance-fee fraud: a sum in the millions beside an inheritance, donation or transfer.
 _FEE_WORDS = frozenset(
     [
@@ -639,6 +744,7 @@ SINGLE_RULES: tuple[Rule, ...] = (
     generated_sender,
     advance_fee,
     random_string,
+    serial_sender_name,
     link_text_mismatch,
     lookalike_domain,
     display_name_spoofs_brand,
