@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, Table, func, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, Row, String, Table, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from services.crypto import SecretBox
+from services.db import SCOPE_PARAM, ScopedStatement
 from services.errors import NotFound, ValidationFailed
 from services.mail.hosts import resolve_host
 from services.mail.imap import ImapEndpoint, capabilities, imap_session
@@ -155,7 +156,8 @@ def delete_account(session: Session, account: Account) -> None:
     session.flush()
 
 
-def imap_endpoint(account: Account, box: SecretBox) -> ImapEndpoint:
+def imap_endpoint(account: Account | Row[Any], box: SecretBox) -> ImapEndpoint:
+    # An Account, or a Core row with the same columns (services.send.deliver reads one).
     return ImapEndpoint(
         host=account.imap_host,
         port=account.imap_port,
@@ -165,7 +167,7 @@ def imap_endpoint(account: Account, box: SecretBox) -> ImapEndpoint:
     )
 
 
-def smtp_endpoint(account: Account, box: SecretBox) -> SmtpEndpoint:
+def smtp_endpoint(account: Account | Row[Any], box: SecretBox) -> SmtpEndpoint:
     return SmtpEndpoint(
         host=account.smtp_host,
         port=account.smtp_port,
@@ -200,6 +202,38 @@ def check_ownership(session: Session, account_id: str | None, tenant_id: str, us
         if user is None or user.tenant_id != tenant_id or user.role != "admin":
             raise NotFound("account not found for this user")
     return account
+
+
+_USERS = cast(Table, User.__table__)
+
+
+def _owner_view(scoped: bool) -> Any:
+    """The account's owner and, for ``:user_id``, that user's tenant and role (NULLs when
+    there is no such user): everything check_owner decides from, in one SELECT."""
+    accounts_t = cast(Table, Account.__table__)
+    user = _USERS.alias("acting_user")
+    query = (
+        select(
+            accounts_t.c.tenant_id, accounts_t.c.user_id, user.c.tenant_id.label("user_tenant"), user.c.role
+        )
+        .select_from(accounts_t.outerjoin(user, user.c.id == bindparam("user_id", type_=String)))
+        .where(accounts_t.c.id == bindparam("account_id"))
+    )
+    return query.where(accounts_t.c.tenant_id == bindparam(SCOPE_PARAM)) if scoped else query
+
+
+_OWNER_VIEW = ScopedStatement(_owner_view)
+
+
+def check_owner(session: Session, account_id: str, tenant_id: str, user_id: str | None) -> None:
+    """:func:`check_ownership`'s decision without loading the account (one Core SELECT): for
+    a task attempt, which needs only the answer."""
+    row = _OWNER_VIEW.execute(session, {"account_id": account_id, "user_id": user_id}).first()
+    if row is None or row.tenant_id != tenant_id:
+        raise NotFound("account not found (deleted, or not this tenant's)")
+    admin = row.user_tenant == tenant_id and row.role == "admin"
+    if user_id is not None and row.user_id != user_id and not admin:
+        raise NotFound("account not found for this user")
 
 
 # --- the sync lock ---------------------------------------------------------------------------

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import CursorResult, Table, delete, func, or_, select, update
+from sqlalchemy import CursorResult, Table, bindparam, delete, func, null, or_, select, update
 from sqlalchemy.orm import Session, make_transient_to_detached
 
 from services import task_stats
+from services.db import SCOPE_PARAM, ScopedStatement
 from services.errors import Conflict, NotFound
 from services.models import Account, TaskRecord, TaskState, new_id, utcnow
 from services.tenancy import Principal, get_scoped, scoped
@@ -156,19 +157,64 @@ def mark_dispatch_failed(session: Session, task_id: str, error: str) -> None:
     )
 
 
+def _scoped_update(allowed: list[str], **values: Any) -> ScopedStatement:
+    """A transition as a :class:`ScopedStatement`: ``UPDATE tasks SET values WHERE id =
+    :task_id AND state IN allowed`` (and the session's tenant)."""
+
+    def build(scoped: bool) -> Any:
+        where = [_TASKS.c.id == bindparam("task_id"), _TASKS.c.state.in_(allowed)]
+        if scoped:
+            where.append(_TASKS.c.tenant_id == bindparam(SCOPE_PARAM))
+        return update(_TASKS).where(*where).values(**values)
+
+    return ScopedStatement(build)
+
+
+_MARK_RUNNING = _scoped_update(
+    [TaskState.QUEUED.value, TaskState.RETRYING.value, TaskState.RUNNING.value],
+    state=TaskState.RUNNING.value,
+    attempts=_TASKS.c.attempts + 1,
+    started_at=func.coalesce(_TASKS.c.started_at, bindparam("now", type_=_TASKS.c.started_at.type)),
+    worker=bindparam("worker", type_=_TASKS.c.worker.type),
+    next_retry_at=null(),
+    updated_at=bindparam("now", type_=_TASKS.c.updated_at.type),
+)
+
+
 def mark_running(session: Session, task_id: str, worker: str | None) -> bool:
     """Start (or, after a redelivery, restart) an attempt; False if it may not run."""
-    now = utcnow()
-    return _transition(
-        session,
-        task_id,
-        [TaskState.QUEUED.value, TaskState.RETRYING.value, TaskState.RUNNING.value],
-        state=TaskState.RUNNING.value,
-        attempts=TaskRecord.attempts + 1,
-        started_at=func.coalesce(TaskRecord.started_at, now),
-        worker=worker,
-        next_retry_at=None,
-    )
+    result = _MARK_RUNNING.execute(session, {"task_id": task_id, "worker": worker, "now": utcnow()})
+    return bool(result.rowcount == 1)
+
+
+#: What a worker reads of its record when an attempt starts (the record's columns by name).
+_ATTEMPT_COLUMNS = (
+    "state",
+    "cancel_requested",
+    "attempts",
+    "max_retries",
+    "type",
+    "queue",
+    "created_at",
+    "next_retry_at",
+    "tenant_id",
+    "user_id",
+    "account_id",
+)
+
+
+def _attempt_view(scoped: bool) -> Any:
+    query = select(*(_TASKS.c[name] for name in _ATTEMPT_COLUMNS)).where(_TASKS.c.id == bindparam("task_id"))
+    return query.where(_TASKS.c.tenant_id == bindparam(SCOPE_PARAM)) if scoped else query
+
+
+_LOAD_FOR_ATTEMPT = ScopedStatement(_attempt_view)
+
+
+def load_for_attempt(session: Session, task_id: str) -> Any:
+    """The columns of the record an attempt starts from (a row with the names of
+    ``_ATTEMPT_COLUMNS``), or None: one Core SELECT, no ORM object."""
+    return _LOAD_FOR_ATTEMPT.execute(session, {"task_id": task_id}).first()
 
 
 def report_progress(session: Session, task_id: str, progress: int, stage: str) -> bool:
@@ -208,20 +254,22 @@ def mark_retrying(
     )
 
 
+_MARK_SUCCEEDED = _scoped_update(
+    [TaskState.RUNNING.value],
+    state=TaskState.SUCCEEDED.value,
+    progress=100,
+    stage="done",
+    result=bindparam("result", type_=_TASKS.c.result.type),
+    error_code=null(),
+    last_error=null(),
+    error_ref=null(),
+    finished_at=bindparam("now", type_=_TASKS.c.finished_at.type),
+    updated_at=bindparam("now", type_=_TASKS.c.updated_at.type),
+)
+
+
 def mark_succeeded(session: Session, task_id: str, result: dict[str, Any]) -> None:
-    _transition(
-        session,
-        task_id,
-        [TaskState.RUNNING.value],
-        state=TaskState.SUCCEEDED.value,
-        progress=100,
-        stage="done",
-        result=result,
-        error_code=None,
-        last_error=None,
-        error_ref=None,
-        finished_at=utcnow(),
-    )
+    _MARK_SUCCEEDED.execute(session, {"task_id": task_id, "result": result, "now": utcnow()})
 
 
 def mark_failed(session: Session, task_id: str, error: str, code: str, *, ref: str | None = None) -> None:

@@ -71,46 +71,64 @@ def _visible_account() -> Select[Any]:
     )
 
 
-def record_success(session: Session, task_id: str) -> None:
-    """Fold the run time of the succeeded task ``task_id`` into its account's statistics
-    (one upsert; a task with no account, or not succeeded, changes nothing)."""
-    row = session.execute(
-        select(
-            tasks.c.tenant_id,
-            tasks.c.account_id,
-            tasks.c.type,
-            tasks.c.queue,
-            tasks.c.started_at,
-            tasks.c.finished_at,
-        ).where(tasks.c.id == task_id, tasks.c.state == TaskState.SUCCEEDED.value)
-    ).first()
-    if row is None or row.account_id is None or row.started_at is None or row.finished_at is None:
-        return
-    seconds = max(0.0, (row.finished_at - row.started_at).total_seconds())
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    now = utcnow()
-    statement = insert(durations).values(
-        account_id=row.account_id,
-        type=row.type,
-        tenant_id=row.tenant_id,
-        queue=row.queue,
+_FINISHED_RUN = select(
+    tasks.c.tenant_id,
+    tasks.c.account_id,
+    tasks.c.type,
+    tasks.c.queue,
+    tasks.c.started_at,
+    tasks.c.finished_at,
+).where(tasks.c.id == bindparam("task_id"), tasks.c.state == TaskState.SUCCEEDED.value)
+
+
+def _fold_in(dialect: Any) -> Any:
+    """The upsert that folds one run of ``:seconds`` into an account's row (built once per
+    dialect; every succeeded task runs it)."""
+    seconds = bindparam("seconds", type_=Float)
+    now = bindparam("now", type_=durations.c.updated_at.type)
+    statement = dialect.insert(durations).values(
+        account_id=bindparam("v_account_id"),
+        type=bindparam("v_type"),
+        tenant_id=bindparam("v_tenant_id"),
+        queue=bindparam("v_queue"),
         runs=1,
         total_seconds=seconds,
         recent_seconds=seconds,
         updated_at=now,
     )
     weight = case((durations.c.runs + 1 < WINDOW, durations.c.runs + 1), else_=WINDOW)
+    return statement.on_conflict_do_update(
+        index_elements=[durations.c.account_id, durations.c.type],
+        set_={
+            "runs": durations.c.runs + 1,
+            "total_seconds": durations.c.total_seconds + seconds,
+            "recent_seconds": durations.c.recent_seconds
+            + (seconds - durations.c.recent_seconds) / cast(weight, Float),
+            "updated_at": now,
+        },
+    )
+
+
+_FOLD_IN = {"postgresql": _fold_in(postgresql), "sqlite": _fold_in(sqlite)}
+
+
+def record_success(session: Session, task_id: str) -> None:
+    """Fold the run time of the succeeded task ``task_id`` into its account's statistics
+    (one upsert; a task with no account, or not succeeded, changes nothing)."""
+    row = session.execute(_FINISHED_RUN, {"task_id": task_id}).first()
+    if row is None or row.account_id is None or row.started_at is None or row.finished_at is None:
+        return
+    seconds = max(0.0, (row.finished_at - row.started_at).total_seconds())
     session.execute(
-        statement.on_conflict_do_update(
-            index_elements=[durations.c.account_id, durations.c.type],
-            set_={
-                "runs": durations.c.runs + 1,
-                "total_seconds": durations.c.total_seconds + seconds,
-                "recent_seconds": durations.c.recent_seconds
-                + (literal(seconds) - durations.c.recent_seconds) / cast(weight, Float),
-                "updated_at": now,
-            },
-        )
+        _FOLD_IN[session.get_bind().dialect.name],
+        {
+            "v_account_id": row.account_id,
+            "v_type": row.type,
+            "v_tenant_id": row.tenant_id,
+            "v_queue": row.queue,
+            "seconds": seconds,
+            "now": utcnow(),
+        },
     )
 
 

@@ -74,13 +74,25 @@ import random
 import secrets
 import ssl
 import time
+import typing
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import ColumnElement, String, delete, func, literal_column, select, update
+from sqlalchemy import (
+    ColumnElement,
+    String,
+    Table,
+    bindparam,
+    delete,
+    func,
+    literal_column,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.crypto import SecretBox, SecretDecryptError
@@ -329,16 +341,20 @@ def task_events(record: TaskRecord) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+_ENDPOINTS = typing.cast(Table, WebhookEndpoint.__table__)
+#: A tenant's enabled endpoints: a Core statement built once, filtered by tenant explicitly
+#: (every task's last transaction runs it; most tenants have none).
+_ENABLED_ENDPOINTS = select(_ENDPOINTS.c.id, _ENDPOINTS.c.events).where(
+    _ENDPOINTS.c.tenant_id == bindparam("tenant_id"), _ENDPOINTS.c.enabled.is_(true())
+)
+
+
 def record_task_events(session: Session, tenant_id: str, task_id: str) -> list[str]:
     """Inside the transaction that wrote a task's final state: one delivery row per event
     and endpoint that wants it; their ids (to publish after the commit). One indexed query
     when the tenant has no enabled endpoint; never raises."""
     try:
-        endpoints = session.execute(
-            select(WebhookEndpoint.id, WebhookEndpoint.events).where(
-                WebhookEndpoint.tenant_id == tenant_id, WebhookEndpoint.enabled.is_(True)
-            )
-        ).all()
+        endpoints = session.execute(_ENABLED_ENDPOINTS, {"tenant_id": tenant_id}).all()
     except Exception:
         log.warning("webhooks: reading endpoints for task %s failed", task_id, exc_info=True)
         return []

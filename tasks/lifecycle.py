@@ -24,7 +24,7 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 
-from services import task_records, task_stats, webhooks
+from services import accounts, task_records, task_stats, webhooks
 from services.accounts import check_ownership
 from services.db import bound_tenant, make_engine, make_sessionmaker, tenant_sessions, transaction
 from services.errors import MailroomError, TaskCancelled, ValidationFailed, is_database_fault, is_transient
@@ -229,7 +229,7 @@ def _attempt(
     runtime = replace(shared, sessions=tenant_sessions(shared.sessions, tenant_id))
     task_id = task.request.id
     with transaction(runtime.sessions) as session:
-        record = task_records.load_record(session, task_id)
+        record = task_records.load_for_attempt(session, task_id)
         if record is None:
             log.warning("task %s has no record; dropping it", task_id)
             return {"skipped": "no record"}
@@ -273,7 +273,7 @@ def _attempt(
             refused = ValidationFailed("task message does not match its record")
         elif account_id is not None:
             try:
-                check_ownership(session, account_id, tenant_id, user_id)
+                accounts.check_owner(session, account_id, tenant_id, user_id)
             except MailroomError as exc:
                 refused = exc
 

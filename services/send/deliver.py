@@ -28,14 +28,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Table, bindparam, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from services import accounts
 from services.crypto import SecretBox
-from services.db import transaction
+from services.db import SCOPE_PARAM, ScopedStatement, transaction
 from services.errors import MailError, NotFound, TaskCancelled
 from services.mail.hosts import resolve_host
 from services.mail.imap import ImapEndpoint
@@ -87,30 +87,91 @@ class _Claimed:
         }
 
 
-def _running(task_id: str) -> Any:
-    """True while the attempt of ``task_id`` may go on (task_records.must_stop, inverted),
-    as a column of the claiming SELECT: one round trip instead of two."""
-    return (
-        select(TaskRecord.id)
+OUTBOX = cast(Table, OutboxEntry.__table__)
+ACCOUNTS = cast(Table, Account.__table__)
+TASKS = cast(Table, TaskRecord.__table__)
+
+#: What an attempt reads of its row and account (Core columns, no ORM objects).
+_CLAIM_COLUMNS = (
+    *(
+        OUTBOX.c[name]
+        for name in (
+            "id",
+            "tenant_id",
+            "task_id",
+            "state",
+            "raw",
+            "message_id_header",
+            "save_sent",
+            "envelope_from",
+            "recipients",
+            "smtp_reply",
+            "refused",
+            "error",
+            "sent_folder",
+            "sent_uid",
+            "sent_message_id",
+        )
+    ),
+    *(
+        ACCOUNTS.c[f"{kind}_{name}"]
+        for kind in ("imap", "smtp")
+        for name in ("host", "port", "tls", "username", "password_enc")
+    ),
+)
+
+
+def _claim(scoped: bool) -> Any:
+    """The row (locked), its account's servers and whether the attempt of ``:task_id`` may
+    go on (task_records.must_stop, inverted): one SELECT, one round trip."""
+    running = (
+        select(TASKS.c.id)
         .where(
-            TaskRecord.id == task_id,
-            TaskRecord.state == TaskState.RUNNING.value,
-            TaskRecord.cancel_requested.is_(False),
+            TASKS.c.id == bindparam("task_id"),
+            TASKS.c.state == TaskState.RUNNING.value,
+            TASKS.c.cancel_requested.is_(False),
         )
         .exists()
+        .label("running")
     )
+    query = (
+        select(*_CLAIM_COLUMNS, running)
+        .join_from(OUTBOX, ACCOUNTS, ACCOUNTS.c.id == OUTBOX.c.account_id)
+        .where(OUTBOX.c.id == bindparam("outbox_id"), OUTBOX.c.account_id == bindparam("account_id"))
+        .with_for_update(of=OUTBOX)
+    )
+    return query.where(OUTBOX.c.tenant_id == bindparam(SCOPE_PARAM)) if scoped else query
+
+
+_CLAIM = ScopedStatement(_claim)
+
+
+def _row_update(keys: frozenset[str]) -> ScopedStatement:
+    def build(scoped: bool) -> Any:
+        where = [OUTBOX.c.id == bindparam("outbox_id")]
+        if scoped:
+            where.append(OUTBOX.c.tenant_id == bindparam(SCOPE_PARAM))
+        values = {key: bindparam(f"v_{key}", type_=OUTBOX.c[key].type) for key in keys}
+        return update(OUTBOX).where(*where).values(values)
+
+    return ScopedStatement(build)
+
+
+#: One statement per set of columns written (a handful), built on first use.
+_ROW_UPDATES: dict[frozenset[str], ScopedStatement] = {}
 
 
 def _update(session: Session, outbox_id: str, **values: Any) -> None:
     """Write ``values`` to the row in one UPDATE (no read first: this attempt holds the task's
     message, so no other attempt writes the row meanwhile)."""
-    result = session.execute(
-        update(OutboxEntry)
-        .where(OutboxEntry.id == outbox_id)
-        .values(**values, updated_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    if getattr(result, "rowcount", 1) == 0:
+    values["updated_at"] = utcnow()
+    keys = frozenset(values)
+    statement = _ROW_UPDATES.get(keys)
+    if statement is None:
+        statement = _ROW_UPDATES[keys] = _row_update(keys)
+    params = {f"v_{key}": value for key, value in values.items()}
+    params["outbox_id"] = outbox_id
+    if statement.execute(session, params).rowcount == 0:
         raise NotFound("outbox entry not found")  # its account was deleted meanwhile
 
 
@@ -130,27 +191,25 @@ def deliver(
     ``finish(session, result)``, if given, is called inside the transaction that marks the
     row ``sent`` (the task's record then ends with it, in one commit)."""
     with transaction(sessions) as session:
-        # The row (locked), its account and whether the attempt may go on: one SELECT.
-        found = session.execute(
-            select(OutboxEntry, Account, _running(task_id))
-            .join(Account, Account.id == OutboxEntry.account_id)
-            .where(OutboxEntry.id == outbox_id, OutboxEntry.account_id == account_id)
-            .with_for_update(of=OutboxEntry)
+        row = _CLAIM.execute(
+            session, {"outbox_id": outbox_id, "account_id": account_id, "task_id": task_id}
         ).first()
-        if found is None:
+        if row is None:
             raise NotFound("outbox entry not found")
-        row, account, running = found
-        if row.task_id is None:
-            row.task_id = task_id  # the API died between its two commits
         before = row.state
-        stop = before in NOT_YET_SENT and not running
+        stop = before in NOT_YET_SENT and not row.running
+        changes: dict[str, Any] = {}
+        if row.task_id is None:
+            changes["task_id"] = task_id  # the API died between its two commits
         if before in NOT_YET_SENT:
             # A cancel that came in since the attempt started still stops the send here.
-            row.state = (OutboxState.CANCELLED if stop else OutboxState.SENDING).value
+            changes["state"] = (OutboxState.CANCELLED if stop else OutboxState.SENDING).value
             if stop:
-                row.raw = None
-        smtp = accounts.smtp_endpoint(account, box)
-        imap = accounts.imap_endpoint(account, box)
+                changes["raw"] = None
+        if changes:
+            _update(session, outbox_id, **changes)
+        smtp = accounts.smtp_endpoint(row, box)
+        imap = accounts.imap_endpoint(row, box)
         raw, message_id, save_sent = row.raw, row.message_id_header, row.save_sent
         sender = row.envelope_from
         claimed = _Claimed(

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import imapclient
 from imapclient.imapclient import SENT
-from sqlalchemy import Table, insert, select, update
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -25,6 +25,39 @@ from services.models import Folder, Message, new_id, utcnow
 from services.sync.fetch import fetch_messages, message_row
 
 MESSAGES = cast(Table, Message.__table__)
+FOLDERS = cast(Table, Folder.__table__)
+
+# Core statements built once (every send runs them), each filtered by tenant explicitly.
+#: The folder row holding this UIDVALIDITY, read FOR KEY SHARE (see store_copy).
+_FOLDER_FOR_COPY = (
+    select(FOLDERS.c.id)
+    .where(
+        FOLDERS.c.tenant_id == bindparam("owner"),
+        FOLDERS.c.account_id == bindparam("account_id"),
+        FOLDERS.c.name == bindparam("folder"),
+        FOLDERS.c.uidvalidity == bindparam("uidvalidity"),
+    )
+    .with_for_update(read=True, key_share=True)
+)
+_STORED_ID = select(MESSAGES.c.id).where(
+    MESSAGES.c.tenant_id == bindparam("owner"),
+    MESSAGES.c.folder_id == bindparam("folder_id"),
+    MESSAGES.c.uid == bindparam("uid"),
+)
+#: Count one more message (and ``:unread``) into the folder, unless its UIDVALIDITY moved.
+_COUNT_IN = (
+    update(FOLDERS)
+    .where(
+        FOLDERS.c.id == bindparam("folder_id"),
+        FOLDERS.c.tenant_id == bindparam("owner"),
+        FOLDERS.c.uidvalidity == bindparam("expected_uidvalidity"),
+    )
+    .values(
+        message_count=FOLDERS.c.message_count + 1,
+        unread_count=FOLDERS.c.unread_count + bindparam("unread"),
+    )
+    .returning(FOLDERS.c.id)
+)
 
 _APPENDUID = re.compile(rb"APPENDUID (\d+) (\d+)", re.IGNORECASE)
 
@@ -94,13 +127,13 @@ def store_copy(
         return None
     row = message_row(copy.uid, fetched)
     folder_id = session.scalar(
-        select(Folder.id)
-        .where(
-            Folder.account_id == account_id,
-            Folder.name == copy.folder,
-            Folder.uidvalidity == copy.uidvalidity,
-        )
-        .with_for_update(read=True, key_share=True)
+        _FOLDER_FOR_COPY,
+        {
+            "owner": tenant_id,
+            "account_id": account_id,
+            "folder": copy.folder,
+            "uidvalidity": copy.uidvalidity,
+        },
     )
     if folder_id is None:
         return None
@@ -114,11 +147,11 @@ def store_copy(
         "created_at": now,
         "updated_at": now,
     }
-    stored: str | None = session.scalar(_insert_new(session).values(record).returning(MESSAGES.c.id))
+    stored: str | None = session.scalar(_insert_new(session), record)
     if stored is None:
-        where = (Message.folder_id == folder_id, Message.uid == copy.uid)
-        return StoredCopy(session.scalar(select(Message.id).where(*where)), None, copy, 0)
-    return StoredCopy(stored, folder_id, copy, 0 if row["seen"] else 1)
+        found = session.scalar(_STORED_ID, {"owner": tenant_id, "folder_id": folder_id, "uid": copy.uid})
+        return StoredCopy(found, None, copy, 0, tenant_id)
+    return StoredCopy(stored, folder_id, copy, 0 if row["seen"] else 1, tenant_id)
 
 
 @dataclass
@@ -130,6 +163,7 @@ class StoredCopy:
     folder_id: str | None
     copy: FiledCopy
     unread: int
+    tenant_id: str
 
     def count(self, session: Session) -> None:
         """Count the inserted row into its folder (an UPDATE that locks the folder row, as
@@ -140,21 +174,36 @@ class StoredCopy:
         if self.folder_id is None:
             return
         counted = session.scalar(
-            update(Folder)
-            .where(Folder.id == self.folder_id, Folder.uidvalidity == self.copy.uidvalidity)
-            .values(message_count=Folder.message_count + 1, unread_count=Folder.unread_count + self.unread)
-            .returning(Folder.id)
-            .execution_options(synchronize_session=False)
+            _COUNT_IN,
+            {
+                "folder_id": self.folder_id,
+                "owner": self.tenant_id,
+                "expected_uidvalidity": self.copy.uidvalidity,
+                "unread": self.unread,
+            },
         )
         if counted is None:
             raise TransientMailError("the Sent folder changed while its copy was being stored; will retry")
 
 
-def _insert_new(session: Session) -> Any:
-    """An INSERT into messages that skips a row whose (folder, UID) is stored already."""
-    dialect = session.get_bind().dialect.name
+def _insert_new_for(dialect: str) -> Any:
+    """An INSERT into messages that skips a row whose (folder, UID) is stored already,
+    returning the new row's id (None when skipped)."""
+    key = ["folder_id", "uid"]
+    statement: Any
     if dialect == "postgresql":
-        return postgresql.insert(MESSAGES).on_conflict_do_nothing(index_elements=["folder_id", "uid"])
-    if dialect == "sqlite":
-        return sqlite.insert(MESSAGES).on_conflict_do_nothing(index_elements=["folder_id", "uid"])
-    return insert(MESSAGES)
+        statement = postgresql.insert(MESSAGES).on_conflict_do_nothing(index_elements=key)
+    elif dialect == "sqlite":
+        statement = sqlite.insert(MESSAGES).on_conflict_do_nothing(index_elements=key)
+    else:
+        statement = insert(MESSAGES)
+    return statement.returning(MESSAGES.c.id)
+
+
+_INSERT_NEW = {name: _insert_new_for(name) for name in ("postgresql", "sqlite")}
+
+
+def _insert_new(session: Session) -> Any:
+    dialect = session.get_bind().dialect.name
+    statement = _INSERT_NEW.get(dialect)
+    return statement if statement is not None else _insert_new_for(dialect)
