@@ -84,6 +84,13 @@ class Settings(BaseSettings):
     task_history_days: int = Field(default=30, ge=1)
     stuck_task_grace_seconds: int = Field(default=600, ge=1)
     worker_max_tasks_per_child: int = Field(default=1000, ge=1)
+    worker_nice: int = Field(
+        default=0,
+        ge=0,
+        le=19,
+        description="Niceness a worker process (and its pool) takes at start, so that on a machine "
+        "shared with the API the API answers first; 0 leaves it as started.",
+    )
     max_tasks_in_flight_per_queue: int = Field(
         default=1000,
         ge=1,

@@ -148,11 +148,21 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
+def take_niceness(nice: int) -> None:
+    """Raise this process's niceness to ``nice`` (never lowers it: that needs privileges)."""
+    if nice > 0:
+        current = os.getpriority(os.PRIO_PROCESS, 0)
+        if nice > current:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+
+
 def _watch_worker_processes(settings: Settings) -> None:
     """Worker metrics: the main process serves its children's files when a port is set; a
     child that exits stops counting in the live gauges."""
 
     def serve(**_: Any) -> None:
+        # Before the pool forks: its processes inherit the niceness.
+        take_niceness(settings.worker_nice)
         if settings.worker_metrics_port is not None:
             metrics.serve_worker_metrics(settings.worker_metrics_port)
 

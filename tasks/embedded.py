@@ -32,7 +32,7 @@ from celery.beat import EmbeddedService
 
 from services.logs import configure_logging
 from services.settings import Settings
-from tasks.celery_app import make_celery
+from tasks.celery_app import make_celery, take_niceness
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,7 @@ class WorkerHost:
         signal.signal(signal.SIGINT, request_stop)
         # A bare WorkController configures no logging (the `celery worker` command does).
         configure_logging(self.settings.log_level, self.settings.log_format, force=True)
+        take_niceness(self.settings.worker_nice)
         self.start()
         while not self.stopping.wait(1.0):
             if not all(thread.is_alive() for thread in self.threads):

@@ -221,9 +221,13 @@ class Launcher:
         host += [
             arg for queue, threads in EMBEDDED_THREADS.items() for arg in ("--queue", f"{queue}:{threads}")
         ]
-        commands.append(("workers", host, shared))
+        # On this one machine the API answers first: the workers take a higher niceness (the
+        # CPU the API leaves), spam scoring, the least urgent and most CPU-bound, the highest.
+        nice = {} if "worker_nice" in settings.model_fields_set else {"MAILROOM_WORKER_NICE": "5"}
+        commands.append(("workers", host, {**shared, **nice}))
         spam = ["worker", "-Q", "spam", "--pool", "solo", "--hostname", "spam@%h", "--loglevel", "INFO"]
-        commands.append(("spam", [*celery, *spam], shared))
+        nice = {} if "worker_nice" in settings.model_fields_set else {"MAILROOM_WORKER_NICE": "10"}
+        commands.append(("spam", [*celery, *spam], {**shared, **nice}))
         if self.flower:
             # `mailroom flower`: MAILROOM_FLOWER_BASIC_AUTH when set, else open on loopback.
             flower = [sys.executable, "-m", "mailroom.cli", "flower", "--address=127.0.0.1"]
