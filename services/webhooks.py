@@ -100,6 +100,7 @@ from services.db import transaction
 from services.errors import NotFound, Unauthorized, ValidationFailed
 from services.mail.hosts import PinnedHost, connect_pinned, resolve_host
 from services.models import Account, TaskRecord, WebhookDelivery, WebhookEndpoint, is_id, new_id, utcnow
+from services.retry import backoff_delay
 from services.settings import Settings
 
 log = logging.getLogger("mailroom.webhooks")
@@ -535,8 +536,6 @@ def deliver(
 ) -> Outcome:
     """One attempt of one delivery (``sessions`` bound to its tenant). ``manual`` (a
     redelivery asked for by a client) sends once whatever the state and never retries."""
-    from tasks.lifecycle import backoff_delay
-
     with transaction(sessions) as session:
         delivery = session.get(WebhookDelivery, delivery_id)
         if delivery is None:

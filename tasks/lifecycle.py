@@ -11,7 +11,6 @@ exponential backoff) or ``failed`` (permanent fault, or retries spent).
 from __future__ import annotations
 
 import logging
-import random
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,6 +29,7 @@ from services.db import bound_tenant, make_engine, make_sessionmaker, tenant_ses
 from services.errors import MailroomError, TaskCancelled, ValidationFailed, is_database_fault, is_transient
 from services.logs import log_context
 from services.models import Account, TaskState
+from services.retry import backoff_delay
 from services.settings import Settings
 from tasks import metrics, webhook_tasks
 from tasks.runtime import Runtime, get_runtime
@@ -40,14 +40,6 @@ P = TypeVar("P", bound=BaseModel)
 
 #: How often at most a worker writes progress to the database.
 PROGRESS_INTERVAL = 0.5
-
-
-def backoff_delay(retries: int, *, base: float, cap: float, rng: random.Random | None = None) -> float:
-    """Seconds before retry number ``retries + 1``: base doubling (5, 10, 20 …), capped, with
-    ±20 % jitter so a burst of failures does not come back as a burst."""
-    delay = min(cap, base * (2**retries))
-    jitter = (rng or random).uniform(0.8, 1.2)
-    return round(min(cap, delay * jitter), 3)
 
 
 @dataclass

@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy import select
 
 from services.models import TaskRecord
+from services.retry import backoff_delay
 from tasks.celery_app import make_celery
 from tasks.dispatch import dispatch
-from tasks.lifecycle import backoff_delay
 from tasks.monitoring import get_queue_stats
 from tests.conftest import account_body, env_for, worker_env
 from tests.servers.dovecot import DovecotServer
