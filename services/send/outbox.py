@@ -24,12 +24,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from celery import Celery
-from sqlalchemy import select
+from sqlalchemy import Table, insert, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from services import task_records
 from services.errors import Conflict, MailroomError, ServiceUnavailable, ValidationFailed
@@ -134,26 +134,31 @@ def accept_send(
     # The task's id is chosen here, so that the row carries it from its INSERT and commits
     # with its task record in dispatch's one commit (no second commit to write it).
     task_id = new_id()
-    row = OutboxEntry(
-        task_id=task_id,
-        tenant_id=principal.tenant_id,
-        account_id=account.id,
-        user_id=principal.user_id,
-        idempotency_key=idempotency_key,
-        request_hash=digest,
-        state=(OutboxState.SCHEDULED if eta else OutboxState.QUEUED).value,
-        send_at=body.send_at,
-        message_id_header=built.message_id,
-        subject=body.subject,
-        envelope_from=built.envelope_from,
-        recipients=built.recipients,
-        raw=built.raw,
-        size=len(built.raw),
-        save_sent=account.save_sent_copy if body.save_sent is None else body.save_sent,
-    )
-    session.add(row)
+    now = utcnow()
+    values: dict[str, Any] = {
+        "id": new_id(),
+        "task_id": task_id,
+        "tenant_id": principal.tenant_id,
+        "account_id": account.id,
+        "user_id": principal.user_id,
+        "idempotency_key": idempotency_key,
+        "request_hash": digest,
+        "state": (OutboxState.SCHEDULED if eta else OutboxState.QUEUED).value,
+        "send_at": body.send_at,
+        "message_id_header": built.message_id,
+        "subject": body.subject,
+        "envelope_from": built.envelope_from,
+        "recipients": built.recipients,
+        "raw": built.raw,
+        "size": len(built.raw),
+        "save_sent": account.save_sent_copy if body.save_sent is None else body.save_sent,
+        "created_at": now,
+        "updated_at": now,
+    }
     try:
-        session.flush()
+        # One Core INSERT (the unit of work's flush of a new object cost more than the
+        # statement); the row object then joins the session as if loaded.
+        session.execute(_INSERT_ROW, values)
     except IntegrityError:
         # Another request with this key inserted first (and has committed: the unique
         # index made this insert wait for it).
@@ -163,6 +168,9 @@ def accept_send(
         if earlier is None:
             raise
         return earlier
+    row = OutboxEntry(**values)
+    make_transient_to_detached(row)
+    session.add(row)
     # The row, holding its task id already, and the task record commit together inside
     # dispatch.
     try:
@@ -188,6 +196,9 @@ def accept_send(
         session.commit()
         raise
     return Accepted(result.record, row, created=True)
+
+
+_INSERT_ROW = insert(cast(Table, OutboxEntry.__table__))
 
 
 def _params(row: OutboxEntry) -> dict[str, Any]:
