@@ -153,13 +153,15 @@ def _on_hard_time_limit(
     engine = make_engine(sender.app.conf.mailroom_settings)
     try:
         with transaction(tenant_sessions(make_sessionmaker(engine), tenant_id)) as session:
-            task_records.mark_failed(
-                session, task_id, "the task ran past its hard time limit and was stopped", "time_limit"
+            _end_failed(
+                session,
+                sender.app,
+                tenant_id,
+                task_id,
+                "the task ran past its hard time limit and was stopped",
+                "time_limit",
+                logged=("task %s: stopped at its hard time limit", task_id),
             )
-            events = webhooks.record_task_events(session, tenant_id, task_id)
-        log.error("task %s: stopped at its hard time limit", task_id)
-        if events:
-            webhook_tasks.publish(sender.app, tenant_id, events)
     except Exception:
         log.exception("task %s: could not record its hard time limit", task_id)
     finally:
@@ -235,17 +237,16 @@ def _attempt(
                 task_records.mark_cancelled(session, task_id)
                 return {"cancelled": True}
             if record.attempts >= record.max_retries + 1:
-                task_records.mark_failed(
+                _end_failed(
                     session,
+                    task.app,
+                    tenant_id,
                     task_id,
                     f"the worker running this task was lost {record.attempts} times (killed or out "
                     "of memory); giving up",
                     "worker_lost",
+                    logged=("task %s: worker lost %d times, failing it", task_id, record.attempts),
                 )
-                log.error("task %s: worker lost %d times, failing it", task_id, record.attempts)
-                events = webhooks.record_task_events(session, tenant_id, task_id)
-                session.commit()
-                webhook_tasks.publish(task.app, tenant_id, events)
                 return {"failed": "worker_lost"}
             log.warning(
                 "task %s: redelivered after its worker was lost (attempt %d)", task_id, record.attempts
@@ -341,14 +342,32 @@ def _account_gone(runtime: Runtime, account_id: str) -> bool:
 def _fail(
     runtime: Runtime, task_id: str, message: str, code: str, ref: str | None = None, *, app: Any = None
 ) -> None:
-    events: list[str] = []
     with transaction(runtime.sessions) as session:
-        task_records.mark_failed(session, task_id, message, code, ref=ref)
-        tenant_id = bound_tenant(session)
-        if tenant_id is not None:
-            events = webhooks.record_task_events(session, tenant_id, task_id)
+        _end_failed(session, app or current_app, bound_tenant(session), task_id, message, code, ref=ref)
+
+
+def _end_failed(
+    session: Session,
+    app: Any,
+    tenant_id: str | None,
+    task_id: str,
+    message: str,
+    code: str,
+    *,
+    ref: str | None = None,
+    logged: tuple[Any, ...] = (),
+) -> None:
+    """End the record ``failed`` in ``session``'s transaction, with the task's webhook events
+    (none when ``tenant_id`` is None), and commit it (the caller's ``transaction`` block,
+    if any, then has nothing left to commit); then log ``logged`` (``log.error``'s
+    arguments), only once the failure is committed, and publish the events."""
+    task_records.mark_failed(session, task_id, message, code, ref=ref)
+    events = webhooks.record_task_events(session, tenant_id, task_id) if tenant_id is not None else []
+    session.commit()
+    if logged:
+        log.error(*logged)
     if events and tenant_id is not None:
-        webhook_tasks.publish(app or current_app, tenant_id, events)
+        webhook_tasks.publish(app, tenant_id, events)
 
 
 def _client_error(exc: Exception) -> tuple[str, str, str | None]:
