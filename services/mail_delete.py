@@ -314,11 +314,16 @@ def delete_messages(
         tenant_id = account.tenant_id
         left_behind = has_journal(session, account_id)
 
-    def read_plan(report: bool = True) -> Plan:
+    def read_plan(first: bool = True) -> Plan:
+        stop: BaseException | None = None
         with transaction(sessions) as session:
             plan = plan_delete(session, account_id, ids, permanent, set(in_trash))
             session.expunge_all()  # the folders are read, never written, through the ORM
-        if report:
+            if first and report is not None:  # the first report in the plan's transaction
+                stop = report(session, 0, f"deleting {plan.total} messages")
+        if stop is not None:
+            raise stop
+        if first and report is None:
             progress(0, f"deleting {plan.total} messages")
         return plan
 
@@ -335,7 +340,7 @@ def delete_messages(
                 # then plan again from the rows as they are now.
                 require_uidplus(client)
                 run.reconciled = reconcile(sessions, client, account_id)
-                run.plan = read_plan(report=False)
+                run.plan = read_plan(first=False)
             _delete(run, account_id, tenant_id)
     result = run.result()
     if finish is None:

@@ -53,7 +53,7 @@ def test_reports_in_the_batch_transaction_and_a_cancel_stops_at_the_next_batch(
     def report(session: Session, percent: float, stage: str) -> BaseException | None:
         # The batch's rows are written in this very transaction: its ids left INBOX.
         seen.append((percent, set(chosen) - left_in(session, inbox, chosen)))
-        return TaskCancelled() if len(seen) == 2 else None
+        return TaskCancelled() if len(seen) == 3 else None  # the start, then two batches
 
     def finish(session: Session, result: dict[str, Any]) -> None:
         raise AssertionError("a cancelled run never finishes")
@@ -71,10 +71,10 @@ def test_reports_in_the_batch_transaction_and_a_cancel_stops_at_the_next_batch(
             finish=finish,
             batch_size=4,
         )
-    # Two reports, each after its batch's rows in the same transaction; the cancel from
-    # the second is raised once batch 3 (done on the server meanwhile) is written too.
-    assert [p for p, _ in seen] == [pytest.approx(100 * 4 / 12), pytest.approx(100 * 8 / 12)]
-    assert [done for _, done in seen] == [set(chosen[:4]), set(chosen[:8])]
+    # The start, then two reports, each after its batch's rows in the same transaction; the
+    # cancel from the second is raised once batch 3 (done on the server meanwhile) is written too.
+    assert [p for p, _ in seen] == [0, pytest.approx(100 * 4 / 12), pytest.approx(100 * 8 / 12)]
+    assert [done for _, done in seen] == [set(), set(chosen[:4]), set(chosen[:8])]
     assert mb.server_uids("INBOX") == uids[12:]
     agree(mb)
 
@@ -119,9 +119,9 @@ def test_finish_runs_in_the_last_transaction_with_the_result_and_nothing_reports
         finish=finish,
         batch_size=4,
     )
-    # The start is reported as before; batches 1 and 2 in their transactions; the last
-    # batch's transaction holds the finish and no report.
-    assert calls == ["progress 0", "report 40", "report 80", "finish"]
+    # The start in the plan's transaction, batches 1 and 2 in theirs; the last batch's
+    # transaction holds the finish and no report; ``progress`` is never called.
+    assert calls == ["report 0", "report 40", "report 80", "finish"]
     assert finished == [result]
     assert result["moved" if not permanent else "deleted"] == 10 and result["gone"] == []
     assert mb.server_uids("INBOX") == uids[10:]
@@ -150,3 +150,21 @@ def test_finish_runs_once_when_every_id_is_gone(backend: Any, dovecot: DovecotSe
         finish=lambda session, result: finished.append(result),
     )
     assert finished == [result] and sorted(result["gone"]) == sorted(chosen)
+
+
+def test_a_cancel_seen_at_the_start_touches_nothing(backend: Any, dovecot: DovecotServer) -> None:  # noqa: F811
+    mb, uids, by_uid = seeded(backend, dovecot, 3)
+    with pytest.raises(TaskCancelled):
+        mail_delete.delete_messages(
+            mb.sessions,
+            mb.account_id,
+            [by_uid[u] for u in uids],
+            permanent=False,
+            box=mb.box,
+            settings=mb.settings,
+            progress=lambda percent, stage: None,
+            report=lambda session, percent, stage: TaskCancelled(),
+            finish=lambda session, result: None,
+        )
+    assert mb.server_uids("INBOX") == uids and mb.server_uids("Trash") == []
+    agree(mb)
