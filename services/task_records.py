@@ -254,22 +254,38 @@ def mark_retrying(
     )
 
 
-_MARK_SUCCEEDED = _scoped_update(
-    [TaskState.RUNNING.value],
-    state=TaskState.SUCCEEDED.value,
-    progress=100,
-    stage="done",
-    result=bindparam("result", type_=_TASKS.c.result.type),
-    error_code=null(),
-    last_error=null(),
-    error_ref=null(),
-    finished_at=bindparam("now", type_=_TASKS.c.finished_at.type),
-    updated_at=bindparam("now", type_=_TASKS.c.updated_at.type),
-)
+def _mark_succeeded(scoped: bool) -> Any:
+    where = [_TASKS.c.id == bindparam("task_id"), _TASKS.c.state == TaskState.RUNNING.value]
+    if scoped:
+        where.append(_TASKS.c.tenant_id == bindparam(SCOPE_PARAM))
+    now = bindparam("now", type_=_TASKS.c.finished_at.type)
+    return (
+        update(_TASKS)
+        .where(*where)
+        .values(
+            state=TaskState.SUCCEEDED.value,
+            progress=100,
+            stage="done",
+            result=bindparam("result", type_=_TASKS.c.result.type),
+            error_code=null(),
+            last_error=null(),
+            error_ref=null(),
+            finished_at=now,
+            updated_at=now,
+        )
+        # What the duration statistics fold in (task_stats.record_success), read by the
+        # same statement instead of a SELECT after it.
+        .returning(*task_stats.FINISHED_RUN_COLUMNS)
+    )
 
 
-def mark_succeeded(session: Session, task_id: str, result: dict[str, Any]) -> None:
-    _MARK_SUCCEEDED.execute(session, {"task_id": task_id, "result": result, "now": utcnow()})
+_MARK_SUCCEEDED = ScopedStatement(_mark_succeeded)
+
+
+def mark_succeeded(session: Session, task_id: str, result: dict[str, Any]) -> Any:
+    """End the record ``succeeded``; returns the finished run (task_stats.FINISHED_RUN_COLUMNS)
+    for :func:`task_stats.record_success`, or None when the record was not running."""
+    return _MARK_SUCCEEDED.execute(session, {"task_id": task_id, "result": result, "now": utcnow()}).first()
 
 
 def mark_failed(session: Session, task_id: str, error: str, code: str, *, ref: str | None = None) -> None:

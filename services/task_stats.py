@@ -71,14 +71,18 @@ def _visible_account() -> Select[Any]:
     )
 
 
-_FINISHED_RUN = select(
+#: What record_success folds in of a finished run.
+FINISHED_RUN_COLUMNS = (
     tasks.c.tenant_id,
     tasks.c.account_id,
     tasks.c.type,
     tasks.c.queue,
     tasks.c.started_at,
     tasks.c.finished_at,
-).where(tasks.c.id == bindparam("task_id"), tasks.c.state == TaskState.SUCCEEDED.value)
+)
+_FINISHED_RUN = select(*FINISHED_RUN_COLUMNS).where(
+    tasks.c.id == bindparam("task_id"), tasks.c.state == TaskState.SUCCEEDED.value
+)
 
 
 def _fold_in(dialect: Any) -> Any:
@@ -112,10 +116,12 @@ def _fold_in(dialect: Any) -> Any:
 _FOLD_IN = {"postgresql": _fold_in(postgresql), "sqlite": _fold_in(sqlite)}
 
 
-def record_success(session: Session, task_id: str) -> None:
+def record_success(session: Session, task_id: str, run: Any = None) -> None:
     """Fold the run time of the succeeded task ``task_id`` into its account's statistics
-    (one upsert; a task with no account, or not succeeded, changes nothing)."""
-    row = session.execute(_FINISHED_RUN, {"task_id": task_id}).first()
+    (one upsert; a task with no account, or not succeeded, changes nothing). ``run``: its
+    FINISHED_RUN_COLUMNS when the caller has them (task_records.mark_succeeded returns
+    them), else they are read."""
+    row = run if run is not None else session.execute(_FINISHED_RUN, {"task_id": task_id}).first()
     if row is None or row.account_id is None or row.started_at is None or row.finished_at is None:
         return
     seconds = max(0.0, (row.finished_at - row.started_at).total_seconds())

@@ -94,12 +94,13 @@ class TaskContext:
         body wrote last and the record's success then commit together. The body must
         return ``result`` right after that transaction commits; if it raises instead, the
         rollback took the success back with it."""
-        task_records.mark_succeeded(session, self.task_id, result)
+        finished = task_records.mark_succeeded(session, self.task_id, result)
         # Webhook events, committed with the state they report and published after it.
         self._succeeded = webhooks.record_task_events(session, self.tenant_id, self.task_id)
         # The running duration statistics dispatch estimates from (O(1) to read there); last,
         # since every task of the account and type updates that one row.
-        task_stats.record_success(session, self.task_id)
+        if finished is not None:
+            task_stats.record_success(session, self.task_id, finished)
 
     def check_cancelled(self) -> None:
         """A cancellation checkpoint between steps (also stops an attempt whose record was
