@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, Row, String, Table, bindparam, func, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, Row, Table, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from services.crypto import SecretBox
-from services.db import SCOPE_PARAM, ScopedStatement
 from services.errors import NotFound, ValidationFailed
 from services.mail.hosts import resolve_host
 from services.mail.imap import ImapEndpoint, capabilities, imap_session
@@ -204,36 +203,25 @@ def check_ownership(session: Session, account_id: str | None, tenant_id: str, us
     return account
 
 
-_USERS = cast(Table, User.__table__)
-
-
-def _owner_view(scoped: bool) -> Any:
-    """The account's owner and, for ``:user_id``, that user's tenant and role (NULLs when
-    there is no such user): everything check_owner decides from, in one SELECT."""
-    accounts_t = cast(Table, Account.__table__)
-    user = _USERS.alias("acting_user")
-    query = (
-        select(
-            accounts_t.c.tenant_id, accounts_t.c.user_id, user.c.tenant_id.label("user_tenant"), user.c.role
-        )
-        .select_from(accounts_t.outerjoin(user, user.c.id == bindparam("user_id", type_=String)))
-        .where(accounts_t.c.id == bindparam("account_id"))
-    )
-    return query.where(accounts_t.c.tenant_id == bindparam(SCOPE_PARAM)) if scoped else query
-
-
-_OWNER_VIEW = ScopedStatement(_owner_view)
-
-
-def check_owner(session: Session, account_id: str, tenant_id: str, user_id: str | None) -> None:
-    """:func:`check_ownership`'s decision without loading the account (one Core SELECT): for
-    a task attempt, which needs only the answer."""
-    row = _OWNER_VIEW.execute(session, {"account_id": account_id, "user_id": user_id}).first()
-    if row is None or row.tenant_id != tenant_id:
-        raise NotFound("account not found (deleted, or not this tenant's)")
-    admin = row.user_tenant == tenant_id and row.role == "admin"
-    if user_id is not None and row.user_id != user_id and not admin:
-        raise NotFound("account not found for this user")
+def owner_refusal(
+    account_tenant: str | None,
+    account_user: str | None,
+    user_tenant: str | None,
+    user_role: str | None,
+    *,
+    tenant_id: str,
+    user_id: str | None,
+) -> NotFound | None:
+    """:func:`check_ownership`'s decision from the account's tenant and owner and the acting
+    user's tenant and role (None where there is no such account or user): the refusal, or
+    None when ``user_id`` of ``tenant_id`` may act on the account. For a task attempt,
+    which reads these with its record (task_records.load_for_attempt)."""
+    if account_tenant is None or account_tenant != tenant_id:
+        return NotFound("account not found (deleted, or not this tenant's)")
+    admin = user_tenant == tenant_id and user_role == "admin"
+    if user_id is not None and account_user != user_id and not admin:
+        return NotFound("account not found for this user")
+    return None
 
 
 # --- the sync lock ---------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, make_transient_to_detached
 from services import task_stats
 from services.db import SCOPE_PARAM, ScopedStatement
 from services.errors import Conflict, NotFound
-from services.models import Account, TaskRecord, TaskState, new_id, utcnow
+from services.models import Account, TaskRecord, TaskState, User, new_id, utcnow
 from services.tenancy import Principal, get_scoped, scoped
 
 FINAL = [s.value for s in TaskState.final()]
@@ -204,7 +204,25 @@ _ATTEMPT_COLUMNS = (
 
 
 def _attempt_view(scoped: bool) -> Any:
-    query = select(*(_TASKS.c[name] for name in _ATTEMPT_COLUMNS)).where(_TASKS.c.id == bindparam("task_id"))
+    # With the record, its account's and user's owners (NULL where there is none): what
+    # accounts.owner_refusal decides from, read by the same statement.
+    account = typing.cast(Table, Account.__table__).alias("task_account")
+    user = typing.cast(Table, User.__table__).alias("task_user")
+    query = (
+        select(
+            *(_TASKS.c[name] for name in _ATTEMPT_COLUMNS),
+            account.c.tenant_id.label("account_tenant"),
+            account.c.user_id.label("account_user"),
+            user.c.tenant_id.label("user_tenant"),
+            user.c.role.label("user_role"),
+        )
+        .select_from(
+            _TASKS.outerjoin(account, account.c.id == _TASKS.c.account_id).outerjoin(
+                user, user.c.id == _TASKS.c.user_id
+            )
+        )
+        .where(_TASKS.c.id == bindparam("task_id"))
+    )
     return query.where(_TASKS.c.tenant_id == bindparam(SCOPE_PARAM)) if scoped else query
 
 
@@ -213,7 +231,9 @@ _LOAD_FOR_ATTEMPT = ScopedStatement(_attempt_view)
 
 def load_for_attempt(session: Session, task_id: str) -> Any:
     """The columns of the record an attempt starts from (a row with the names of
-    ``_ATTEMPT_COLUMNS``), or None: one Core SELECT, no ORM object."""
+    ``_ATTEMPT_COLUMNS``, and ``account_tenant``, ``account_user``, ``user_tenant``,
+    ``user_role`` for :func:`services.accounts.owner_refusal`), or None: one Core SELECT,
+    no ORM object."""
     return _LOAD_FOR_ATTEMPT.execute(session, {"task_id": task_id}).first()
 
 

@@ -266,10 +266,14 @@ def _attempt(
         if record.tenant_id != tenant_id or record.user_id != user_id or record.account_id != account_id:
             refused = ValidationFailed("task message does not match its record")
         elif account_id is not None:
-            try:
-                accounts.check_owner(session, account_id, tenant_id, user_id)
-            except MailroomError as exc:
-                refused = exc
+            refused = accounts.owner_refusal(
+                record.account_tenant,
+                record.account_user,
+                record.user_tenant,
+                record.user_role,
+                tenant_id=tenant_id,
+                user_id=user_id,
+            )
 
     ctx = TaskContext(task_id, tenant_id, user_id, account_id, None, runtime, attempt)
     with log_context(queue=observed.queue, task_type=observed.task_type, attempt=attempt):

@@ -118,6 +118,29 @@ def test_worker_rechecks_ownership(kit, other_kit, account, app, sessions) -> No
     assert task["state"] == "failed" and task["error"]["code"] == "not_found" and task["result"] is None
 
 
+def test_worker_rechecks_a_member_may_act_on_the_account(kit, account, app, sessions) -> None:
+    """Within one tenant: a message naming the admin's account for a member (not its owner,
+    not an admin) is refused by the worker; the same message for the admin runs."""
+    st = app.extensions["mailroom"]
+
+    def run_as(user_id: str) -> dict[str, Any]:
+        result = dispatch(
+            st.celery,
+            sessions,
+            type="verify",
+            tenant_id=kit.tenant_id,
+            user_id=user_id,
+            account_id=account["id"],
+            params={},
+        )
+        return kit.admin.wait_task(result.record.id)  # type: ignore[no-any-return]
+
+    refused = run_as(kit.member_id)
+    assert refused["state"] == "failed" and refused["error"]["code"] == "not_found", refused
+    assert "for this user" in refused["error"]["message"]
+    assert run_as(kit.admin_id)["state"] == "succeeded"
+
+
 def test_wrong_password_fails_at_once_without_retry(kit, dovecot, smtp, mailbox_user) -> None:
     body = account_body(dovecot, smtp, (mailbox_user[0], "wrong-password"))
     account = kit.admin.post("/api/accounts", json=body).get_json()
