@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, Row, Table, func, or_, select, update
+from sqlalchemy import Boolean, ColumnElement, CursorResult, Row, Table, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from services.crypto import SecretBox
@@ -138,6 +138,36 @@ def endpoint_view(account: Account, kind: str) -> dict[str, Any]:
 
 def get_account(session: Session, account_id: str, principal: Principal) -> Account:
     return get_scoped(session, Account, account_id, principal, what="account")
+
+
+_ACCOUNTS_T = cast(Table, Account.__table__)
+#: What a send needs of its account, by the rule of services.tenancy.scoped (the caller's
+#: tenant; a member only their own accounts): a Core statement built once, since every
+#: send request reads it.
+_SENDING_ACCOUNT = select(
+    _ACCOUNTS_T.c.id, _ACCOUNTS_T.c.email, _ACCOUNTS_T.c.name, _ACCOUNTS_T.c.save_sent_copy
+).where(
+    _ACCOUNTS_T.c.id == bindparam("account_id"),
+    _ACCOUNTS_T.c.tenant_id == bindparam("tenant_id"),
+    or_(bindparam("is_admin", type_=Boolean), _ACCOUNTS_T.c.user_id == bindparam("user_id")),
+)
+
+
+def sending_account(session: Session, account_id: str, principal: Principal) -> Any:
+    """The account's id, email, name and save_sent_copy for a send, if the principal may
+    see it (else :class:`NotFound`, as :func:`get_account`)."""
+    row = session.execute(
+        _SENDING_ACCOUNT,
+        {
+            "account_id": account_id,
+            "tenant_id": principal.tenant_id,
+            "is_admin": principal.is_admin,
+            "user_id": principal.user_id,
+        },
+    ).first()
+    if row is None:
+        raise NotFound("account not found")
+    return row
 
 
 def list_accounts(

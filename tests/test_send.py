@@ -164,6 +164,18 @@ def test_an_idempotency_key_is_per_tenant(kit, other_kit, account, dovecot, smtp
     assert send(other_kit, account, body).status_code == 404
 
 
+def test_a_member_sends_only_from_accounts_they_own(kit, account, sessions) -> None:
+    """A member of the tenant cannot send from the admin's account (404, nothing queued);
+    the admin can."""
+    body = {"to": ["a@example.test"], "text": "x", "save_sent": False}
+    refused = kit.member.post(f"/api/accounts/{account['id']}/send", json=body)
+    assert refused.status_code == 404, refused.get_json()
+    with sessions() as session:
+        queued = select(func.count()).where(OutboxEntry.account_id == account["id"])
+        assert session.scalar(queued) == 0
+    assert send(kit, account, body).status_code == 202
+
+
 @pytest.mark.parametrize(
     "change",
     [

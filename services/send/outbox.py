@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import Any, cast
 
 from celery import Celery
-from sqlalchemy import Table, insert, select
+from sqlalchemy import Row, Table, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, make_transient_to_detached
 
@@ -112,7 +112,7 @@ def accept_send(
     app: Celery,
     session: Session,
     principal: Principal,
-    account: Account,
+    account: Account | Row[Any],
     body: SendRequest,
     *,
     idempotency_key: str | None,

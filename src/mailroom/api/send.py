@@ -111,7 +111,7 @@ def _account_first() -> None:
     account_id = (request.view_args or {}).get("account_id")
     if request.method == "POST" and isinstance(account_id, str):
         # Kept for the route: the send reads the account once per request.
-        g.send_account = accounts.get_account(db_session(), account_id, principal())
+        g.send_account = accounts.sending_account(db_session(), account_id, principal())
 
 
 @bp.post(
