@@ -42,6 +42,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 from cryptography.fernet import Fernet  # noqa: E402
 
+from bench.environment import DURABLE_POSTGRES  # noqa: E402
 from services.crypto import SecretBox  # noqa: E402
 from services.db import make_engine, make_sessionmaker, unrestricted_unsafe_sessions  # noqa: E402
 from services.migrate import upgrade  # noqa: E402
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     key = Fernet.generate_key().decode()
-    with PostgresServer() as pg, DovecotServer() as dovecot:
+    with PostgresServer(extra_settings=DURABLE_POSTGRES) as pg, DovecotServer() as dovecot:
         url = pg.create_database("bench_sync")
         settings = load_settings(
             database_url=url, secret_key=key, allow_private_hosts=True, sync_batch_size=BATCH
