@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from services import mail_delete
 from services.crypto import SecretBox
-from services.errors import TaskCancelled
+from services.errors import NotFound, TaskCancelled
 from services.models import DeleteJournalEntry, Message
 from tests.servers.dovecot import DovecotServer
 from tests.services.mailboxes import Mailbox, make_messages, new_mailbox
@@ -168,3 +168,31 @@ def test_a_cancel_seen_at_the_start_touches_nothing(backend: Any, dovecot: Dovec
         )
     assert mb.server_uids("INBOX") == uids and mb.server_uids("Trash") == []
     agree(mb)
+
+
+def test_the_api_check_names_trash_ids_in_request_order_and_unknown_ids(
+    backend: Any,  # noqa: F811
+    dovecot: DovecotServer,
+) -> None:
+    mb, uids, by_uid = seeded(backend, dovecot, 6)
+    mail_delete.delete_messages(
+        mb.sessions,
+        mb.account_id,
+        [by_uid[u] for u in uids[:3]],
+        permanent=False,
+        box=mb.box,
+        settings=mb.settings,
+        progress=lambda percent, stage: None,
+    )
+    in_trash = [by_uid[u] for u in uids[:3]]
+    asked = [by_uid[uids[4]], in_trash[2], by_uid[uids[3]], in_trash[0], in_trash[2]]
+    with mb.sessions() as session:
+        assert mail_delete.check_deletable(session, mb.principal, mb.account_id, asked) == [
+            in_trash[2],
+            in_trash[0],
+        ]
+        assert mail_delete.check_deletable(session, mb.principal, mb.account_id, [by_uid[uids[5]]]) == []
+        unknown = "00000000-0000-4000-8000-000000000000"
+        with pytest.raises(NotFound) as refused:
+            mail_delete.check_deletable(session, mb.principal, mb.account_id, [in_trash[1], unknown])
+    assert refused.value.details == {"message_ids": [unknown]}
