@@ -7,6 +7,7 @@ access (PEP 562), from settings read at that moment.
 
 from __future__ import annotations
 
+import gc
 import os
 import ssl
 from typing import Any
@@ -174,7 +175,17 @@ def _watch_worker_processes(settings: Settings) -> None:
         # Beat logs in Mailroom's format, with the task's context (services/logs.py).
         configure_logging(settings.log_level, settings.log_format, force=True)
 
+    def freeze_startup_objects(**_: Any) -> None:
+        # Everything loaded so far (modules, mappers, compiled statements) lives as long as
+        # the process: the collector need not walk it at every full collection, which
+        # otherwise took pauses of a few hundred ms in the middle of tasks.
+        gc.freeze()
+
     signals.worker_init.connect(serve, weak=False, dispatch_uid="mailroom-worker-metrics")
+    signals.worker_init.connect(freeze_startup_objects, weak=False, dispatch_uid="mailroom-gc-freeze")
+    signals.worker_process_init.connect(
+        freeze_startup_objects, weak=False, dispatch_uid="mailroom-gc-freeze-child"
+    )
     signals.worker_process_shutdown.connect(forget, weak=False, dispatch_uid="mailroom-forget-process")
     signals.setup_logging.connect(own_logging, weak=False, dispatch_uid="mailroom-logging")
 
