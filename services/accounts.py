@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Boolean, ColumnElement, CursorResult, Row, Table, bindparam, func, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, Row, Table, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from services.crypto import SecretBox
@@ -21,8 +21,9 @@ from services.mail.imap import ImapEndpoint, capabilities, imap_session
 from services.mail.smtp import SmtpEndpoint, verify_smtp
 from services.models import Account, TaskRecord, User, utcnow
 from services.task_records import IN_FLIGHT
-from services.tenancy import Principal, get_scoped, scoped
+from services.tenancy import Principal, get_scoped, scoped, visible_account
 
+ACCOUNTS = cast(Table, Account.__table__)
 ENDPOINT_FIELDS = ("host", "port", "tls", "username")
 #: Changing any of these points the stored password at another server (or sends it in
 #: plain text), so a change must come with the password again.
@@ -140,16 +141,10 @@ def get_account(session: Session, account_id: str, principal: Principal) -> Acco
     return get_scoped(session, Account, account_id, principal, what="account")
 
 
-_ACCOUNTS_T = cast(Table, Account.__table__)
-#: What a send needs of its account, by the rule of services.tenancy.scoped (the caller's
-#: tenant; a member only their own accounts): a Core statement built once, since every
-#: send request reads it.
-_SENDING_ACCOUNT = select(
-    _ACCOUNTS_T.c.id, _ACCOUNTS_T.c.email, _ACCOUNTS_T.c.name, _ACCOUNTS_T.c.save_sent_copy
-).where(
-    _ACCOUNTS_T.c.id == bindparam("account_id"),
-    _ACCOUNTS_T.c.tenant_id == bindparam("tenant_id"),
-    or_(bindparam("is_admin", type_=Boolean), _ACCOUNTS_T.c.user_id == bindparam("user_id")),
+#: What a send needs of its account, if the principal may see it (built once: every send
+#: request reads it).
+_SENDING_ACCOUNT = visible_account(
+    ACCOUNTS.c.id, ACCOUNTS.c.email, ACCOUNTS.c.name, ACCOUNTS.c.save_sent_copy
 )
 
 
@@ -162,7 +157,7 @@ def sending_account(session: Session, account_id: str, principal: Principal) -> 
             "account_id": account_id,
             "tenant_id": principal.tenant_id,
             "is_admin": principal.is_admin,
-            "user_id": principal.user_id,
+            "viewer_id": principal.user_id,
         },
     ).first()
     if row is None:
@@ -224,12 +219,20 @@ def check_ownership(session: Session, account_id: str | None, tenant_id: str, us
     Every task calls this before it touches a mailbox: the account or the user may have been
     deleted, or the account given to someone else, since the request was accepted."""
     account = session.get(Account, account_id) if account_id else None
-    if account is None or account.tenant_id != tenant_id:
-        raise NotFound("account not found (deleted, or not this tenant's)")
-    if user_id is not None and account.user_id != user_id:
+    user = None
+    if account is not None and user_id is not None and account.user_id != user_id:
         user = session.get(User, user_id)
-        if user is None or user.tenant_id != tenant_id or user.role != "admin":
-            raise NotFound("account not found for this user")
+    refusal = owner_refusal(
+        account.tenant_id if account is not None else None,
+        account.user_id if account is not None else None,
+        user.tenant_id if user is not None else None,
+        user.role if user is not None else None,
+        tenant_id=tenant_id,
+        user_id=user_id,
+    )
+    if refusal is not None:
+        raise refusal
+    assert account is not None
     return account
 
 
@@ -262,8 +265,6 @@ def owner_refusal(
 # account. The one clock that ends a lost holder is the stale-record sweep
 # (``task_records.fail_stuck``), which waits longer than the broker's visibility timeout, so
 # a task whose worker died is redelivered and resumed before anyone calls it lost.
-
-ACCOUNTS = cast(Table, Account.__table__)
 
 
 def _sync_lock_free(task_id: str | None = None) -> ColumnElement[bool]:

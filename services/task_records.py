@@ -157,15 +157,16 @@ def mark_dispatch_failed(session: Session, task_id: str, error: str) -> None:
     )
 
 
-def _scoped_update(allowed: list[str], **values: Any) -> ScopedStatement:
+def _scoped_update(allowed: list[str], *, returning: tuple[Any, ...] = (), **values: Any) -> ScopedStatement:
     """A transition as a :class:`ScopedStatement`: ``UPDATE tasks SET values WHERE id =
-    :task_id AND state IN allowed`` (and the session's tenant)."""
+    :task_id AND state IN allowed`` (and the session's tenant), ``RETURNING returning``."""
 
     def build(scoped: bool) -> Any:
         where = [_TASKS.c.id == bindparam("task_id"), _TASKS.c.state.in_(allowed)]
         if scoped:
             where.append(_TASKS.c.tenant_id == bindparam(SCOPE_PARAM))
-        return update(_TASKS).where(*where).values(**values)
+        statement = update(_TASKS).where(*where).values(**values)
+        return statement.returning(*returning) if returning else statement
 
     return ScopedStatement(build)
 
@@ -274,32 +275,21 @@ def mark_retrying(
     )
 
 
-def _mark_succeeded(scoped: bool) -> Any:
-    where = [_TASKS.c.id == bindparam("task_id"), _TASKS.c.state == TaskState.RUNNING.value]
-    if scoped:
-        where.append(_TASKS.c.tenant_id == bindparam(SCOPE_PARAM))
-    now = bindparam("now", type_=_TASKS.c.finished_at.type)
-    return (
-        update(_TASKS)
-        .where(*where)
-        .values(
-            state=TaskState.SUCCEEDED.value,
-            progress=100,
-            stage="done",
-            result=bindparam("result", type_=_TASKS.c.result.type),
-            error_code=null(),
-            last_error=null(),
-            error_ref=null(),
-            finished_at=now,
-            updated_at=now,
-        )
-        # What the duration statistics fold in (task_stats.record_success), read by the
-        # same statement instead of a SELECT after it.
-        .returning(*task_stats.FINISHED_RUN_COLUMNS)
-    )
-
-
-_MARK_SUCCEEDED = ScopedStatement(_mark_succeeded)
+_MARK_SUCCEEDED = _scoped_update(
+    [TaskState.RUNNING.value],
+    state=TaskState.SUCCEEDED.value,
+    progress=100,
+    stage="done",
+    result=bindparam("result", type_=_TASKS.c.result.type),
+    error_code=null(),
+    last_error=null(),
+    error_ref=null(),
+    finished_at=bindparam("now", type_=_TASKS.c.finished_at.type),
+    updated_at=bindparam("now", type_=_TASKS.c.updated_at.type),
+    # What the duration statistics fold in (task_stats.record_success), read by the same
+    # statement instead of a SELECT after it.
+    returning=task_stats.FINISHED_RUN_COLUMNS,
+)
 
 
 def mark_succeeded(session: Session, task_id: str, result: dict[str, Any]) -> Any:

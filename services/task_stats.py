@@ -23,7 +23,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
-    Boolean,
     Float,
     Integer,
     Select,
@@ -34,7 +33,6 @@ from sqlalchemy import (
     func,
     literal,
     literal_column,
-    or_,
     select,
     text,
 )
@@ -42,7 +40,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from services.models import Account, TaskDuration, TaskRecord, TaskState, utcnow
-from services.tenancy import Principal
+from services.tenancy import Principal, visible_account
 
 #: How many recent runs the running mean behaves like (its weight is 1/min(runs, WINDOW)).
 WINDOW = 20
@@ -58,17 +56,6 @@ ENDED_BADLY_SQL = "state IN ('failed', 'cancelled')"
 tasks = typing.cast(Table, TaskRecord.__table__)
 durations = typing.cast(Table, TaskDuration.__table__)
 accounts = typing.cast(Table, Account.__table__)
-
-
-def _visible_account() -> Select[Any]:
-    """The account ``:account_id`` if ``:viewer_id`` may see it, by the rule of
-    services.tenancy.scoped: the caller's tenant, and for a member only the accounts they
-    own (an admin, ``:is_admin``, sees the whole tenant's)."""
-    return select(accounts.c.id).where(
-        accounts.c.id == bindparam("account_id"),
-        accounts.c.tenant_id == bindparam("tenant_id"),
-        or_(bindparam("is_admin", type_=Boolean), accounts.c.user_id == bindparam("viewer_id")),
-    )
 
 
 #: What record_success folds in of a finished run.
@@ -196,7 +183,7 @@ def _preflight_statement(capped: bool, checked: bool) -> Select[Any]:
     if capped:
         columns.append(_in_flight_count().label("in_flight"))
     if checked:
-        columns.append(_visible_account().scalar_subquery().label("visible"))
+        columns.append(visible_account().scalar_subquery().label("visible"))
     return select(*columns)
 
 
@@ -219,7 +206,7 @@ def _checked_insert_statement(capped: bool, checked: bool) -> Any:
     if capped:
         conditions.append(_in_flight_count() < bindparam("cap", type_=Integer))
     if checked:
-        conditions.append(_visible_account().exists())
+        conditions.append(visible_account().exists())
     chosen = select(*row).where(*conditions) if conditions else select(*row)
     return (
         tasks.insert()

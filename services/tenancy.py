@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, Table, bindparam, select, update
+from sqlalchemy import Boolean, Select, Table, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from services.db import UNRESTRICTED_KEY
 from services.errors import Conflict, NotFound, Unauthorized, ValidationFailed
-from services.models import ApiKey, Role, Tenant, User, utcnow
+from services.models import Account, ApiKey, Role, Tenant, User, utcnow
 
 KEY_PREFIX = "mr_"
 _KEY_RE = re.compile(r"^mr_[A-Za-z0-9_-]{40,60}$")
@@ -186,6 +186,21 @@ def scoped(model: type[M], principal: Principal, *, owned: bool = True) -> Selec
     if owned and not principal.is_admin and hasattr(model, "user_id"):
         query = query.where(model.user_id == principal.user_id)  # type: ignore[attr-defined]
     return query
+
+
+_ACCOUNTS = typing.cast(Table, Account.__table__)
+
+
+def visible_account(*columns: Any) -> Select[Any]:
+    """:func:`scoped`'s rule for one account as a Core SELECT of ``columns`` (the id when
+    none) to build once: the account ``:account_id`` if ``:viewer_id`` may see it, that is
+    in the caller's tenant ``:tenant_id``, and for a member only the accounts they own (an
+    admin, ``:is_admin``, sees the whole tenant's)."""
+    return select(*(columns or (_ACCOUNTS.c.id,))).where(
+        _ACCOUNTS.c.id == bindparam("account_id"),
+        _ACCOUNTS.c.tenant_id == bindparam("tenant_id"),
+        or_(bindparam("is_admin", type_=Boolean), _ACCOUNTS.c.user_id == bindparam("viewer_id")),
+    )
 
 
 def get_scoped(session: Session, model: type[M], ident: Any, principal: Principal, *, what: str) -> M:
