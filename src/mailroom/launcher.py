@@ -221,13 +221,17 @@ class Launcher:
         host += [
             arg for queue, threads in EMBEDDED_THREADS.items() for arg in ("--queue", f"{queue}:{threads}")
         ]
+
         # On this one machine the API answers first: the workers take a higher niceness (the
         # CPU the API leaves), spam scoring, the least urgent and most CPU-bound, the highest.
-        nice = {} if "worker_nice" in settings.model_fields_set else {"MAILROOM_WORKER_NICE": "5"}
-        commands.append(("workers", host, {**shared, **nice}))
+        def niced(level: int) -> dict[str, str]:
+            if "worker_nice" in settings.model_fields_set:
+                return shared  # the MAILROOM_WORKER_NICE the user set applies as it is
+            return {**shared, "MAILROOM_WORKER_NICE": str(level)}
+
+        commands.append(("workers", host, niced(5)))
         spam = ["worker", "-Q", "spam", "--pool", "solo", "--hostname", "spam@%h", "--loglevel", "INFO"]
-        nice = {} if "worker_nice" in settings.model_fields_set else {"MAILROOM_WORKER_NICE": "10"}
-        commands.append(("spam", [*celery, *spam], {**shared, **nice}))
+        commands.append(("spam", [*celery, *spam], niced(10)))
         if self.flower:
             # `mailroom flower`: MAILROOM_FLOWER_BASIC_AUTH when set, else open on loopback.
             flower = [sys.executable, "-m", "mailroom.cli", "flower", "--address=127.0.0.1"]
