@@ -59,14 +59,9 @@ def test_reports_in_the_batch_transaction_and_a_cancel_stops_at_the_next_batch(
         raise AssertionError("a cancelled run never finishes")
 
     with pytest.raises(TaskCancelled):
-        mail_delete.delete_messages(
-            mb.sessions,
-            mb.account_id,
+        mb.delete(
             chosen,
             permanent=permanent,
-            box=mb.box,
-            settings=mb.settings,
-            progress=lambda percent, stage: None,
             report=report,
             finish=finish,
             batch_size=4,
@@ -107,13 +102,9 @@ def test_finish_runs_in_the_last_transaction_with_the_result_and_nothing_reports
         assert (left, journal) == (set(), 0)
         finished.append(result)
 
-    result = mail_delete.delete_messages(
-        mb.sessions,
-        mb.account_id,
+    result = mb.delete(
         chosen,
         permanent=permanent,
-        box=mb.box,
-        settings=mb.settings,
         progress=lambda percent, stage: calls.append(f"progress {round(percent)}"),
         report=report,
         finish=finish,
@@ -138,14 +129,9 @@ def test_finish_runs_once_when_every_id_is_gone(backend: Any, dovecot: DovecotSe
         client.add_flags(uids, [b"\\Deleted"], silent=True)
         client.uid_expunge(uids)
     finished: list[dict[str, Any]] = []
-    result = mail_delete.delete_messages(
-        mb.sessions,
-        mb.account_id,
+    result = mb.delete(
         chosen,
         permanent=True,
-        box=mb.box,
-        settings=mb.settings,
-        progress=lambda percent, stage: None,
         report=lambda session, percent, stage: None,
         finish=lambda session, result: finished.append(result),
     )
@@ -155,14 +141,9 @@ def test_finish_runs_once_when_every_id_is_gone(backend: Any, dovecot: DovecotSe
 def test_a_cancel_seen_at_the_start_touches_nothing(backend: Any, dovecot: DovecotServer) -> None:  # noqa: F811
     mb, uids, by_uid = seeded(backend, dovecot, 3)
     with pytest.raises(TaskCancelled):
-        mail_delete.delete_messages(
-            mb.sessions,
-            mb.account_id,
+        mb.delete(
             [by_uid[u] for u in uids],
             permanent=False,
-            box=mb.box,
-            settings=mb.settings,
-            progress=lambda percent, stage: None,
             report=lambda session, percent, stage: TaskCancelled(),
             finish=lambda session, result: None,
         )
@@ -175,15 +156,7 @@ def test_the_api_check_names_trash_ids_in_request_order_and_unknown_ids(
     dovecot: DovecotServer,
 ) -> None:
     mb, uids, by_uid = seeded(backend, dovecot, 6)
-    mail_delete.delete_messages(
-        mb.sessions,
-        mb.account_id,
-        [by_uid[u] for u in uids[:3]],
-        permanent=False,
-        box=mb.box,
-        settings=mb.settings,
-        progress=lambda percent, stage: None,
-    )
+    mb.delete([by_uid[u] for u in uids[:3]], permanent=False)
     in_trash = [by_uid[u] for u in uids[:3]]
     asked = [by_uid[uids[4]], in_trash[2], by_uid[uids[3]], in_trash[0], in_trash[2]]
     with mb.sessions() as session:

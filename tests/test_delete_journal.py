@@ -52,19 +52,6 @@ def died_after(mb: Mailbox, ids: list[str], *, permanent: bool) -> None:
         write_journal(session, mb.principal.tenant_id, mb.account_id, plan, uidnext)
 
 
-def run_delete(mb: Mailbox, ids: list[str], *, permanent: bool) -> dict[str, Any]:
-    return mail_delete.delete_messages(
-        mb.sessions,
-        mb.account_id,
-        ids,
-        permanent=permanent,
-        box=mb.box,
-        settings=mb.settings,
-        progress=lambda percent, stage: None,
-        batch_size=4,
-    )
-
-
 def agree(mb: Mailbox) -> None:
     """Rows name exactly the server's UIDs in INBOX and Trash, counts are exact, and no
     journal is left."""
@@ -105,7 +92,7 @@ def test_a_move_killed_after_the_server_moved_and_copied_keeps_ids_and_copies_no
         client.copy(uids[4:6], "Trash")  # a server without MOVE: copied, not yet expunged
     assert len(mb.server_uids("Trash")) == 6
 
-    result = run_delete(mb, chosen, permanent=False)
+    result = mb.delete(chosen, permanent=False, batch_size=4)
     assert result["moved"] == 10 and result["gone"] == [], result
     assert mb.server_uids("INBOX") == uids[10:]
     trash = mb.server_uids("Trash")
@@ -137,7 +124,7 @@ def test_a_permanent_delete_killed_after_the_server_expunged_deletes_those_rows(
         client.uid_expunge(uids[:4])
         client.add_flags(uids[4:5], [b"\\Deleted"], silent=True)  # flagged, not expunged
 
-    result = run_delete(mb, chosen, permanent=True)
+    result = mb.delete(chosen, permanent=True, batch_size=4)
     assert result["deleted"] == 6 and result["gone"] == [], result
     assert mb.server_uids("INBOX") == uids[6:]
     assert {m.id for m in mb.messages()} == {by_uid[u] for u in uids[6:]}
@@ -159,7 +146,7 @@ def test_a_journal_naming_a_folder_gone_from_the_server_does_not_block_later_del
         client.delete_folder("Projects")  # another client removed the folder meanwhile
     assert work and mb.server_uids("Trash") == []
 
-    result = run_delete(mb, [m.id for m in mb.messages("INBOX")], permanent=False)
+    result = mb.delete([m.id for m in mb.messages("INBOX")], permanent=False, batch_size=4)
     assert result["moved"] == 2, result
     assert mb.server_uids("INBOX") == [] and len(mb.server_uids("Trash")) == len(inbox)
     with transaction(mb.sessions) as session:

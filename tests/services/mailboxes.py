@@ -14,7 +14,7 @@ from imapclient.exceptions import LoginError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from services import tenancy
+from services import mail_delete, tenancy
 from services.accounts import AccountInput, create_account
 from services.crypto import SecretBox
 from services.db import transaction
@@ -75,6 +75,27 @@ class Mailbox:
             settings=settings or self.settings,
             options=SyncOptions(folders=folders, full=full),
             progress=record,
+        )
+
+    def delete(
+        self,
+        ids: list[str],
+        *,
+        permanent: bool,
+        progress: Callable[[float, str], None] | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """services.mail_delete.delete_messages on this account (``options``: its batch size,
+        report and finish hooks)."""
+        return mail_delete.delete_messages(
+            self.sessions,
+            self.account_id,
+            ids,
+            permanent=permanent,
+            box=self.box,
+            settings=self.settings,
+            progress=progress or (lambda percent, stage: None),
+            **options,
         )
 
     def folder(self, name: str) -> Folder:

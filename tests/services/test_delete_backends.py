@@ -11,7 +11,6 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from services import mail_delete
 from services.crypto import SecretBox
 from services.db import make_engine, make_sessionmaker, transaction, unrestricted_unsafe_sessions
 from services.migrate import upgrade
@@ -40,19 +39,6 @@ def backend(
     upgrade(engine)
     yield unrestricted_unsafe_sessions(make_sessionmaker(engine)), settings
     engine.dispose()
-
-
-def run_delete(mb: Mailbox, ids: list[str], *, permanent: bool) -> dict[str, object]:
-    return mail_delete.delete_messages(
-        mb.sessions,
-        mb.account_id,
-        ids,
-        permanent=permanent,
-        box=mb.box,
-        settings=mb.settings,
-        progress=lambda percent, stage: None,
-        batch_size=2,
-    )
 
 
 def stored(mb: Mailbox) -> dict[str, tuple[str, int]]:
@@ -84,7 +70,7 @@ def test_move_and_permanent_delete_agree_with_the_server_on_both_backends(
     by_uid = {m.uid: m.id for m in mb.messages("INBOX")}
 
     moved = [by_uid[u] for u in uids[2:7]]
-    result = run_delete(mb, moved, permanent=False)
+    result = mb.delete(moved, permanent=False, batch_size=2)
     assert result["moved"] == 5 and result["gone"] == []
     trash = mb.folder("Trash")
     trash_uids = mb.server_uids("Trash")
@@ -94,7 +80,7 @@ def test_move_and_permanent_delete_agree_with_the_server_on_both_backends(
     assert counts_exact(mb)
 
     expunged = [by_uid[u] for u in uids[7:10]]
-    result = run_delete(mb, expunged, permanent=True)
+    result = mb.delete(expunged, permanent=True, batch_size=2)
     assert result["deleted"] == 3
     assert mb.server_uids("INBOX") == uids[:2] + uids[10:]  # the other \Deleted one stays
     assert set(stored(mb)) == set(by_uid.values()) - set(expunged)
