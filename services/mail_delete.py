@@ -333,8 +333,17 @@ def delete_messages(
         with imap_session(
             endpoint, timeout=settings.mail_timeout_seconds, allow_private=settings.allow_private_hosts
         ) as client:
-            run = _Run(sessions, client, account_id, planned.result(), batch_size, progress)
-            run.report, run.on_finish, run.requested = report, finish, ids
+            run = _Run(
+                sessions,
+                client,
+                account_id,
+                planned.result(),
+                batch_size,
+                progress,
+                report=report,
+                on_finish=finish,
+                requested=ids,
+            )
             if left_behind:
                 # An attempt died between an IMAP command and its rows: put them right,
                 # then plan again from the rows as they are now.
