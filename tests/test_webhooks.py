@@ -777,18 +777,43 @@ def test_a_real_spam_check_delivers_message_spam(kit, dovecot, smtp, mailbox_use
 
 def test_the_sweep_and_the_cleanup_read_deliveries_through_their_indexes(sessions) -> None:
     """On PostgreSQL, the sweep's query (its 'pending' inline, so the partial index matches
-    in any plan) and the cleanup's range delete can use their indexes (sequential scans off:
-    the test table is too small for the planner to prefer an index on its own)."""
+    in any plan) and the cleanup's range delete use their indexes on a table shaped as in
+    service: thousands of finished deliveries, a few pending, all analyzed. The rows and the
+    statistics are this test's own (one transaction, rolled back), so what other tests left
+    in the shared table and when autovacuum last ran do not decide the plan; sequential
+    scans are off because even 3,000 rows fit in a few pages."""
     from sqlalchemy import delete as sql_delete
+    from sqlalchemy import select as sql_select
     from sqlalchemy import text
     from sqlalchemy.dialects import postgresql
 
-    from services.models import utcnow
+    from services.models import Tenant, WebhookEndpoint, utcnow
 
     now = utcnow()
-    with transaction(sessions) as session:
+    session = sessions()
+    try:
         if session.get_bind().dialect.name != "postgresql":
             pytest.skip("PostgreSQL plans")
+        tenant = Tenant(name="plans", slug="plans-" + uuid.uuid4().hex[:12])
+        session.add(tenant)
+        session.flush()
+        endpoint = WebhookEndpoint(
+            tenant_id=tenant.id, url="https://hooks.example.com/", events=["task.failed"], secret_enc=b"x"
+        )
+        session.add(endpoint)
+        session.flush()
+        session.execute(
+            text(
+                "INSERT INTO webhook_deliveries (id, tenant_id, endpoint_id, event, event_id, payload,"
+                " state, attempts, attempt_log, created_at, updated_at)"
+                " SELECT gen_random_uuid()::text, :tenant, :endpoint, 'task.failed',"
+                " gen_random_uuid()::text, '{}', CASE WHEN n % 500 = 0 THEN 'pending' ELSE 'succeeded' END,"
+                " 1, '[]', :now - n * interval '1 minute', :now - n * interval '1 minute'"
+                " FROM generate_series(1, 3000) AS n"
+            ),
+            {"tenant": tenant.id, "endpoint": endpoint.id, "now": now},
+        )
+        session.execute(text("ANALYZE webhook_deliveries"))
         session.execute(text("SET LOCAL enable_seqscan = off"))
         captured: list[str] = []
 
@@ -803,8 +828,6 @@ def test_the_sweep_and_the_cleanup_read_deliveries_through_their_indexes(session
             captured.append("\n".join(rows))
             return captured[-1]
 
-        from sqlalchemy import select as sql_select
-
         sweep = (
             sql_select(WebhookDelivery.id)
             .where(
@@ -818,3 +841,6 @@ def test_the_sweep_and_the_cleanup_read_deliveries_through_their_indexes(session
         assert "ix_webhook_deliveries_pending" in plan(sweep), captured
         cleanup = sql_delete(WebhookDelivery).where(WebhookDelivery.created_at < now - timedelta(days=30))
         assert "ix_webhook_deliveries_created_at" in plan(cleanup), captured
+    finally:
+        session.rollback()
+        session.close()
