@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from itertools import repeat
 from zlib import crc32
 
-from services.spam.parse import ParsedMessage, address_of, domain_of
+from services.spam.parse import ParsedMessage, domain_of
 
 HASH_BITS = 20
 HASH_MASK = (1 << HASH_BITS) - 1
@@ -36,16 +37,20 @@ NS_SENDER = 0x5E
 NS_SENDER_DOMAIN = 0x5D
 
 _TOKEN = re.compile(r"[^\W\d_][\w'’-]{1,30}")
+# The same tokens in ASCII text, from plain character ranges, which the regex engine tests
+# faster than Unicode categories.
+_ASCII_TOKEN = re.compile(r"[a-zA-Z][a-zA-Z0-9_'-]{1,30}")
 _LONG_NUMBER = re.compile(r"\d[\d,.]{5}")
 _SUBJECT_TAG = re.compile(r"\[[^\]]{0,40}\]")
 _MONEY = re.compile(r"[$€£]\s?\d")
 _WROTE = re.compile(r"wrote:?[ \t]*$", re.M)
 _HOST = re.compile(r"^[a-z][a-z0-9+.-]{0,20}://(?:[^/@?#]{0,200}@)?([^/:?#\\\s]{1,255})", re.I)
 # Footers the mailing lists of 2002 added (Mailman, Yahoo! Groups, SourceForge): text
-# after them is the list's, not the sender's.
-_FOOTER = re.compile(
-    r"^_{20,}\s*$|^-{10,} ?yahoo! groups sponsor|^to unsubscribe from this group|^sponsored by: ", re.M | re.I
-)
+# after them is the list's, not the sender's. They start a line: the search looks for the line
+# break before them, a literal the regex engine skips to at C speed.
+_FOOTER_START = r"(?:_{20,}\s*$|-{10,} ?yahoo! groups sponsor|to unsubscribe from this group|sponsored by: )"
+_FIRST_LINE_FOOTER = re.compile(_FOOTER_START, re.M | re.I)
+_LATER_FOOTER = re.compile("\n" + _FOOTER_START, re.M | re.I)
 # The corpus anonymised its recipients (yyyy@, zzzz@, jm@) and names its own lists.
 _ARTEFACTS = frozenset(
     {
@@ -87,8 +92,10 @@ _TWO_LEVEL = frozenset({"co", "com", "net", "org", "ac", "gov", "edu", "ne", "or
 
 
 def strip_footers(text: str) -> str:
-    m = _FOOTER.search(text)
-    return text[: m.start()] if m else text
+    if _FIRST_LINE_FOOTER.match(text):
+        return ""
+    m = _LATER_FOOTER.search(text)
+    return text[: m.start() + 1] if m else text
 
 
 def registered_domain(host: str) -> str:
@@ -121,10 +128,19 @@ def _add(out: set[int], token: str, ns: int) -> None:
     out.add(crc32(token.encode("utf-8", "surrogatepass"), ns) & HASH_MASK)
 
 
+def _hashes(tokens: set[str], ns: int) -> list[int]:
+    """What :func:`_add` adds for each of ``tokens``: encoded in one piece (no token holds a
+    line break) and hashed by ``map``, without a Python call per token."""
+    if not tokens:
+        return []
+    encoded = "\n".join(tokens).encode("utf-8", "surrogatepass").split(b"\n")
+    return [h & HASH_MASK for h in map(crc32, encoded, repeat(ns))]
+
+
 def words(text: str) -> set[str]:
     """The distinct word tokens of lower-case ``text``; numbers count as ``#num`` (and
     ``#longnum`` from six characters on), never as themselves (they date mail)."""
-    out = set(_TOKEN.findall(text))
+    out = set((_ASCII_TOKEN if text.isascii() else _TOKEN).findall(text))
     out -= _ARTEFACTS
     if _has_digit(text):
         out.add("#num")
@@ -171,7 +187,7 @@ def base_features(parsed: ParsedMessage) -> set[int]:
     toks = words(text)
     # The wording rules look words up in the same set (tokenising twice cost as much).
     parsed.set_lower_words(frozenset(subject_words | toks))
-    feats.update([crc32(t.encode("utf-8", "surrogatepass"), NS_BODY) & HASH_MASK for t in toks])
+    feats.update(_hashes(toks, NS_BODY))
     if ("$" in text or "€" in text or "£" in text) and _MONEY.search(text):
         _add(feats, "money", NS_MONEY)
     # How a message is written, as people still write: replies quote, and say who wrote.
@@ -206,7 +222,7 @@ def base_features(parsed: ParsedMessage) -> set[int]:
 def sender_features(parsed: ParsedMessage) -> set[int]:
     """The sender's address and domain: features of a tenant's layer only."""
     feats: set[int] = set()
-    _, addr = address_of(parsed.header("from"))
+    _, addr = parsed.sender()
     if "@" in addr:
         _add(feats, addr, NS_SENDER)
         _add(feats, registered_domain(domain_of(addr)), NS_SENDER_DOMAIN)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import binascii
 import codecs
+import heapq
 import html
+import itertools
 import re
 import time
 from dataclasses import dataclass, field
@@ -37,14 +39,23 @@ _ANCHOR_START = re.compile(r"<a[\s>]")
 MAX_ANCHORS = 2000
 _HREF = re.compile(r"""href\s*=\s*(?:"([^"]{0,4000})"|'([^']{0,4000})'|([^\s>]{1,4000}))""", re.I)
 _PASSWORD_INPUT = re.compile(r"<input\b[^>]{0,2000}type\s*=\s*[\"']?password")
-_HIDDEN_STYLE = re.compile(
-    r"display\s*:\s*none|visibility\s*:\s*hidden|font-size\s*:\s*0(?:\.\d+)?(?:px|pt|em)?\s*[;\"']"
+# Styles that hide an element, one pattern each: a literal start is found at C speed, where
+# one alternation tried a match at every "d", "v" and "f" of the markup. No match of one
+# contains the start of another, so merging their matches by position finds what the
+# alternation would.
+_HIDDEN_STYLES = (
+    re.compile(r"display\s*:\s*none"),
+    re.compile(r"visibility\s*:\s*hidden"),
+    re.compile(r"font-size\s*:\s*0(?:\.\d+)?(?:px|pt|em)?\s*[;\"']"),
 )
+MAX_HIDDEN_STYLES = 50
 _TAG_NAME = re.compile(r"<(\w{1,10})")
 # Elements whose content is never shown, hidden or not (Outlook hides its <style> block).
 _NEVER_SHOWN = frozenset(["style", "script", "head", "title", "meta"])
-_URL = re.compile(r"https?://[^\s<>\"'()\[\]{}]{1,2000}", re.I)
-_WS = re.compile(r"\s+")
+# Case-insensitive "https?", spelt out (with the long s that re.I lets match "s"): the
+# regex engine has no fast scan for a first letter of either case.
+_URL = re.compile(r"[hH][tT][tT][pP][sS\u017f]?://[^\s<>\"'()\[\]{}]{1,2000}")
+_FOLDED_WORDS = re.compile(rb"\?=\s+=\?")
 _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]+")
 _WORD = re.compile(r"[^\W\d_]+")
 
@@ -90,6 +101,7 @@ class ParsedMessage:
     _by_name: dict[str, list[bytes]] | None = None
     _hosts: list[str] | None = None
     _lower_words: frozenset[str] | None = None
+    _sender: tuple[str, str] | None = None
 
     def lower_text(self) -> str:
         """Subject and the start of the text, lower-cased (what the wording rules read)."""
@@ -106,6 +118,12 @@ class ParsedMessage:
 
     def set_lower_words(self, words: frozenset[str]) -> None:
         self._lower_words = words
+
+    def sender(self) -> tuple[str, str]:
+        """``(display name, lower-case address)`` of the From header (most rules read it)."""
+        if self._sender is None:
+            self._sender = address_of(self.header("from"))
+        return self._sender
 
     def header(self, name: str) -> str:
         """The first value of header ``name`` (lower-case), decoded, or ``""``."""
@@ -175,18 +193,34 @@ def decode_header_value(raw: bytes) -> str:
     """An unfolded header value with RFC 2047 encoded words decoded."""
     if b"=?" in raw:
         raw = _ENCODED_WORD.sub(_decode_word, raw)
-        raw = re.sub(rb"\?=\s+=\?", b"?==?", raw)
-    return _WS.sub(" ", raw.decode("utf-8", "replace")).strip()
+        raw = _FOLDED_WORDS.sub(b"?==?", raw)
+    return collapse_spaces(raw.decode("utf-8", "replace"))
+
+
+def collapse_spaces(text: str) -> str:
+    """``text`` with each run of whitespace made one space, none at either end."""
+    return " ".join(text.split())
 
 
 def _split_head(data: bytes) -> tuple[bytes, bytes]:
-    lf = data.find(b"\n\n")
-    crlf = data.find(b"\r\n\r\n", 0, lf + 4 if lf >= 0 else len(data))
-    if crlf >= 0 and (lf < 0 or crlf < lf):
-        return data[:crlf], data[crlf + 4 :]
-    if lf >= 0:
-        return data[:lf], data[lf + 2 :]
-    return data, b""
+    """Head and body at the first blank line, ``\\n\\n`` or ``\\r\\n\\r\\n``. Searched in
+    growing windows: a search of the whole part for the line ending it does not use would read
+    all of its body."""
+    start = 0
+    window = 8192
+    while True:
+        end = start + window
+        lf = data.find(b"\n\n", start, end)
+        crlf = data.find(b"\r\n\r\n", start, lf + 4 if lf >= 0 else end)
+        if crlf >= 0:  # before any "\n\n", which cannot start where "\r\n\r\n" does
+            return data[:crlf], data[crlf + 4 :]
+        if lf >= 0:
+            return data[:lf], data[lf + 2 :]
+        if end >= len(data):
+            return data, b""
+        # A blank line may straddle the window's end: the next one starts 3 bytes before it.
+        start = end - 3
+        window *= 2
 
 
 # A field: its name at a line start, then its value with any folded lines.
@@ -269,9 +303,11 @@ def _cut_blocks(markup: str, lower: str, opener: str, closer: str) -> tuple[str,
     return " ".join(markup[a:b] for a, b in keep), " ".join(lower[a:b] for a, b in keep)
 
 
-def html_to_text(markup: str) -> str:
-    """The visible text of an HTML fragment (scripts, styles, head and comments removed)."""
-    lower = markup.lower()
+def html_to_text(markup: str, lower: str | None = None) -> str:
+    """The visible text of an HTML fragment (scripts, styles, head and comments removed);
+    ``lower`` is ``markup.lower()`` where the caller has it."""
+    if lower is None:
+        lower = markup.lower()
     markup, lower = _cut_blocks(markup, lower, "<!--", "-->")
     for tag in ("script", "style", "head"):
         markup, lower = _cut_blocks(markup, lower, f"<{tag}", f"</{tag}")
@@ -285,7 +321,8 @@ class _Reader:
         self.parts = 0
         self.text_chunks: list[str] = []
         self.text_len = 0
-        self.html_chunks: list[str] = []
+        # Each HTML part and its lower-case twin, which the links' reading reuses.
+        self.html_chunks: list[tuple[str, str]] = []
 
     def check_time(self) -> None:
         if time.monotonic() > self.deadline:
@@ -358,11 +395,21 @@ class _Reader:
             self.parsed.limit("nul_bytes")
         if ctype == "text/html":
             self.parsed.html_parts += 1
-            self.html_chunks.append(text[:MAX_TEXT])
-            self.add_text(html_to_text(text[:MAX_TEXT]))
+            markup = text[:MAX_TEXT]
+            lower = markup.lower()
+            self.html_chunks.append((markup, lower))
+            self.add_text(html_to_text(markup, lower))
         else:
             self.parsed.text_parts += 1
             self.add_text(text)
+
+    def html(self) -> tuple[str, str]:
+        """The HTML parts joined, and lower-cased."""
+        if len(self.html_chunks) == 1:
+            return self.html_chunks[0]
+        # Lower-cased whole: str.lower() of a final sigma depends on the letter after it.
+        markup = "".join(markup for markup, _ in self.html_chunks)
+        return markup, markup.lower()
 
     def attachment(self, body: bytes, cte: str, ctype: str, filename: str) -> None:
         encoded_size = len(body)
@@ -405,14 +452,15 @@ def parse_message(raw: bytes, *, time_budget: float = TIME_BUDGET_SECONDS) -> Pa
     reader = _Reader(parsed, time.monotonic() + time_budget)
     try:
         reader.part(raw, 0, True)
-        markup = "".join(reader.html_chunks)
+        markup, lower = reader.html()
         parsed.html = markup
         if markup:
-            _read_html(markup, parsed, reader)
+            _read_html(markup, lower, parsed, reader)
         parsed.text = "".join(reader.text_chunks)
         reader.check_time()
         seen = {link.href for link in parsed.links}
-        for m in _URL.finditer(parsed.text[:MAX_TEXT]):
+        urls = _URL.finditer(parsed.text[:MAX_TEXT]) if "://" in parsed.text else ()
+        for m in urls:
             if len(parsed.urls) >= MAX_LINKS:
                 break
             url = m.group(0).rstrip(".,;:!?")
@@ -428,8 +476,7 @@ def parse_message(raw: bytes, *, time_budget: float = TIME_BUDGET_SECONDS) -> Pa
     return parsed
 
 
-def _read_html(markup: str, parsed: ParsedMessage, reader: _Reader) -> None:
-    lower = markup.lower()
+def _read_html(markup: str, lower: str, parsed: ParsedMessage, reader: _Reader) -> None:
     pos = 0
     for _ in range(MAX_ANCHORS):
         m = _ANCHOR_START.search(lower, pos)
@@ -449,7 +496,7 @@ def _read_html(markup: str, parsed: ParsedMessage, reader: _Reader) -> None:
         if not href_m:
             continue
         href = html.unescape(href_m.group(1) or href_m.group(2) or href_m.group(3) or "").strip()
-        text = _WS.sub(" ", html.unescape(_TAG.sub(" ", markup[open_end + 1 : close]))).strip()
+        text = _visible_words(markup[open_end + 1 : close])
         parsed.links.append(Link(href[:2000], text[:300]))
         if href.lower().startswith(("http://", "https://")):
             parsed.urls.append(href[:2000])
@@ -457,12 +504,8 @@ def _read_html(markup: str, parsed: ParsedMessage, reader: _Reader) -> None:
     parsed.has_form = "<form" in lower
     parsed.has_password_input = "<input" in lower and _PASSWORD_INPUT.search(lower) is not None
     hidden: list[str] = []
-    pos = 0
-    for _ in range(50):
-        hit = _HIDDEN_STYLE.search(lower, pos)
-        if not hit:
-            break
-        pos = hit.end()
+    hits = heapq.merge(*(style.finditer(lower) for style in _HIDDEN_STYLES), key=re.Match.start)
+    for hit in itertools.islice(hits, MAX_HIDDEN_STYLES):
         # The element whose style hides it: its start tag, then up to its end tag.
         start = lower.rfind("<", max(0, hit.start() - 2000), hit.start())
         name = _TAG_NAME.match(lower, start) if start >= 0 else None
@@ -472,10 +515,15 @@ def _read_html(markup: str, parsed: ParsedMessage, reader: _Reader) -> None:
         close = lower.find("</" + name.group(1), open_end, open_end + 20_000)
         if close < 0:
             continue
-        words = _WS.sub(" ", html.unescape(_TAG.sub(" ", markup[open_end + 1 : close]))).strip()
+        words = _visible_words(markup[open_end + 1 : close])
         if words:
             hidden.append(words)
     parsed.hidden_text = " ".join(hidden)[:5000]
+
+
+def _visible_words(fragment: str) -> str:
+    """The words an HTML fragment shows, one space between each."""
+    return collapse_spaces(html.unescape(_TAG.sub(" ", fragment)))
 
 
 def address_of(value: str) -> tuple[str, str]:

@@ -354,7 +354,7 @@ def _ext(name: str) -> str:
 
 
 def _sender(parsed: ParsedMessage) -> tuple[str, str]:
-    name, addr = address_of(parsed.header("from"))
+    name, addr = parsed.sender()
     return name, domain_of(addr)
 
 
@@ -549,7 +549,7 @@ def mixed_script_word(value: str) -> str | None:
 
 
 def obfuscated_text(parsed: ParsedMessage) -> Indicator | None:
-    name, _ = address_of(parsed.header("from"))
+    name, _ = parsed.sender()
     subject = parsed.header("subject")
     for where, value in (("sender name", name), ("subject", subject)):
         if _INVISIBLE.search(value) or len(_MATH_LETTERS.findall(value)) >= 3:
@@ -588,10 +588,9 @@ def recipient_in_subject(parsed: ParsedMessage) -> Indicator | None:
 
 
 def malformed_sender(parsed: ParsedMessage) -> Indicator | None:
-    raw = parsed.header("from")
-    if not raw:
+    if not parsed.header("from"):
         return Indicator("malformed_sender", W_MALFORMED_SENDER, "no From header")
-    _, addr = address_of(raw)
+    _, addr = parsed.sender()
     local, at, domain = addr.rpartition("@")
     if not at or not local or "@" in local or not _VALID_DOMAIN.match(domain):
         return Indicator("malformed_sender", W_MALFORMED_SENDER, f"From address {addr!r}"[:200])
@@ -634,7 +633,7 @@ _GENERATED_LOCAL = re.compile(r"^[a-z]{2,20}_[a-z]{2,20}_(?!(?:19|20)\d\d$)\d{3,
 
 
 def generated_sender(parsed: ParsedMessage) -> Indicator | None:
-    _, addr = address_of(parsed.header("from"))
+    _, addr = parsed.sender()
     local = addr.rpartition("@")[0]
     if local and _GENERATED_LOCAL.match(local):
         return Indicator("generated_sender", W_GENERATED_SENDER, f"made-up mailbox {addr}"[:200])
@@ -660,7 +659,7 @@ def _is_random(token: str) -> bool:
 
 
 def random_string(parsed: ParsedMessage) -> Indicator | None:
-    name, _ = address_of(parsed.header("from"))
+    name, _ = parsed.sender()
     for where, value in (("subject", parsed.header("subject")), ("sender name", name)):
         for token in _RANDOM_CANDIDATE.findall(value[:1000]):
             if _is_random(token):
@@ -678,7 +677,7 @@ _ADDRESS_IN_NAME = re.compile(r"\S*@\S*")
 
 
 def serial_sender_name(parsed: ParsedMessage) -> Indicator | None:
-    name, addr = address_of(parsed.header("from"))
+    name, addr = parsed.sender()
     if not name or not any(c.isdigit() for c in name):
         return None
     local = addr.rpartition("@")[0]

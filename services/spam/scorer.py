@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from services.spam.features import base_features, sender_features
 from services.spam.model import EVIDENCE_TOKENS, load_base_model
-from services.spam.parse import ParsedMessage, address_of, parse_message
+from services.spam.parse import ParsedMessage, parse_message
 from services.spam.rules import evaluate_rules
 from services.spam.verdict import Indicator, SenderLists, Verdict
 
@@ -107,7 +107,7 @@ def score_message(
             indicators.append(result.indicator())
             total += result.indicator().weight
     if lists is not None:
-        _, sender = address_of(analysis.parsed.header("from"))
+        _, sender = analysis.parsed.sender()
         blocked = _list_match(lists.block, sender)
         if blocked:
             return Verdict(1.0, (Indicator("sender_blocked", MAX_LOGIT, blocked), *indicators), limits)

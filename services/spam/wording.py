@@ -11,6 +11,8 @@ Italian). Words common in technical mail ("locked", "limited", "terminated", "ex
 
 from __future__ import annotations
 
+from functools import cache
+
 CREDENTIAL = (
     "password",
     "passcode",
@@ -174,13 +176,18 @@ LURE_PHRASES = (
 def first_phrase(text: str, phrases: tuple[str, ...], words: frozenset[str] | None = None) -> str | None:
     """The first of ``phrases`` found in ``text``. With ``words`` (the text's word set), a
     phrase of several words is only searched for when its first word is among them."""
-    for phrase in phrases:
-        head, space, _ = phrase.partition(" ")
-        if space and words is not None and head not in words:
+    for phrase, head in _with_first_words(phrases):
+        if head is not None and words is not None and head not in words:
             continue
         if phrase in text:
             return phrase
     return None
+
+
+@cache
+def _with_first_words(phrases: tuple[str, ...]) -> tuple[tuple[str, str | None], ...]:
+    """Each of ``phrases`` with its first word (None for a single word), split once per list."""
+    return tuple((p, p.partition(" ")[0] if " " in p else None) for p in phrases)
 
 
 def first_word(words: frozenset[str], vocabulary: frozenset[str]) -> str | None:
