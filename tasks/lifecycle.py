@@ -57,6 +57,8 @@ class TaskContext:
     _last_progress: int = field(default=-1)
     #: Set by :meth:`succeed`: the webhook events of the success the body committed itself.
     _succeeded: list[str] | None = field(default=None)
+    #: What the task's ``begin`` step (see :func:`mailroom_task`) left for the body.
+    started: Any = None
 
     @property
     def settings(self) -> Settings:
@@ -111,10 +113,20 @@ class TaskContext:
 
 
 Body = Callable[[TaskContext], dict[str, Any]]
+#: A task's first step, run in the transaction that marks its record running.
+Begin = Callable[[Session, TaskContext], None]
 
 
-def mailroom_task(name: str, params_model: type[BaseModel], *, max_retries: int) -> Callable[[Body], Task]:
-    """Register ``body`` as the Celery task ``name`` with Mailroom's task life around it."""
+def mailroom_task(
+    name: str, params_model: type[BaseModel], *, max_retries: int, begin: Begin | None = None
+) -> Callable[[Body], Task]:
+    """Register ``body`` as the Celery task ``name`` with Mailroom's task life around it.
+
+    ``begin(session, ctx)``, if given, runs inside the transaction that marks the record
+    running, once the parameters are valid and the ownership check passed, so that the
+    body's first step costs no transaction of its own; it leaves what the body needs in
+    ``ctx.started``. A :class:`MailroomError` it raises ends the attempt as one the body
+    raised would; it must raise before it writes anything (that transaction commits)."""
 
     def decorate(body: Body) -> Task:
         @shared_task(name=name, bind=True, max_retries=max_retries)
@@ -126,7 +138,9 @@ def mailroom_task(name: str, params_model: type[BaseModel], *, max_retries: int)
             params: dict[str, Any] | None = None,
         ) -> dict[str, Any]:
             with log_context(task_id=self.request.id, tenant_id=tenant_id):
-                return run_attempt(self, body, params_model, tenant_id, user_id, account_id, params or {})
+                return run_attempt(
+                    self, body, params_model, tenant_id, user_id, account_id, params or {}, begin
+                )
 
         run.__doc__ = body.__doc__
         return run
@@ -180,6 +194,7 @@ def run_attempt(
     user_id: str | None,
     account_id: str | None,
     raw_params: dict[str, Any],
+    begin: Begin | None = None,
 ) -> dict[str, Any]:
     """One attempt. The database unreachable where the attempt cannot even write its record
     (at its start, or while recording a fault) is retried like any transient fault, from
@@ -187,7 +202,7 @@ def run_attempt(
     attempt on the next delivery, so the retry budget still holds), and nothing the
     attempt wrote is half done, since every write is one transaction."""
     try:
-        return _attempt(task, body, params_model, tenant_id, user_id, account_id, raw_params)
+        return _attempt(task, body, params_model, tenant_id, user_id, account_id, raw_params, begin)
     except Exception as exc:
         if not is_database_fault(exc):
             raise
@@ -217,6 +232,7 @@ def _attempt(
     user_id: str | None,
     account_id: str | None,
     raw_params: dict[str, Any],
+    begin: Begin | None,
 ) -> dict[str, Any]:
     # Every session of this attempt (the task body's and the services' it calls) sees only
     # the task's tenant: a message naming another tenant's record finds no record.
@@ -274,35 +290,45 @@ def _attempt(
                 tenant_id=tenant_id,
                 user_id=user_id,
             )
+        ctx = TaskContext(task_id, tenant_id, user_id, account_id, None, runtime, attempt)
+        if refused is None:
+            try:
+                ctx.params = _valid_params(params_model, raw_params)
+                if begin is not None:
+                    begin(session, ctx)
+            except MailroomError as exc:
+                refused = exc
 
-    ctx = TaskContext(task_id, tenant_id, user_id, account_id, None, runtime, attempt)
     with log_context(queue=observed.queue, task_type=observed.task_type, attempt=attempt):
         try:
-            result = _run_body(task, body, params_model, ctx, raw_params, observed, refused)
+            result = _run_body(task, body, ctx, observed, refused)
         finally:
             observed.end("failed")  # only when nothing above ended it (e.g. a hard time limit)
     return result
 
 
+def _valid_params(params_model: type[BaseModel], raw_params: dict[str, Any]) -> Any:
+    try:
+        return params_model.model_validate(raw_params)
+    except ValidationError as exc:
+        raise ValidationFailed(
+            "invalid task parameters",
+            details=[{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()],
+        ) from None
+
+
 def _run_body(
     task: Task,
     body: Body,
-    params_model: type[BaseModel],
     ctx: TaskContext,
-    raw_params: dict[str, Any],
     observed: metrics.AttemptMetrics,
     refused: MailroomError | None,
 ) -> dict[str, Any]:
+    """Run the body, or fail the attempt for ``refused`` (what the attempt's start found
+    wrong: the message, the ownership, the parameters or the ``begin`` step)."""
     runtime, task_id = ctx.runtime, ctx.task_id
     tenant_id, account_id = ctx.tenant_id, ctx.account_id
     try:
-        try:
-            ctx.params = params_model.model_validate(raw_params)
-        except ValidationError as exc:
-            raise ValidationFailed(
-                "invalid task parameters",
-                details=[{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()],
-            ) from None
         if refused is not None:
             raise refused
         result = body(ctx)

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from services import accounts, mail_delete, spam_check, spam_store, task_records
 from services.errors import MailroomError, Superseded, TaskCancelled
-from services.send.deliver import deliver
+from services.send import deliver as send_deliver
 from services.sync import SyncOptions, sync_account
 from services.task_inputs import DeleteParams, SendParams, SpamCheckParams, SyncParams, VerifyParams
 from tasks.dispatch import dispatch
@@ -68,17 +68,28 @@ def verify_account(ctx: TaskContext) -> dict[str, Any]:
     return result
 
 
-@mailroom_task("mailroom.send_email", SendParams, max_retries=QUEUES["send"].max_retries)
-def send_email(ctx: TaskContext) -> dict[str, Any]:
-    """Send one outbox message through the account's SMTP server and file its copy in
-    \\Sent, each at most once however often the task is delivered (services.send.deliver)."""
+def _claim_outbox_row(session: Session, ctx: TaskContext) -> None:
+    # In the transaction that marks the record running: the attempt's first step is free.
     params: SendParams = ctx.params
-    return deliver(
-        ctx.runtime.sessions,
+    ctx.started = send_deliver.claim(
+        session,
         params.outbox_id,
         account_id=ctx.account_id or "",
         task_id=ctx.task_id,
         box=ctx.runtime.box,
+    )
+
+
+@mailroom_task(
+    "mailroom.send_email", SendParams, max_retries=QUEUES["send"].max_retries, begin=_claim_outbox_row
+)
+def send_email(ctx: TaskContext) -> dict[str, Any]:
+    """Send one outbox message through the account's SMTP server and file its copy in
+    \\Sent, each at most once however often the task is delivered (services.send.deliver)."""
+    return send_deliver.deliver(
+        ctx.runtime.sessions,
+        ctx.started,
+        account_id=ctx.account_id or "",
         settings=ctx.settings,
         progress=lambda percent, stage: ctx.progress(percent, stage, force=True),
         # The record ends ``succeeded`` in the commit that marks the row ``sent``.

@@ -175,54 +175,76 @@ def _update(session: Session, outbox_id: str, **values: Any) -> None:
         raise NotFound("outbox entry not found")  # its account was deleted meanwhile
 
 
+@dataclass
+class Claim:
+    """What :func:`claim` read and decided: the body of the attempt goes on from this."""
+
+    claimed: _Claimed
+    #: The attempt must stop (it was cancelled before the send began).
+    stop: bool
+    raw: bytes | None
+    save_sent: bool
+    sender: str
+    smtp: Any
+    imap: ImapEndpoint
+
+
+def claim(session: Session, outbox_id: str, *, account_id: str, task_id: str, box: SecretBox) -> Claim:
+    """Take the row for the attempt of ``task_id`` in ``session``'s transaction (the one
+    that marks the task's record running, so the claim costs no transaction of its own):
+    lock it, read it with its account's servers, and move a row not yet sent to
+    ``sending`` (or ``cancelled``, when a cancel came in before the attempt started).
+    Everything that may fail is read before the one write."""
+    row = _CLAIM.execute(
+        session, {"outbox_id": outbox_id, "account_id": account_id, "task_id": task_id}
+    ).first()
+    if row is None:
+        raise NotFound("outbox entry not found")
+    before = row.state
+    stop = before in NOT_YET_SENT and not row.running
+    smtp = accounts.smtp_endpoint(row, box)
+    imap = accounts.imap_endpoint(row, box)
+    changes: dict[str, Any] = {}
+    if row.task_id is None:
+        changes["task_id"] = task_id  # the API died between its two commits
+    if before in NOT_YET_SENT:
+        changes["state"] = (OutboxState.CANCELLED if stop else OutboxState.SENDING).value
+        if stop:
+            changes["raw"] = None
+    if changes:
+        _update(session, outbox_id, **changes)
+    claimed = _Claimed(
+        outbox_id=row.id,
+        tenant_id=row.tenant_id,
+        before=before,
+        message_id=row.message_id_header,
+        recipients=list(row.recipients),
+        smtp_reply=row.smtp_reply,
+        refused=dict(row.refused or {}),
+        error=row.error,
+        sent_copy=_copy_of(row.sent_folder, row.sent_uid, row.sent_message_id),
+    )
+    return Claim(claimed, stop, row.raw, row.save_sent, row.envelope_from, smtp, imap)
+
+
 def deliver(
     sessions: sessionmaker[Session],
-    outbox_id: str,
+    taken: Claim,
     *,
     account_id: str,
-    task_id: str,
-    box: SecretBox,
     settings: Settings,
     progress: Callable[[float, str], None],
     finish: Finish | None = None,
 ) -> dict[str, Any]:
-    """Send the outbox row's message and file its Sent copy; returns the task's result.
-    ``progress`` is called (a cancel checkpoint) only while waiting for the send rate.
-    ``finish(session, result)``, if given, is called inside the transaction that marks the
-    row ``sent`` (the task's record then ends with it, in one commit)."""
-    with transaction(sessions) as session:
-        row = _CLAIM.execute(
-            session, {"outbox_id": outbox_id, "account_id": account_id, "task_id": task_id}
-        ).first()
-        if row is None:
-            raise NotFound("outbox entry not found")
-        before = row.state
-        stop = before in NOT_YET_SENT and not row.running
-        changes: dict[str, Any] = {}
-        if row.task_id is None:
-            changes["task_id"] = task_id  # the API died between its two commits
-        if before in NOT_YET_SENT:
-            # A cancel that came in since the attempt started still stops the send here.
-            changes["state"] = (OutboxState.CANCELLED if stop else OutboxState.SENDING).value
-            if stop:
-                changes["raw"] = None
-        if changes:
-            _update(session, outbox_id, **changes)
-        smtp = accounts.smtp_endpoint(row, box)
-        imap = accounts.imap_endpoint(row, box)
-        raw, message_id, save_sent = row.raw, row.message_id_header, row.save_sent
-        sender = row.envelope_from
-        claimed = _Claimed(
-            outbox_id=row.id,
-            tenant_id=row.tenant_id,
-            before=before,
-            message_id=message_id,
-            recipients=list(row.recipients),
-            smtp_reply=row.smtp_reply,
-            refused=dict(row.refused or {}),
-            error=row.error,
-            sent_copy=_copy_of(row.sent_folder, row.sent_uid, row.sent_message_id),
-        )
+    """Send the message of the row ``taken`` (by :func:`claim`, committed) and file its Sent
+    copy; returns the task's result. ``progress`` is called (a cancel checkpoint) only
+    while waiting for the send rate. ``finish(session, result)``, if given, is called
+    inside the transaction that marks the row ``sent`` (the task's record then ends with
+    it, in one commit)."""
+    claimed, stop = taken.claimed, taken.stop
+    outbox_id, before, message_id = claimed.outbox_id, claimed.before, claimed.message_id
+    raw, save_sent, sender = taken.raw, taken.save_sent, taken.sender
+    smtp, imap = taken.smtp, taken.imap
     if stop:
         raise TaskCancelled()
     if before in (OutboxState.SENT.value, OutboxState.FAILED.value, OutboxState.CANCELLED.value):
