@@ -358,3 +358,11 @@ def test_a_reply_without_quoting_counts_less_than_one_that_quotes() -> None:
     weight = {i.name: i.weight for i in evaluate_rules(parse_message(bare))}["thread_reply"]
     quoted = {i.name: i.weight for i in evaluate_rules(parse_message(quoting))}["thread_reply"]
     assert quoted < weight < 0
+    # Quoted lines count wherever they are, the first line too, indented or not; one is not two.
+    for body, weighs in [
+        ("> Shall we meet Thursday?\n  > At ten?\nYes.\n", quoted),
+        ("Yes.\n\t> Shall we meet Thursday?\n", weight),
+        ("Yes. > not a quote\n> Shall we meet Thursday?\n", weight),
+    ]:
+        verdict = {i.name: i.weight for i in evaluate_rules(parse_message(message(body, extra=head)))}
+        assert verdict["thread_reply"] == weighs, body
