@@ -366,3 +366,93 @@ def test_a_reply_without_quoting_counts_less_than_one_that_quotes() -> None:
     ]:
         verdict = {i.name: i.weight for i in evaluate_rules(parse_message(message(body, extra=head)))}
         assert verdict["thread_reply"] == weighs, body
+
+
+def test_urgency_taken_back_or_about_a_links_lifetime_is_no_urgency() -> None:
+    # An ordinary note says it is not urgent; a password reset says how long its link works.
+    not_urgent = message("Hi Anna, what's the wifi password at the office again? Not urgent.\n\nBen\n")
+    assert "credential_request" not in fired(not_urgent)
+    invoice = message("Could you send me the invoice for November when you have a minute? Nothing urgent.")
+    assert "payment_request" not in fired(invoice)
+    reset = message(
+        "Someone, hopefully you, asked to reset the password of your account. If it was not you,"
+        " ignore this email.\n\nhttps://git.example.org/users/password/edit?token=abc\n\n"
+        "This link will expire in 24 hours.\n"
+    )
+    assert "credential_request" not in fired(reset)
+    code = message(
+        "Your sign-in code is 482913. The code expires today at midnight; your password stays the same."
+    )
+    assert "credential_request" not in fired(code)
+    # What the rules are for still fires, the taking back read only just before the phrase.
+    assert "credential_request" in fired(message("Your password will expire today. Keep it: log in now."))
+    assert "credential_request" in fired(message("Urgent: confirm your password or the account is deleted."))
+    assert "payment_request" in fired(message("Not a reminder but a final notice: the invoice is overdue."))
+
+
+def test_a_sender_that_shows_its_own_domain_through_a_click_tracker_is_no_mismatch() -> None:
+    newsletter = html(
+        "<p>Over the holidays we open from 8 to 14.</p>"
+        '<a href="https://bakery.us12.list-manage.com/track/click?u=1a2b&amp;id=3c4d">www.riverside-bakery.com</a>',
+        sender="Riverside Bakery <hello@riverside-bakery.com>",
+    )
+    assert "link_text_mismatch" not in fired(newsletter)
+    receipt = html(
+        '<p>Thanks for your payment.</p><a href="https://u1234.ct.sendgrid.net/ls/click?upn=aBc">acmecloud.io/billing</a>',
+        sender="Acme Cloud <billing@mail.acmecloud.io>",
+    )
+    assert "link_text_mismatch" not in fired(receipt)
+    # Another's domain shown, through the same tracker, is still a mismatch.
+    phish = html(
+        '<a href="https://u1234.ct.sendgrid.net/ls/click?upn=aBc">www.paypal.com</a>',
+        sender="Acme Cloud <billing@mail.acmecloud.io>",
+    )
+    assert "paypal.com" in fired(phish)["link_text_mismatch"]
+
+
+def test_preheader_padding_is_not_hidden_text() -> None:
+    # Newsletters pad their preheader with invisible characters so the preview ends after it.
+    padding = "&#847;&zwnj;&nbsp;" * 90
+    padded = html(
+        '<div style="display:none;max-height:0;overflow:hidden">'
+        f"Fresh layers for cold mornings.{padding}</div>"
+        "<p>Our winter collection is here.</p>"
+    )
+    indicator = {i.name: i for i in evaluate_rules(parse_message(padded))}["html_only_hidden_text"]
+    assert indicator.detail == "31 hidden characters"
+    plain = html(
+        '<div style="display:none">Fresh layers for cold mornings.</div><p>Our winter collection.</p>'
+    )
+    assert {i.name: i for i in evaluate_rules(parse_message(plain))}["html_only_hidden_text"] == indicator
+    # Padding alone is no hidden text; hidden words in any number still are, at their weight.
+    assert "html_only_hidden_text" not in fired(html(f'<div style="display:none">{padding}</div><p>Hi</p>'))
+    stuffed = html(f'<div style="display:none">{"lorem ipsum dolor sit amet " * 20}{padding}</div><p>Hi</p>')
+    heavier = {i.name: i for i in evaluate_rules(parse_message(stuffed))}["html_only_hidden_text"]
+    assert heavier.weight > indicator.weight
+
+
+def test_a_brand_sending_as_one_of_its_products_is_no_spoof() -> None:
+    for sender in (
+        '"Microsoft OneDrive" <no-reply@onedrive.com>',
+        '"Microsoft SharePoint" <no-reply@sharepoint.com>',
+        '"Apple iCloud" <noreply@icloud.com>',
+    ):
+        assert "display_name_spoofs_brand" not in fired(message(sender=sender)), sender
+    spoof = message(sender='"Microsoft OneDrive" <no-reply@onedrive-share.example.net>')
+    assert fired(spoof)["display_name_spoofs_brand"] == '"microsoft" sent from onedrive-share.example.net'
+
+
+def test_people_named_like_a_brand_are_no_spoof() -> None:
+    for sender in (
+        "Chase Miller <chase.miller@gmail.com>",
+        "Sarah Norton <s.norton@northwind-consulting.co.uk>",
+        '"Pablo Santander" <pablo@example.es>',
+    ):
+        assert "display_name_spoofs_brand" not in fired(message(sender=sender)), sender
+    for sender in (
+        '"Chase" <alerts@secure-notice.example>',
+        '"Chase Bank" <alerts@secure-notice.example>',
+        '"Norton Security ALERT" <alert@nortonalert.example>',
+        '"santander" <compras@shop.example>',
+    ):
+        assert "display_name_spoofs_brand" in fired(message(sender=sender)), sender

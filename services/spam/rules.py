@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from services.spam import wording
 from services.spam.features import is_public_ip, registered_domain, url_host
-from services.spam.parse import ParsedMessage, address_of, domain_of
+from services.spam.parse import ParsedMessage, address_of, collapse_spaces, domain_of
 from services.spam.verdict import Indicator
 
 Rule = Callable[[ParsedMessage], Indicator | None]
@@ -68,7 +68,16 @@ ARCHIVE_EXT = frozenset(["zip", "rar", "7z", "gz", "tgz", "bz2", "xz", "ace", "c
 # Brands that phishing impersonates most, with the domains they really send from.
 BRANDS: dict[str, tuple[str, ...]] = {
     "paypal": ("paypal.com", "paypal.de", "paypal.co.uk"),
-    "microsoft": ("microsoft.com", "office.com", "outlook.com", "live.com", "microsoftonline.com"),
+    "microsoft": (
+        "microsoft.com",
+        "office.com",
+        "outlook.com",
+        "live.com",
+        "microsoftonline.com",
+        "office365.com",
+        "onedrive.com",
+        "sharepoint.com",
+    ),
     "office 365": ("microsoft.com", "office.com", "office365.com"),
     "office365": ("microsoft.com", "office.com", "office365.com"),
     "outlook": ("microsoft.com", "outlook.com"),
@@ -253,6 +262,14 @@ _LOOKALIKE_NAMES = (
 _BRAND_DOMAINS = frozenset(d for domains in BRANDS.values() for d in domains) | frozenset(
     ["amazonaws.com", "microsoftonline.com", "microsoftstore.com", "netflix.net", "paypalobjects.com"]
 )
+# Brands that are also people's given names or surnames: "Chase Miller" is a person.
+_PERSONAL_NAMES = frozenset(["chase", "norton", "santander", "disney"])
+# Words of the names companies send as ("Chase Bank", "Norton Security").
+_SERVICE_WORDS = frozenset(
+    """account accounts alert alerts bank banking billing card cards care center centre customer
+    customers department desk help info mobile notice notification notifications official online
+    protection security secure service services support team update updates""".split()  # noqa: SIM905
+)
 _DOMAINISH = re.compile(r"(?:https?://)?((?:[a-z0-9-]{1,63}\.){1,6}[a-z]{2,24})\b", re.I)
 _AUTH_RESULT = re.compile(r"\b(spf|dkim|dmarc)\s*=\s*(fail|softfail|permerror|none)\b", re.I)
 _MSGID = re.compile(r"^\s*<[^<>@\s]{1,250}@[^<>@\s]{1,250}>\s*$")
@@ -270,6 +287,11 @@ _SYLLABICS = re.compile("[\u13a0-\u13ff\u1400-\u167f]")
 _MATH_LETTERS = re.compile("[\U0001d400-\U0001d7ff]")
 _TEXT_HIDDEN_MARKS = re.compile("[\U000e0000-\U000e007f\U000e0100-\U000e01ef]")
 _SPACED = re.compile(r"(?:\S {1,3}){20}")
+# What preheaders pad with: zero-width and joining marks, the combining grapheme joiner, the
+# soft hyphen, Braille and Hangul blanks.
+_PADDING = re.compile(
+    "[\u034f\u00ad\u115f\u1160\u180e\u200b-\u200f\u2028-\u202f\u2060-\u2064\u2800\u3164\ufeff]"
+)
 _FREE_HOSTING = frozenset(
     (
         "firebaseapp.com",
@@ -359,6 +381,11 @@ def _sender(parsed: ParsedMessage) -> tuple[str, str]:
 
 
 def link_text_mismatch(parsed: ParsedMessage) -> Indicator | None:
+    # A sender that shows its own domain and links through a click tracker (its mail
+    # service's: list-manage.com, sendgrid.net) is how newsletters and receipts link; what
+    # misleads is a domain shown that is not the sender's.
+    _, from_domain = _sender(parsed)
+    own = registered_domain(from_domain) if from_domain else ""
     for link in parsed.links:
         target = url_host(link.href)
         if not target:
@@ -370,7 +397,8 @@ def link_text_mismatch(parsed: ParsedMessage) -> Indicator | None:
         # "iscsid.conf" is a file's name; "www.example" a cut-off "www.example.com".
         if shown.rpartition(".")[2] in _FILE_EXTENSIONS or target.startswith(shown + "."):
             continue
-        if registered_domain(shown) != registered_domain(target):
+        shown_domain = registered_domain(shown)
+        if shown_domain != registered_domain(target) and shown_domain != own:
             return Indicator("link_text_mismatch", W_LINK_MISMATCH, f"shows {shown}, goes to {target}"[:200])
     return None
 
@@ -401,16 +429,35 @@ def lookalike_domain(parsed: ParsedMessage) -> Indicator | None:
     return None
 
 
+def _brand_domain(domain: str, brand: str) -> bool:
+    return any(domain == d or domain.endswith("." + d) for d in BRANDS[brand])
+
+
+def _person_named(name: str) -> bool:
+    """Whether ``name`` reads as a person's ("Chase Miller", "Sarah Norton"): two to four
+    capitalised words, none of them what a company calls its mail ("Chase Bank", "Norton
+    Security ALERT")."""
+    parts = name.replace('"', " ").split()
+    return 2 <= len(parts) <= 4 and all(
+        p.isalpha() and p.istitle() and p.lower() not in _SERVICE_WORDS for p in parts
+    )
+
+
 def display_name_spoofs_brand(parsed: ParsedMessage) -> Indicator | None:
     name, domain = _sender(parsed)
     if not name or not domain:
         return None
-    m = _BRAND_RE.search(name.lower())
+    lowered = name.lower()
+    m = _BRAND_RE.search(lowered)
     if not m:
         return None
     brand = m.group(1)
     real = BRANDS[brand]
-    if any(domain == d or domain.endswith("." + d) for d in real):
+    # The sender is the brand's when its domain is that of any brand the name says
+    # ("Microsoft OneDrive" from onedrive.com).
+    if any(_brand_domain(domain, b.group(1)) for b in _BRAND_RE.finditer(lowered)):
+        return None
+    if brand in _PERSONAL_NAMES and _person_named(name):
         return None
     # "IT support" or "Webmail" from the recipient's own organisation is not a spoof.
     if not real and "reader" in parsed.header("to").lower() and domain in parsed.header("to").lower():
@@ -424,7 +471,7 @@ def credential_request(parsed: ParsedMessage) -> Indicator | None:
     cred = wording.first_phrase(text, wording.CREDENTIAL, words)
     if not cred:
         return None
-    urgent = wording.first_phrase(text, wording.URGENCY, words)
+    urgent = wording.urgency(text, words)
     if not urgent:
         return None
     return Indicator("credential_request", W_CREDENTIAL, f'"{cred}" with "{urgent}"'[:200])
@@ -438,7 +485,7 @@ def payment_request(parsed: ParsedMessage) -> Indicator | None:
     )
     if not pay:
         return None
-    urgent = wording.first_phrase(text, wording.URGENCY, words)
+    urgent = wording.urgency(text, words)
     if not urgent:
         return None
     return Indicator("payment_request", W_PAYMENT, f'"{pay}" with "{urgent}"'[:200])
@@ -502,8 +549,13 @@ def html_only_hidden_text(parsed: ParsedMessage) -> Indicator | None:
     hidden = parsed.hidden_text
     if len(hidden) < 20:
         return None
-    weight = W_HIDDEN_TEXT if len(hidden) >= PREHEADER_CHARS else W_HIDDEN_PREHEADER
-    return Indicator("html_only_hidden_text", weight, f"{len(hidden)} hidden characters")
+    # A preheader is padded with invisible characters ("&#847;&zwnj;&nbsp;" a hundred times)
+    # so that the preview stops after it: the padding is no hidden text.
+    shown = len(hidden) if hidden.isascii() else len(collapse_spaces(_PADDING.sub("", hidden)))
+    if shown < 20:
+        return None
+    weight = W_HIDDEN_TEXT if shown >= PREHEADER_CHARS else W_HIDDEN_PREHEADER
+    return Indicator("html_only_hidden_text", weight, f"{shown} hidden characters")
 
 
 def auth_results_fail(parsed: ParsedMessage) -> Indicator | None:

@@ -11,6 +11,7 @@ Italian). Words common in technical mail ("locked", "limited", "terminated", "ex
 
 from __future__ import annotations
 
+import re
 from functools import cache
 
 CREDENTIAL = (
@@ -171,6 +172,31 @@ LURE_PHRASES = (
     "investment opportunit",
     "no deposit",
 )
+
+
+# Urgency a message takes back ("nothing urgent", "not urgent at all", "non-urgent") is no
+# pressure on the reader; nor is the lifetime of a link or a code ("this link will expire in 24
+# hours"), which every password reset and sign-in code states.
+_TAKEN_BACK = re.compile(
+    r"(?:\bnot|\bnothing|\bno|\bnon|n't|\bnever)(?:[ -]+(?:so|that|too|very|really|at all))?[ -]+$"
+)
+_EXPIRY = frozenset(["will expire", "has expired", "expires today", "expire today"])
+_SHORT_LIVED = re.compile(r"\b(?:link|links|code|codes|token|invitation|invite)[ ]+$")
+
+
+def urgency(text: str, words: frozenset[str] | None = None) -> str | None:
+    """The first of :data:`URGENCY` that ``text`` says and means: an occurrence the text takes
+    back, or one about a link's or code's lifetime, does not count."""
+    for phrase, head in _with_first_words(URGENCY):
+        if head is not None and words is not None and head not in words:
+            continue
+        start = text.find(phrase)
+        while start >= 0:
+            before = text[max(0, start - 24) : start]
+            if not _TAKEN_BACK.search(before) and not (phrase in _EXPIRY and _SHORT_LIVED.search(before)):
+                return phrase
+            start = text.find(phrase, start + len(phrase))
+    return None
 
 
 def first_phrase(text: str, phrases: tuple[str, ...], words: frozenset[str] | None = None) -> str | None:
