@@ -50,7 +50,7 @@ from services.crypto import SecretBox
 from services.db import transaction
 from services.errors import NotFound
 from services.mail.imap import imap_session
-from services.mail_delete_imap import BATCH_SIZE, drain, move_uids, require_uidplus
+from services.mail_delete_imap import BATCH_SIZE, drain, move_uids, require_uidplus, uid_sets
 from services.mail_delete_journal import (
     Reconciled,
     clear_journal,
@@ -71,7 +71,6 @@ from services.mail_delete_rows import (
 )
 from services.models import Account, Folder
 from services.settings import Settings
-from services.sync.commands import uid_set
 from services.sync.pipeline import BatchWriter
 
 __all__ = [
@@ -228,10 +227,12 @@ def _expunge_folder(run: _Run, folder: Folder, rows: list[Row]) -> None:
         drain(client)
         # Which of the UIDs the server still has: a SEARCH answer is one short line, cheaper
         # to read than the FETCH answers of a STORE that is not silent.
-        present = set(client.search(["UID", uid_set(uids)]))
-        if present:
-            client.add_flags(sorted(present), [b"\\Deleted"], silent=True)
-            client.uid_expunge(sorted(present))  # exactly these UIDs, never a plain EXPUNGE
+        present: set[int] = set()
+        for command_set in uid_sets(uids):
+            present.update(client.search(["UID", command_set]))
+        for command_set in uid_sets(present):
+            client.add_flags(command_set, [b"\\Deleted"], silent=True)
+            client.uid_expunge(command_set)  # exactly these UIDs, never a plain EXPUNGE
         drain(client)
         run.deleted += len(present)
         run.plan.gone += [r.id for r in batch if r.uid not in present]

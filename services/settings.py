@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     )
     mail_timeout_seconds: float = Field(default=30.0, gt=0)
     sync_batch_size: int = Field(default=500, ge=1, le=5000)
+    #: Messages per batch of a delete task: each batch's rows commit together, and a cancel
+    #: is honoured between batches (services.mail_delete).
+    delete_batch_size: int = Field(default=2000, ge=1, le=10000)
     default_sync_interval: int = Field(default=900, ge=60)
 
     # --- the watcher (`mailroom watcher`: IMAP NOTIFY / IDLE, a sync on each change) -------

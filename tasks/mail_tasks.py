@@ -143,6 +143,7 @@ def delete_emails(ctx: TaskContext) -> dict[str, Any]:
             progress=lambda percent, stage: ctx.progress(percent, stage, force=True),
             report=report,
             finish=finish,
+            batch_size=ctx.settings.delete_batch_size,
         )
     except BaseException:
         with ctx.session() as session:

@@ -41,6 +41,8 @@ TEST_SETTINGS: dict[str, str] = {
     "retry_max_seconds": "4",
     "mail_timeout_seconds": "5",
     "sync_batch_size": "100",
+    # The delete fault tests stop a worker between batches of this size.
+    "delete_batch_size": "500",
     "log_level": "INFO",
     # Tests fire requests far faster than a client would, many from one address; the
     # limits themselves are tested with their own low values (tests/api/test_ratelimit.py).

@@ -261,3 +261,18 @@ def test_uid_sets() -> None:
     assert uid_set([]) == ""
     assert parse_uid_set("1:3,7,10:8") == [(1, 3), (7, 7), (8, 10)]
     assert in_ranges([1, 2, 4, 7, 9, 11], [(1, 3), (7, 7), (8, 10), (2, 4)]) == [1, 2, 4, 7, 9]
+
+
+def test_command_uid_sets_stay_within_the_line_limit_and_hold_every_uid() -> None:
+    from services.mail_delete_imap import MAX_UID_SET, uid_sets
+
+    # Neighbours are one range however many: one short command.
+    assert uid_sets(range(1, 5001)) == ["1:5000"]
+    assert uid_sets([]) == []
+    # Scattered UIDs (every other one, six digits each) need several commands.
+    scattered = list(range(100_000, 104_000, 2))
+    sets = uid_sets(reversed(scattered))
+    assert len(sets) > 1 and all(len(s) <= MAX_UID_SET for s in sets)
+    assert [uid for s in sets for lo, hi in parse_uid_set(s) for uid in range(lo, hi + 1)] == scattered
+    # A small limit splits between parts, never inside one.
+    assert uid_sets([1, 2, 3, 7, 9, 10], limit=5) == ["1:3,7", "9:10"]
