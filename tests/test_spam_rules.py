@@ -98,6 +98,16 @@ def test_display_name_spoofs_brand() -> None:
     assert "display_name_spoofs_brand" not in fired(person)
 
 
+def test_a_role_name_from_the_recipients_own_domain_is_no_spoof() -> None:
+    ours = message(sender='"IT Support" <helpdesk@example.com>', to='"Anna" <anna@example.com>')
+    assert "display_name_spoofs_brand" not in fired(ours)
+    theirs = message(sender='"IT Support" <helpdesk@mailer-77.example.net>', to="anna@example.com")
+    assert fired(theirs)["display_name_spoofs_brand"] == '"it support" sent from mailer-77.example.net'
+    # A brand's name is the brand's wherever the recipient works.
+    brand = message(sender='"PayPal" <service@example.com>', to="anna@example.com")
+    assert "display_name_spoofs_brand" in fired(brand)
+
+
 def test_shops_and_parcel_services_from_their_own_country_domains_are_no_spoof() -> None:
     spoof = message(sender='"Lidl Gewinnspiel" <gewinn.lidl@gmail.com>')
     assert fired(spoof)["display_name_spoofs_brand"] == '"lidl" sent from gmail.com'

@@ -375,6 +375,14 @@ def _ext(name: str) -> str:
     return name.lower().rstrip(". ").rpartition(".")[2] if "." in name else ""
 
 
+_AT_DOMAIN = re.compile(r"@([a-z0-9.-]+)")
+
+
+def _recipient_domains(parsed: ParsedMessage) -> set[str]:
+    """The domains of the To header's addresses (its first 2,000 characters)."""
+    return {d.rstrip(".") for d in _AT_DOMAIN.findall(parsed.header("to")[:2000].lower())}
+
+
 def _sender(parsed: ParsedMessage) -> tuple[str, str]:
     name, addr = parsed.sender()
     return name, domain_of(addr)
@@ -459,8 +467,9 @@ def display_name_spoofs_brand(parsed: ParsedMessage) -> Indicator | None:
         return None
     if brand in _PERSONAL_NAMES and _person_named(name):
         return None
-    # "IT support" or "Webmail" from the recipient's own organisation is not a spoof.
-    if not real and "reader" in parsed.header("to").lower() and domain in parsed.header("to").lower():
+    # "IT support" or "Webmail" from the recipient's own organisation (the sender's domain
+    # is a recipient's) is not a spoof.
+    if not real and domain in _recipient_domains(parsed):
         return None
     return Indicator("display_name_spoofs_brand", W_BRAND_SPOOF, f'"{brand}" sent from {domain}'[:200])
 
