@@ -5,7 +5,9 @@ gunicorn started exactly as the shipped configuration starts it (deploy/api.yaml
 
 from __future__ import annotations
 
+import http.client
 import math
+import select
 import signal
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psutil
 import requests
@@ -220,6 +223,43 @@ def http_call(method: str, url: str, expected: int, headers: dict[str, str]) -> 
         return call
 
     return make
+
+
+class KeepAliveClient:
+    """One keep-alive HTTP/1.1 connection (http.client) sending what a ``requests.Session``
+    sends: the same request line, headers (requests' defaults first, in its order) and body
+    bytes. For load generators that share the machine with what they measure: a request
+    costs a fraction of the CPU ``requests`` spends on it. Bodies are bytes, serialised by the
+    caller (ahead of the measured phase where it can)."""
+
+    def __init__(self, url: str, headers: dict[str, str], *, timeout: float = 30) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"not an http://host:port URL: {url}")
+        self.connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+        self.headers = {**requests.utils.default_headers(), **headers}
+
+    def request(self, method: str, path: str, json_body: bytes | None = None) -> tuple[int, bytes]:
+        """(status, body) of ``method path``, with ``json_body`` as application/json."""
+        sock = self.connection.sock
+        if sock is not None and select.select([sock], [], [], 0)[0]:
+            # Readable while idle: the server closed it (its keep-alive timeout) - reconnect,
+            # as requests does, rather than send on a dead connection.
+            self.connection.close()
+        if json_body is None:
+            self.connection.request(method, path, headers=self.headers)
+        else:
+            headers = {
+                **self.headers,
+                "Content-Length": str(len(json_body)),
+                "Content-Type": "application/json",
+            }
+            self.connection.request(method, path, json_body, headers)
+        response = self.connection.getresponse()
+        return response.status, response.read()
+
+    def close(self) -> None:
+        self.connection.close()
 
 
 # -- CPU accounting --------------------------------------------------------------------
