@@ -18,7 +18,7 @@ Each figure is printed beside its reference, measured in the same run:
    light client, one connection per pool thread), beside ``GET /healthz`` at the same load
    (goal: 202 p99 < 25 ms at 50 requests/s). The send
    worker keeps sending meanwhile on the same 2 cores; then with the send worker at
-   niceness 10 (as ``mailroom run`` runs its workers beside the API, MAILROOM_WORKER_NICE:
+   niceness 5 (as ``mailroom run`` runs its workers beside the API, MAILROOM_WORKER_NICE:
    it sends meanwhile with the CPU the API leaves); then once more with the send
    worker stopped (SIGSTOP, its messages wait in the broker and are sent afterwards): the
    API's own latency, as where API pods have CPU of their own.
@@ -70,6 +70,7 @@ from bench.environment import (  # noqa: E402
     print_table,
 )
 from bench.loadgen import Gunicorn, HttpStatusError, KeepAliveClient, run_fixed_rate  # noqa: E402
+from mailroom.launcher import WORKERS_NICE  # noqa: E402
 from services.models import OutboxEntry  # noqa: E402
 from tests.servers.workers import CeleryWorker  # noqa: E402
 
@@ -321,12 +322,12 @@ def main() -> None:
         health = run_fixed_rate(
             "healthz", lambda: _get_call(f"{api.url}/healthz", 200), args.rate, args.duration
         )
-        # The same load with the send worker at niceness 10 (as `mailroom run` runs its
+        # The same load with the send worker at niceness 5 (as `mailroom run` runs its
         # workers on the API's machine: MAILROOM_WORKER_NICE): it sends meanwhile with the CPU
         # the API leaves.
-        with niced(send.pid, 10):
+        with niced(send.pid, WORKERS_NICE):
             nice = run_fixed_rate(
-                "send, send worker at niceness 10",
+                f"send, send worker at niceness {WORKERS_NICE}",
                 lambda: _send_call(f"{base}/send", owner.api_key),
                 args.rate,
                 args.duration,
@@ -365,7 +366,7 @@ def main() -> None:
                 f"GET /healthz p99 at the same rate: {fmt(health_p99)} ms (goal: 202 p99 < 25 ms)",
             ],
             [
-                "  the same, send worker at niceness 10",
+                f"  the same, send worker at niceness {WORKERS_NICE}",
                 f"{fmt(percentile(nice.latencies, 50) * 1000)} / "
                 f"{fmt(percentile(nice.latencies, 99) * 1000)} ms",
                 "as mailroom run runs its workers beside the API",

@@ -41,6 +41,11 @@ START_TIMEOUT = 90.0
 BOOTSTRAP_TENANT = "default"
 BOOTSTRAP_EMAIL = "admin@localhost"
 KEY_FILE = "bootstrap-admin.key"
+#: The niceness ``mailroom run`` gives its worker host (sync, send, delete, periodic) and its
+#: spam worker, beside the API on one machine, unless MAILROOM_WORKER_NICE is set.
+WORKERS_NICE = 5
+SPAM_NICE = 10
+
 #: Threads per queue in the embedded worker process (spam runs apart, in a solo worker).
 EMBEDDED_THREADS = {"sync": 4, "send": 4, "delete": 2, "periodic": 1, "webhooks": 2}
 COLORS = ["36", "33", "32", "35", "34", "91", "92", "93", "94", "95", "96"]
@@ -229,9 +234,9 @@ class Launcher:
                 return shared  # the MAILROOM_WORKER_NICE the user set applies as it is
             return {**shared, "MAILROOM_WORKER_NICE": str(level)}
 
-        commands.append(("workers", host, niced(5)))
+        commands.append(("workers", host, niced(WORKERS_NICE)))
         spam = ["worker", "-Q", "spam", "--pool", "solo", "--hostname", "spam@%h", "--loglevel", "INFO"]
-        commands.append(("spam", [*celery, *spam], niced(10)))
+        commands.append(("spam", [*celery, *spam], niced(SPAM_NICE)))
         if self.flower:
             # `mailroom flower`: MAILROOM_FLOWER_BASIC_AUTH when set, else open on loopback.
             flower = [sys.executable, "-m", "mailroom.cli", "flower", "--address=127.0.0.1"]
