@@ -402,6 +402,8 @@ def _redis_url(url: str, password: str | None, tls: bool) -> str:
     netloc = parts.netloc
     if password and "@" not in netloc:
         netloc = f":{quote(password, safe='')}@{netloc}"
+    if (scheme, netloc) == (parts.scheme, parts.netloc):
+        return url  # as given: urlunsplit would write redis+socket:///path as redis+socket:/path
     return urlunsplit((scheme, netloc, parts.path, parts.query, parts.fragment))
 
 

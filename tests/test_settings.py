@@ -76,6 +76,16 @@ def test_key_rotation() -> None:
         SecretBox(new).decrypt(token)
 
 
+def test_unix_socket_broker_urls_keep_their_form() -> None:
+    """kombu reads ``redis+socket:/path`` (one slash) as no Redis URL at all and falls back
+    to AMQP: the socket URL must reach it as given, with or without a password."""
+    bare = load_settings(broker_url="redis+socket:///run/redis/redis.sock?virtual_host=0")
+    assert bare.broker_connection_url == "redis+socket:///run/redis/redis.sock?virtual_host=0"
+    locked = load_settings(broker_url="redis+socket:///run/redis/redis.sock", broker_password="p@ss")
+    assert locked.broker_connection_url == "redis+socket://:p%40ss@/run/redis/redis.sock"
+    assert load_settings(broker_url="redis://h:6380/1").broker_connection_url == "redis://h:6380/1"
+
+
 def test_sentinel_urls_name_their_sentinels_master_and_database() -> None:
     settings = load_settings(
         broker_url="sentinel://10.0.0.1:26379/2;sentinel://10.0.0.2",
