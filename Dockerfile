@@ -60,4 +60,4 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
 CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--workers", "2", "--threads", "4", \
-     "--no-control-socket", "mailroom.app:create_app()"]
+     "--no-control-socket", "-c", "python:mailroom.gunicorn_config", "mailroom.app:create_app()"]

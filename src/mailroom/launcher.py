@@ -206,7 +206,8 @@ class Launcher:
     def _commands(self, settings: Settings) -> list[tuple[str, list[str], dict[str, str]]]:
         celery = [sys.executable, "-m", "celery", "-A", "tasks.celery_app"]
         api = [sys.executable, "-m", "gunicorn", "--bind", self.bind, "--workers", "1"]
-        api += ["--threads", "8", "--no-control-socket", "mailroom.app:create_app()"]
+        api += ["--threads", "8", "--no-control-socket", "-c", "python:mailroom.gunicorn_config"]
+        api += ["mailroom.app:create_app()"]
         metrics_dir = settings.data_dir / "prometheus"
         shutil.rmtree(metrics_dir, ignore_errors=True)  # an earlier run's counters must not add up
         metrics_dir.mkdir()
