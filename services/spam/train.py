@@ -5,9 +5,18 @@ read in name order; a message belongs to the validation split when the CRC-32 of
 name is divisible by :data:`VALIDATION_MODULUS` (about one in five), so the split does not
 depend on order or on a random generator. The logistic regression is fitted by full-batch
 Adam for a fixed number of steps in float64, with sums in a fixed order (``bincount``,
-``reduceat``). Platt scaling is then fitted on the validation split. Weights are quantized
-when written and the bias and Platt's two parameters rounded, so the last bits of a float
-never reach the file.
+``reduceat``), on the training split.
+
+Platt scaling is fitted on the training split too, never on the validation split (whose
+figures would then be partly fitted to it: the calibration sets where the threshold cuts the
+raw margin). Margins of messages a model was trained on are overconfident, so the margins come
+from cross-fitting: the training split is cut into :data:`CALIBRATION_FOLDS` folds by the
+CRC-32 of the file name (:func:`calibration_fold`, fixed like the validation split), a model is
+fitted on all folds but one, with the same steps, and scores the fold it did not see; Platt's
+two parameters are fitted on those out-of-fold margins of the whole training split. The
+shipped weights are still fitted on the whole training split. Weights are quantized (the fold
+models' before they score, as the shipped ones are when written) and the bias and Platt's two
+parameters rounded, so the last bits of a float never reach the file.
 """
 
 from __future__ import annotations
@@ -21,10 +30,11 @@ from zlib import crc32
 import numpy as np
 
 from services.spam.features import base_features
-from services.spam.model import model_bytes, model_from_bytes
+from services.spam.model import HEADER_DIGITS, WEIGHT_SCALE, model_bytes, quantize
 from services.spam.parse import parse_message
 
 VALIDATION_MODULUS = 5
+CALIBRATION_FOLDS = 5
 STEPS = 400
 LEARNING_RATE = 0.05
 L2 = 5e-5
@@ -40,6 +50,12 @@ class Example:
 
 def is_validation(name: str) -> bool:
     return crc32(PurePosixPath(name).name.encode()) % VALIDATION_MODULUS == 0
+
+
+def calibration_fold(name: str) -> int:
+    """The cross-fitting fold (0 to ``CALIBRATION_FOLDS - 1``) of a training message: the
+    CRC-32 of its file name, past the part that decides the validation split."""
+    return crc32(PurePosixPath(name).name.encode()) // VALIDATION_MODULUS % CALIBRATION_FOLDS
 
 
 def read_corpus(path: Path) -> Iterator[Example]:
@@ -142,6 +158,28 @@ def fit_platt(margins: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     return a, b
 
 
+def _stored_margins(w: np.ndarray, bias: float, indptr: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Margins with the weights and bias as a model file would hold them."""
+    stored = quantize(w).astype(np.float64) * WEIGHT_SCALE
+    return _margins(stored, round(bias, HEADER_DIGITS), indptr, cols)
+
+
+def out_of_fold_margins(
+    rows: list[np.ndarray], labels: np.ndarray, folds: np.ndarray, n_features: int
+) -> np.ndarray:
+    """Each row's margin under the model fitted on the other folds (module doc)."""
+    indptr, cols = _csr(rows)
+    out = np.zeros(len(rows), dtype=np.float64)
+    for k in range(CALIBRATION_FOLDS):
+        held = folds == k
+        if not held.any() or held.all():
+            continue
+        fitted = [r for r, h in zip(rows, held, strict=True) if not h]
+        w, bias = fit_logistic(fitted, labels[~held], n_features)
+        out[held] = _stored_margins(w, bias, indptr, cols)[held]
+    return out
+
+
 @dataclass(frozen=True)
 class TrainResult:
     model: bytes
@@ -154,27 +192,27 @@ def train_model(corpus: Path) -> TrainResult:
     """Train the base model from the corpus archive; the bytes are the model file."""
     train_rows: list[np.ndarray] = []
     train_labels: list[float] = []
-    val_rows: list[np.ndarray] = []
-    val_labels: list[float] = []
+    train_folds: list[int] = []
+    validation_messages = 0
     for ex in read_corpus(corpus):
-        feats = np.array(sorted(base_features(parse_message(ex.raw, time_budget=10.0))), dtype=np.int64)
         if is_validation(ex.name):
-            val_rows.append(feats)
-            val_labels.append(1.0 if ex.is_spam else 0.0)
-        else:
-            train_rows.append(feats)
-            train_labels.append(1.0 if ex.is_spam else 0.0)
+            # Neither fitted nor calibrated on: what `mailroom spam eval` measures.
+            validation_messages += 1
+            continue
+        feats = np.array(sorted(base_features(parse_message(ex.raw, time_budget=10.0))), dtype=np.int64)
+        train_rows.append(feats)
+        train_labels.append(1.0 if ex.is_spam else 0.0)
+        train_folds.append(calibration_fold(ex.name))
     all_train = np.concatenate(train_rows) if train_rows else np.zeros(0, dtype=np.int64)
     columns = np.unique(all_train)
     compact = [np.searchsorted(columns, r) for r in train_rows]
-    w, bias = fit_logistic(compact, np.array(train_labels), len(columns))
-    # Platt scaling on the validation split, with the weights as they will be stored.
-    provisional = model_from_bytes(model_bytes(columns, w, bias, 1.0, 0.0))
-    margins = np.array([provisional.raw_logit(set(r.tolist())) for r in val_rows], dtype=np.float64)
-    platt_a, platt_b = fit_platt(margins, np.array(val_labels))
+    labels = np.array(train_labels)
+    w, bias = fit_logistic(compact, labels, len(columns))
+    margins = out_of_fold_margins(compact, labels, np.array(train_folds, dtype=np.int64), len(columns))
+    platt_a, platt_b = fit_platt(margins, labels)
     return TrainResult(
         model=model_bytes(columns, w, bias, platt_a, platt_b),
         train_messages=len(train_rows),
-        validation_messages=len(val_rows),
+        validation_messages=validation_messages,
         features=len(columns),
     )
