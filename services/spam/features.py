@@ -9,6 +9,16 @@ tags and footers, the host names mailing lists are served from (``lists.``,
 ``mailman.``), the corpus' anonymised addresses. Sender addresses are features of the
 tenant layer only (a tenant may learn "this sender is spam to us"; the base model must not
 learn which 2002 lists were ham).
+
+Function words stay features although the 2002 corpus makes some of them spam words ("your",
+"you", "we": its ham is personal and list mail, so bulk wording reads as spam, and today's
+receipts and newsletters pay for it). Two general fixes were measured and not kept, each with
+the model retrained and scored at the default threshold (validation F1 / phishing-dev caught /
+modern-ham-dev FPR / 12 crafted modern legitimate messages flagged; as shipped: 0.9741 /
+94.81 % / 2.06 % / 5): leaving the Snowball English stop-word list out of the subject and
+text tokens, 0.9652 / 92.05 % / 2.06 % / 2 (function words such as "the", "on", "is" also
+speak for ham); an L2 penalty ten times stronger on word tokens than on link and shape
+features, 0.9697 / 94.64 % / 1.52 % / 7.
 """
 
 from __future__ import annotations
