@@ -91,7 +91,7 @@ class WorkerHost:
             self.beat_service = EmbeddedService(app, thread=True, scheduler_cls=app.conf.beat_scheduler)
             self.beat_service.start()
         if self.watcher:
-            from services.watcher.main import WatcherThread
+            from tasks.watcher import WatcherThread
 
             self.watcher_thread = WatcherThread(self.settings)
             self.watcher_thread.start()

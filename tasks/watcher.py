@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import threading
+from functools import partial
 from typing import NoReturn
 
 from services.crypto import SecretBox
@@ -20,16 +21,19 @@ from services.logs import configure_logging
 from services.settings import Settings
 from services.tenant_slots import broker_redis
 from services.watcher.core import Watcher
+from tasks.dispatch import dispatch
 
 log = logging.getLogger("mailroom.watcher")
 
 
 def build_watcher(settings: Settings) -> Watcher:
+    """The watcher, queueing its syncs through ``tasks.dispatch`` on a Celery app of its own
+    (services.watcher knows no Celery)."""
     from tasks.celery_app import make_celery
 
-    app = make_celery(settings)
+    queue = partial(dispatch, make_celery(settings))
     sessions = make_sessionmaker(make_engine(settings))
-    return Watcher(settings, app, sessions, SecretBox(settings.encryption_keys()), broker_redis(settings))
+    return Watcher(settings, queue, sessions, SecretBox(settings.encryption_keys()), broker_redis(settings))
 
 
 def run_watcher(settings: Settings) -> NoReturn:

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from celery import Celery
 from sqlalchemy import Row, Table, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, make_transient_to_detached
@@ -34,10 +33,10 @@ from sqlalchemy.orm import Session, make_transient_to_detached
 from services import task_records
 from services.errors import Conflict, MailroomError, ServiceUnavailable, ValidationFailed
 from services.models import Account, OutboxEntry, OutboxState, TaskRecord, TaskState, new_id, utcnow
+from services.queueing import Queue
 from services.send.mime import build_message
 from services.send.request import SendRequest
 from services.tenancy import Principal
-from tasks.dispatch import dispatch
 
 
 class PayloadTooLarge(MailroomError):
@@ -109,7 +108,7 @@ def _replay(session: Session, principal: Principal, key: str, digest: str) -> Ac
 
 
 def accept_send(
-    app: Celery,
+    queue: Queue,
     session: Session,
     principal: Principal,
     account: Account | Row[Any],
@@ -119,8 +118,8 @@ def accept_send(
     max_bytes: int,
     max_delay: float,
 ) -> Accepted:
-    """Validate, build, store and dispatch one send from ``account`` (the principal's, as
-    checked by the caller), or answer a replay of one. A ``send_at`` in the future is
+    """Validate, build, store and queue (through ``queue``) one send from ``account`` (the
+    principal's, as checked by the caller), or answer a replay of one. A ``send_at`` in the future is
     published to run then (at most ``max_delay`` ahead). When the broker cannot take the
     task, :class:`ServiceUnavailable` (503) and the Idempotency-Key is free again."""
     check_size(body, max_bytes)
@@ -174,8 +173,7 @@ def accept_send(
     # The row, holding its task id already, and the task record commit together inside
     # dispatch.
     try:
-        result = dispatch(
-            app,
+        result = queue(
             session,
             type="send",
             tenant_id=principal.tenant_id,

@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -52,6 +51,7 @@ from services.errors import MailroomError
 from services.mail.hosts import resolve_host
 from services.mail.imap import ImapEndpoint
 from services.models import Account, TaskRecord, TaskState
+from services.queueing import Queue
 from services.settings import Settings
 from services.watcher.imap import (
     ImapConnection,
@@ -332,14 +332,14 @@ class Watcher:
     def __init__(
         self,
         settings: Settings,
-        app: Celery,
+        queue: Queue,
         sessions: sessionmaker[Session],
         box: SecretBox,
         registry_client: Any,
         *,
         watcher_id: str | None = None,
     ) -> None:
-        self.settings, self.app, self.box = settings, app, box
+        self.settings, self.queue, self.box = settings, queue, box
         self.sessions = sessions
         self.id = watcher_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.registry = Registry(
@@ -366,11 +366,8 @@ class Watcher:
         return slot
 
     def dispatch_sync(self, target: Target, folders: list[str] | None) -> tuple[str, bool]:
-        from tasks.dispatch import dispatch
-
         params: dict[str, Any] = {} if folders is None else {"folders": folders}
-        result = dispatch(
-            self.app,
+        result = self.queue(
             tenant_sessions(self.sessions, target.tenant_id),
             type="sync",
             tenant_id=target.tenant_id,

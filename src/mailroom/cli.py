@@ -258,7 +258,7 @@ def watcher() -> None:
     it, else IDLE on INBOX plus STATUS rounds) and queue a sync of each folder that
     changes. Run several: accounts spread over the live watchers of MAILROOM_WATCHER_GROUP.
     Stops on SIGTERM or Ctrl-C."""
-    from services.watcher.main import run_watcher
+    from tasks.watcher import run_watcher
 
     run_watcher(settings_or_exit())
 

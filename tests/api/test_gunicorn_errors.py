@@ -89,7 +89,7 @@ def exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
             b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Big: " + b"y" * 9000 + b"\r\n\r\n",
             431,
             "headers_too_large",
-        ),  # noqa: E501
+        ),
         (b"GET /healthz HTTP/1.1\r\nHost: a\r\nBad Name: 1\r\n\r\n", 400, "invalid_request"),
         (b"NOT A REQUEST\r\n\r\n", 400, "invalid_request"),
     ],

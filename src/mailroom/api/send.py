@@ -7,6 +7,7 @@ The send route alone takes bodies larger than the API's 1 MiB: its limit follows
 from __future__ import annotations
 
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from flask import Response, g, jsonify, request
@@ -26,6 +27,7 @@ from services.models import OutboxEntry, TaskRecord, is_id
 from services.send.outbox import accept_send, outbox_view
 from services.send.request import SendRequest
 from services.settings import Settings
+from tasks.dispatch import dispatch
 
 tag = Tag(name="send", description="Sending mail from an account")
 bp = APIBlueprint("send", __name__, url_prefix="/api/accounts", abp_tags=[tag], abp_security=SECURITY)
@@ -125,7 +127,7 @@ def send_message(path: AccountPath, body: SendRequest) -> tuple[Response, int]:
     the same key with another body is a 409. Content over the size limit is a 413."""
     st = state()
     result = accept_send(
-        st.celery,
+        partial(dispatch, st.celery),
         db_session(),
         principal(),
         g.send_account,
