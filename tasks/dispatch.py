@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
@@ -30,8 +30,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from services import accounts, task_records, task_stats, webhooks
 from services.db import transaction
 from services.errors import MailroomError, NotFound, ServiceUnavailable
-from services.models import TaskRecord
+from services.models import TaskRecord, TaskState, utcnow
 from services.tenancy import Principal
+from tasks import webhook_tasks
 from tasks.queues import TASK_TYPES, broker_priority, logical_priority
 
 log = logging.getLogger("mailroom.dispatch")
@@ -156,15 +157,25 @@ def _dispatch(
     if record is None:
         assert cap is not None
         raise _over_cap(kind.queue, cap, kind.default_estimate)
+    superseded: list[str] = []
     if type == "sync" and account_id is not None:
         # Claiming locks the account row first (see accounts.claim_sync_lock).
         holder = accounts.claim_sync_lock(session, account_id, record.id)
         if holder is not None:
-            task_records.discard_record(session, record)
             existing = task_records.require_record(session, holder)
-            session.commit()
-            return Dispatched(existing, created=False)
+            if not _never_delivered(existing):
+                task_records.discard_record(session, record)
+                session.commit()
+                return Dispatched(existing, created=False)
+            # Its publisher died between the commit and the publish: no message will ever
+            # run it, and it would hold the account's syncs until the day-old cleanup.
+            task_records.mark_failed(session, existing.id, NEVER_DELIVERED, "superseded")
+            superseded = webhooks.record_task_events(session, existing.tenant_id, existing.id)
+            taken = accounts.claim_sync_lock(session, account_id, record.id)
+            assert taken is None, taken
     session.commit()
+    if superseded:
+        webhook_tasks.publish(app, tenant_id, superseded)
     try:
         publish(app, record, eta=eta)
     except (OperationalError, KombuError, RedisError, OSError) as exc:
@@ -211,6 +222,26 @@ def publish(app: Celery, record: TaskRecord, *, eta: datetime | None = None, ret
         retries=retries,
         # When it was queued, for the oldest waiting message's age (tasks.monitoring).
         headers={"published_at": time.time()},
+    )
+
+
+#: A sync still ``queued`` with no attempt this long after its record was written is taken
+#: to have lost its message (its publisher died between the commit and the publish): the
+#: next sync dispatched for the account replaces it. A sync queue this far behind would
+#: also be read so; the replaced record's message, should it come after all, finds the
+#: record finished and is dropped (tasks.lifecycle), so the cost is one message more.
+SYNC_NEVER_DELIVERED_AFTER = timedelta(minutes=10)
+NEVER_DELIVERED = (
+    "this sync was never picked up (its message was lost when the process queueing it "
+    "stopped); a newer sync of the account replaced it"
+)
+
+
+def _never_delivered(record: TaskRecord) -> bool:
+    return (
+        record.state == TaskState.QUEUED.value
+        and record.attempts == 0
+        and record.created_at < utcnow() - SYNC_NEVER_DELIVERED_AFTER
     )
 
 

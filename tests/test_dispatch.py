@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -295,3 +296,76 @@ def test_concurrent_sync_dispatches_queue_one_sync(kit, account, private_servers
                 .execution_options(synchronize_session=False)
             )
             session.commit()
+
+
+@pytest.mark.usefixtures("workers")
+def test_a_sync_whose_message_was_never_published_is_replaced_by_the_next_one(
+    kit, account, sessions, settings
+) -> None:
+    """A process killed between a sync's commit and its publish leaves a ``queued`` record
+    holding the account's sync lock with no message behind it. Once it is older than
+    SYNC_NEVER_DELIVERED_AFTER, the next sync dispatched for the account fails it
+    (``superseded``) and is queued and run in its place; a younger one is still answered
+    as the sync in flight."""
+    from datetime import timedelta
+
+    from services import accounts, task_records
+    from services.models import utcnow
+    from tasks import dispatch as dispatching
+
+    def settle() -> None:  # no sync of the account in flight (the first one may still run)
+        with sessions() as session:
+            session.execute(
+                update(TaskRecord)
+                .where(TaskRecord.account_id == account["id"], TaskRecord.state.in_(["queued", "running"]))
+                .values(state="cancelled")
+                .execution_options(synchronize_session=False)
+            )
+            session.commit()
+
+    def orphan(age: timedelta) -> str:
+        """A sync record and its claim on the account, committed, never published."""
+        settle()
+        with sessions() as session:
+            record = task_records.create_record_if_allowed(
+                session,
+                tenant_id=kit.tenant_id,
+                user_id=kit.admin_id,
+                account_id=account["id"],
+                type="sync",
+                queue="sync",
+                priority=9,
+                params={},
+                max_retries=5,
+                origin="watcher",
+                default_estimate=1.0,
+                cap=None,
+                visible_to=None,
+            )
+            assert record is not None
+            assert accounts.claim_sync_lock(session, account["id"], record.id) is None
+            session.execute(
+                update(TaskRecord).where(TaskRecord.id == record.id).values(created_at=utcnow() - age)
+            )
+            session.commit()
+            return record.id
+
+    young = orphan(dispatching.SYNC_NEVER_DELIVERED_AFTER - timedelta(minutes=1))
+    answer = kit.admin.post(f"/api/accounts/{account['id']}/sync")
+    assert answer.status_code in (200, 202) and answer.get_json()["task_id"] == young
+
+    lost = orphan(dispatching.SYNC_NEVER_DELIVERED_AFTER + timedelta(minutes=1))
+    answer = kit.admin.post(f"/api/accounts/{account['id']}/sync")
+    assert answer.status_code == 202, answer.get_json()
+    replacement = answer.get_json()["task_id"]
+    assert replacement != lost
+    old = kit.admin.get(f"/api/tasks/{lost}").get_json()
+    assert old["state"] == "failed" and old["error"]["code"] == "superseded", old
+    deadline = time.monotonic() + 60
+    while (state := kit.admin.get(f"/api/tasks/{replacement}").get_json()["state"]) not in (
+        "succeeded",
+        "failed",
+    ):
+        assert time.monotonic() < deadline, state
+        time.sleep(0.2)
+    assert state == "succeeded"
