@@ -56,12 +56,12 @@ from bench.loadgen import (  # noqa: E402
     run_fixed_rate,
     run_load,
     sample_windows,
-    shipped_gunicorn_argv,
 )
 from tasks.celery_app import make_celery  # noqa: E402
 from tasks.dispatch import KWARGSREPR_MAX, dispatch  # noqa: E402
 from tasks.monitoring import get_queue_stats  # noqa: E402
 from tasks.queues import TASK_TYPES, broker_priority, logical_priority  # noqa: E402
+from tests.servers.api import shipped_gunicorn_argv  # noqa: E402
 
 WARMUP_SECONDS = 3.0
 WINDOW_SECONDS = 5.0

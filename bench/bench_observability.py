@@ -77,10 +77,10 @@ from bench.loadgen import (  # noqa: E402
     postmaster_pid,
     process_with_argument,
     run_load,
-    shipped_gunicorn_argv,
 )
 from tasks.celery_app import make_celery  # noqa: E402
 from tasks.dispatch import dispatch  # noqa: E402
+from tests.servers.api import shipped_gunicorn_argv  # noqa: E402
 from tests.servers.ports import free_port  # noqa: E402
 from tests.servers.workers import CeleryWorker  # noqa: E402
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 import http.client
 import math
 import select
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -23,14 +21,12 @@ from urllib.parse import urlsplit
 
 import psutil
 import requests
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [path for path in (str(ROOT), str(ROOT / "src")) if path not in sys.path]
 
 from bench.environment import BenchEnvironment, machine_busy_seconds  # noqa: E402
-from tests.servers.ports import free_port  # noqa: E402
-from tests.servers.processes import kill_group  # noqa: E402
+from tests.servers.api import ApiServer  # noqa: E402
 
 # -- measuring ---------------------------------------------------------------------------
 
@@ -177,20 +173,6 @@ def run_fixed_rate(label: str, make_call: Callable[[], Call], rate: float, secon
 FIXED_RATE_THREADS = 64
 
 
-def shipped_gunicorn_argv(bind: str) -> list[str]:
-    """The API container's gunicorn command from deploy/api.yaml (the one ``mailroom run``
-    mirrors), with only the bind address changed and the access log in the bench's log."""
-    manifest = yaml.safe_load_all((ROOT / "deploy" / "api.yaml").read_text())
-    for doc in manifest:
-        pod = (doc or {}).get("spec", {}).get("template", {}).get("spec", {})
-        for container in pod.get("containers", []):
-            if container.get("name") == "api":
-                argv = list(container["command"])
-                argv[argv.index("--bind") + 1] = bind
-                return argv
-    raise LookupError("deploy/api.yaml has no api container")
-
-
 def gunicorn_shape(argv: list[str]) -> tuple[int, int]:
     """(workers, threads) of a gunicorn command line."""
     return int(argv[argv.index("--workers") + 1]), int(argv[argv.index("--threads") + 1])
@@ -335,50 +317,11 @@ def process_with_argument(text: str) -> int:
 # -- gunicorn ----------------------------------------------------------------------------
 
 
-class Gunicorn:
-    """``python -m gunicorn`` serving the API in its own process group."""
+class Gunicorn(ApiServer):
+    """The shipped API (tests.servers.api) with a benchmark environment's settings."""
 
     def __init__(self, env: BenchEnvironment, directory: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = directory / "gunicorn.log"
-        self._env = env.subprocess_env()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        argv = [sys.executable, "-m", *shipped_gunicorn_argv(f"127.0.0.1:{self.port}")]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                argv,
-                cwd=ROOT,
-                env=self._env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"gunicorn did not answer /healthz within 60 s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        kill_group(self.proc)
+        super().__init__(env.subprocess_env(), directory)
 
     def worker_pids(self) -> list[int]:
         assert self.proc is not None
@@ -396,9 +339,3 @@ class Gunicorn:
                 sum(1 for c in conns if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == self.port)
             )
         return counts
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])

@@ -4,68 +4,24 @@ served as deploy/api.yaml runs it (its gunicorn command, with this suite's setti
 from __future__ import annotations
 
 import json
-import signal
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
-import yaml
 
-from tests.conftest import ROOT, env_for, worker_env
-from tests.servers.ports import free_port
-
-
-def shipped_api_command() -> list[str]:
-    for doc in yaml.safe_load_all((ROOT / "deploy" / "api.yaml").read_text()):
-        pod = (doc or {}).get("spec", {}).get("template", {}).get("spec", {})
-        for container in pod.get("containers", []):
-            if container.get("name") == "api":
-                return list(container["command"])
-    raise LookupError("deploy/api.yaml has no api container")
+from tests.conftest import env_for, worker_env
+from tests.servers.api import ApiServer
 
 
 @pytest.fixture(scope="module")
 def api_port(base_values: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    port = free_port()
-    argv = shipped_api_command()
-    assert argv[0] == "gunicorn"
-    argv[argv.index("--bind") + 1] = f"127.0.0.1:{port}"
-    log_path = Path(tmp_path_factory.mktemp("gunicorn")) / "gunicorn.log"
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", *argv],
-            cwd=ROOT,
-            env=worker_env(env_for(base_values)),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        )
+    server = ApiServer(worker_env(env_for(base_values)), tmp_path_factory.mktemp("gunicorn"))
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.2)
-        yield port
+        server.start()
+        yield server.port
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop()
 
 
 def exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
