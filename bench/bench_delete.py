@@ -72,15 +72,7 @@ def fresh_mailbox(env: BenchEnvironment, count: int, *, synced: bool) -> Mailbox
 def mailroom_delete(mb: Mailbox, *, permanent: bool) -> tuple[float, dict[str, Any]]:
     ids = [m.id for m in mb.messages("INBOX")]
     started = time.perf_counter()
-    result = mail_delete.delete_messages(
-        mb.sessions,
-        mb.account_id,
-        ids,
-        permanent=permanent,
-        box=mb.box,
-        settings=mb.settings,
-        progress=lambda percent, stage: None,
-    )
+    result = mb.delete(ids, permanent=permanent)
     return time.perf_counter() - started, result
 
 
