@@ -48,6 +48,18 @@ def watch_engine(app: Any) -> Iterator[dict[str, list[Any]]]:
         event.remove(engine, "before_cursor_execute", before)
 
 
+def cancel_all(sessions: sessionmaker[Session], account_id: str) -> None:
+    """Every task of the account ``cancelled``: none holds its sync lock any more."""
+    with sessions() as session:
+        session.execute(
+            update(TaskRecord)
+            .where(TaskRecord.account_id == account_id)
+            .values(state="cancelled")
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+
+
 def test_dispatch_is_one_transaction_on_one_connection(app, kit, account, sessions) -> None:
     """Key lookup; one INSERT … SELECT that checks the account and the cap and reads the
     estimate: one connection, two statements, one commit, and nothing reads the task
@@ -288,14 +300,7 @@ def test_concurrent_sync_dispatches_queue_one_sync(kit, account, private_servers
             results = list(pool.map(lambda _: one(), range(8)))
         assert sum(r.created for r in results) == 1
         assert len({r.record.id for r in results}) == 1
-        with sessions() as session:
-            session.execute(
-                update(TaskRecord)
-                .where(TaskRecord.account_id == account["id"])
-                .values(state="cancelled")
-                .execution_options(synchronize_session=False)
-            )
-            session.commit()
+        cancel_all(sessions, account["id"])
 
 
 @pytest.mark.usefixtures("workers")
@@ -313,19 +318,9 @@ def test_a_sync_whose_message_was_never_published_is_replaced_by_the_next_one(
     from services.models import utcnow
     from tasks import dispatch as dispatching
 
-    def settle() -> None:  # no sync of the account in flight (the first one may still run)
-        with sessions() as session:
-            session.execute(
-                update(TaskRecord)
-                .where(TaskRecord.account_id == account["id"], TaskRecord.state.in_(["queued", "running"]))
-                .values(state="cancelled")
-                .execution_options(synchronize_session=False)
-            )
-            session.commit()
-
     def orphan(age: timedelta) -> str:
         """A sync record and its claim on the account, committed, never published."""
-        settle()
+        cancel_all(sessions, account["id"])  # no sync in flight (the first one may still run)
         with sessions() as session:
             record = task_records.create_record_if_allowed(
                 session,

@@ -10,6 +10,7 @@ import pytest
 from services.spam import DEFAULT_THRESHOLD, score_message
 from services.spam.parse import parse_message
 from services.spam.rules import evaluate_rules
+from services.spam.verdict import Indicator
 
 
 def message(
@@ -50,8 +51,12 @@ def with_attachment(filename: str, payload: bytes, ctype: str = "application/oct
     return message(body, content_type='multipart/mixed; boundary="b1"')
 
 
+def indicators(raw: bytes) -> dict[str, Indicator]:
+    return {i.name: i for i in evaluate_rules(parse_message(raw))}
+
+
 def fired(raw: bytes) -> dict[str, str]:
-    return {i.name: i.detail for i in evaluate_rules(parse_message(raw))}
+    return {name: i.detail for name, i in indicators(raw).items()}
 
 
 def zip_bytes(entries: dict[str, bytes]) -> bytes:
@@ -240,7 +245,7 @@ def test_a_quoting_reply_in_a_thread_counts_for_ham() -> None:
         subject="Re: Meeting",
         extra="In-Reply-To: <q1@example.com>\r\nReferences: <q1@example.com>",
     )
-    indicator = {i.name: i for i in evaluate_rules(parse_message(reply))}["thread_reply"]
+    indicator = indicators(reply)["thread_reply"]
     assert indicator.weight < 0
     assert "thread_reply" not in fired(message())
 
@@ -353,9 +358,9 @@ def test_hidden_style_blocks_and_preheaders() -> None:
     assert "html_only_hidden_text" not in fired(outlook)
     preheader = html('<div style="display:none">Your receipt for order 1234 is inside.</div><p>Thanks!</p>')
     stuffed = html(f'<div style="display:none">{"lorem ipsum dolor sit amet " * 20}</div><p>Hi</p>')
-    by_name = {i.name: i for i in evaluate_rules(parse_message(preheader))}
+    by_name = indicators(preheader)
     assert by_name["html_only_hidden_text"].weight > 0
-    heavier = {i.name: i for i in evaluate_rules(parse_message(stuffed))}["html_only_hidden_text"]
+    heavier = indicators(stuffed)["html_only_hidden_text"]
     assert by_name["html_only_hidden_text"].weight < heavier.weight
 
 
@@ -365,8 +370,8 @@ def test_a_reply_without_quoting_counts_less_than_one_that_quotes() -> None:
     quoting = message(
         "Sounds good.\n\n> Shall we meet Thursday?\n> At ten?\n", subject="Re: Meeting", extra=head
     )
-    weight = {i.name: i.weight for i in evaluate_rules(parse_message(bare))}["thread_reply"]
-    quoted = {i.name: i.weight for i in evaluate_rules(parse_message(quoting))}["thread_reply"]
+    weight = indicators(bare)["thread_reply"].weight
+    quoted = indicators(quoting)["thread_reply"].weight
     assert quoted < weight < 0
     # Quoted lines count wherever they are, the first line too, indented or not; one is not two.
     for body, weighs in [
@@ -374,8 +379,7 @@ def test_a_reply_without_quoting_counts_less_than_one_that_quotes() -> None:
         ("Yes.\n\t> Shall we meet Thursday?\n", weight),
         ("Yes. > not a quote\n> Shall we meet Thursday?\n", weight),
     ]:
-        verdict = {i.name: i.weight for i in evaluate_rules(parse_message(message(body, extra=head)))}
-        assert verdict["thread_reply"] == weighs, body
+        assert indicators(message(body, extra=head))["thread_reply"].weight == weighs, body
 
 
 def test_urgency_taken_back_or_about_a_links_lifetime_is_no_urgency() -> None:
@@ -428,16 +432,16 @@ def test_preheader_padding_is_not_hidden_text() -> None:
         f"Fresh layers for cold mornings.{padding}</div>"
         "<p>Our winter collection is here.</p>"
     )
-    indicator = {i.name: i for i in evaluate_rules(parse_message(padded))}["html_only_hidden_text"]
+    indicator = indicators(padded)["html_only_hidden_text"]
     assert indicator.detail == "31 hidden characters"
     plain = html(
         '<div style="display:none">Fresh layers for cold mornings.</div><p>Our winter collection.</p>'
     )
-    assert {i.name: i for i in evaluate_rules(parse_message(plain))}["html_only_hidden_text"] == indicator
+    assert indicators(plain)["html_only_hidden_text"] == indicator
     # Padding alone is no hidden text; hidden words in any number still are, at their weight.
     assert "html_only_hidden_text" not in fired(html(f'<div style="display:none">{padding}</div><p>Hi</p>'))
     stuffed = html(f'<div style="display:none">{"lorem ipsum dolor sit amet " * 20}{padding}</div><p>Hi</p>')
-    heavier = {i.name: i for i in evaluate_rules(parse_message(stuffed))}["html_only_hidden_text"]
+    heavier = indicators(stuffed)["html_only_hidden_text"]
     assert heavier.weight > indicator.weight
 
 
