@@ -21,6 +21,7 @@ from services.logs import configure_logging
 from services.settings import Settings
 from services.tenant_slots import broker_redis
 from services.watcher.core import Watcher
+from tasks.celery_app import make_celery
 from tasks.dispatch import dispatch
 
 log = logging.getLogger("mailroom.watcher")
@@ -29,8 +30,6 @@ log = logging.getLogger("mailroom.watcher")
 def build_watcher(settings: Settings) -> Watcher:
     """The watcher, queueing its syncs through ``tasks.dispatch`` on a Celery app of its own
     (services.watcher knows no Celery)."""
-    from tasks.celery_app import make_celery
-
     queue = partial(dispatch, make_celery(settings))
     sessions = make_sessionmaker(make_engine(settings))
     return Watcher(settings, queue, sessions, SecretBox(settings.encryption_keys()), broker_redis(settings))

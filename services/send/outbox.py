@@ -119,9 +119,9 @@ def accept_send(
     max_delay: float,
 ) -> Accepted:
     """Validate, build, store and queue (through ``queue``) one send from ``account`` (the
-    principal's, as checked by the caller), or answer a replay of one. A ``send_at`` in the future is
-    published to run then (at most ``max_delay`` ahead). When the broker cannot take the
-    task, :class:`ServiceUnavailable` (503) and the Idempotency-Key is free again."""
+    principal's, as checked by the caller), or answer a replay of one. A ``send_at`` in the
+    future is published to run then (at most ``max_delay`` ahead). When the broker cannot
+    take the task, :class:`ServiceUnavailable` (503) and the Idempotency-Key is free again."""
     check_size(body, max_bytes)
     eta = scheduled_time(body, max_delay)
     digest = request_hash(account.id, body)
