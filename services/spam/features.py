@@ -19,6 +19,15 @@ modern-ham-dev FPR / 12 crafted modern legitimate messages flagged; as shipped: 
 text tokens, 0.9652 / 92.05 % / 2.06 % / 2 (function words such as "the", "on", "is" also
 speak for ham); an L2 penalty ten times stronger on word tokens than on link and shape
 features, 0.9697 / 94.64 % / 1.52 % / 7.
+
+Nor is the MIME structure a feature. An "HTML only, no text part" shape feature learns a
+weight of +1.75 and measures well: 0.9763 / 95.82 % / 1.90 %. But the figures cannot show its
+cost: modern-ham-dev holds no HTML-only message at all (909 plain text, 404 with both parts),
+while the 2002 corpus has 63 HTML-only ham beside 488 HTML-only spam and phishing-dev is two
+thirds HTML-only. Much of today's legitimate mail (receipts, alerts, newsletters from
+smaller senders) is HTML-only, and it would pay that weight unmeasured. Word bigrams of the
+text cost F1 (0.9607 / 94.98 % / 2.51 %); whether any link goes to the sender's own domain,
+and how many links there are, moved no figure by more than one message.
 """
 
 from __future__ import annotations
