@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from openapi_schema_validator import OAS31Validator
 from sqlalchemy.orm import Session, sessionmaker
 
 from services import bodies
@@ -82,3 +83,63 @@ def test_body_fetches_over_the_tenant_limit_get_429(
         for token in held:
             if token is not None:
                 slots.release(kit.tenant_id, token)
+
+
+def _closed(schema: Any) -> Any:
+    """``schema`` with every object closed (``additionalProperties: false``), so that a
+    field the API returns but the OpenAPI document does not describe fails validation."""
+    if isinstance(schema, dict):
+        closed = {key: _closed(value) for key, value in schema.items()}
+        if closed.get("type") == "object" and "properties" in closed:
+            closed["additionalProperties"] = False
+        return closed
+    if isinstance(schema, list):
+        return [_closed(item) for item in schema]
+    return schema
+
+
+def test_a_message_with_its_body_is_what_openapi_describes(
+    kit: TenantKit, account: dict[str, Any], sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    whole, large = _seed(sessions, kit, account, 2)
+    raw = (
+        b"From: Ann <ann@example.test>\r\nTo: bob@example.test\r\nSubject: report\r\n"
+        b"Content-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\nContent-Type: text/plain\r\n\r\n"
+        b"hello\r\n--B\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; "
+        b'filename="r.pdf"\r\nContent-Transfer-Encoding: base64\r\n\r\nJVBERi0xLjQK\r\n--B--\r\n'
+    )
+    part = {"content_type": "text/plain", "encoding": "7bit", "charset": "utf-8", "size": 5}
+    cut = {
+        "text": "hello",
+        "html": None,
+        "headers": {"Subject": "big"},
+        "attachments": [{"filename": "big.bin", "content_type": "application/octet-stream", "size": 9}],
+        "truncated": True,
+        "size": 2_000_000,
+        "parts": [
+            {"section": "1", **part, "disposition": None, "filename": None},
+            {"section": "2", **part, "disposition": "attachment", "filename": "big.bin"},
+        ],
+    }
+    # Bodies as a fetch from the server stores them in the cache, which ?body=1 then reads.
+    with transaction(sessions) as session:
+        for message_id, body in ((whole, {**bodies.parse_body(raw), "truncated": False}), (large, cut)):
+            message = session.get(Message, message_id)
+            assert message is not None
+            folder = session.get(Folder, message.folder_id)
+            assert folder is not None
+            bodies._store(session, folder, message, body, settings)
+
+    spec = kit.admin.client.get("/openapi.json").get_json()
+    schema = spec["paths"]["/api/messages/{message_id}"]["get"]["responses"]["200"]["content"]
+    validator = OAS31Validator(
+        {**_closed(schema["application/json"]["schema"]), "components": _closed(spec["components"])}
+    )
+    for message_id in (whole, large):
+        for query in ("", "?body=1"):
+            response = kit.admin.get(f"/api/messages/{message_id}{query}")
+            assert response.status_code == 200
+            problems = [error.message for error in validator.iter_errors(response.get_json())]
+            assert problems == [], (query, problems)
+    body = kit.admin.get(f"/api/messages/{whole}?body=1").get_json()["body"]
+    assert body["text"].strip() == "hello" and body["attachments"][0]["filename"] == "r.pdf"

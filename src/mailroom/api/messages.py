@@ -74,6 +74,38 @@ class MessageOut(BaseModel):
     spam_label: Literal["spam", "ham"] | None = Field(description="What a user said it is, if anyone did.")
 
 
+class BodyAttachmentOut(BaseModel):
+    filename: str = Field(description="The part's file name, or `untitled`.")
+    content_type: str
+    size: int = Field(description="Bytes, decoded (estimated from the encoded size when truncated).")
+
+
+class BodyPartOut(BaseModel):
+    section: str = Field(description="The IMAP section number: 1, 2.1, ...")
+    content_type: str
+    encoding: str = Field(description="The Content-Transfer-Encoding, lower-cased.")
+    charset: str | None
+    size: int
+    disposition: str | None
+    filename: str | None
+
+
+class MessageBody(BaseModel):
+    text: str | None = Field(description="The text/plain body; cut to fit when truncated.")
+    html: str | None = Field(description="The text/html body; cut to fit when truncated.")
+    headers: dict[str, str] = Field(
+        description="Header fields, decoded; a repeated field's values joined by newlines."
+    )
+    attachments: list[BodyAttachmentOut]
+    truncated: bool = Field(description="The message is larger than the body cap: see `parts`.")
+    size: int | None = Field(default=None, description="The message's size, when truncated.")
+    parts: list[BodyPartOut] | None = Field(default=None, description="Every MIME leaf part, when truncated.")
+
+
+class MessageDetailOut(MessageOut):
+    body: MessageBody | None = Field(default=None, description="Only with `?body=1`.")
+
+
 class MessagePage(BaseModel):
     items: list[MessageOut]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last.")
@@ -163,7 +195,7 @@ def list_messages(path: AccountPath, query: MessageQuery) -> Response:
     return jsonify({"items": [message_out(m, name) for m, name in rows], "next_cursor": next_cursor})
 
 
-@bp.get("/messages/<message_id>", responses={200: MessageOut, 502: ErrorResponse, **ERRORS})
+@bp.get("/messages/<message_id>", responses={200: MessageDetailOut, 502: ErrorResponse, **ERRORS})
 def get_message(path: MessagePath, query: BodyQuery) -> Response:
     """One message's headers and snippet; with ``?body=1`` its text, HTML, headers and
     attachments, fetched from the IMAP server on demand (or from the body cache). A message
