@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import Request, Response, jsonify, request
+from flask import Request, Response, current_app, jsonify, request
 from flask_openapi3 import Info, OpenAPI
 
 from mailroom import __version__ as _version
@@ -18,13 +18,14 @@ from mailroom.ratelimit import install_rate_limits
 from mailroom.webpage import install_web_page
 from services.crypto import SecretBox
 from services.db import make_engine, make_sessionmaker
-from services.errors import InvalidRequest, UnsupportedMediaType
+from services.errors import InvalidRequest, UnsupportedMediaType, ValidationFailed
 from services.logs import configure_logging
 from services.settings import Settings, load_settings
 from tasks.celery_app import make_celery
 
 MAX_BODY_BYTES = 1024 * 1024
 BODY_METHODS = {"POST", "PUT", "PATCH"}
+BODYLESS_ROUTES = "MAILROOM_BODYLESS_ROUTES"
 
 DESCRIPTION = """Mailroom connects IMAP/SMTP mailboxes of many tenants and works on them
 through queued tasks. Every `/api` route needs `Authorization: Bearer <api key>`, except
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     app.before_request(authenticate_request)
     install_rate_limits(app, settings)  # after authentication: it counts per tenant
     app.before_request(check_request_text)
+    app.before_request(_refuse_fields_of_bodyless_routes)
     install_request_session(app)
     register_error_handlers(app)
     install_web_page(app)  # before the blueprints: `/` is the page
@@ -111,7 +113,37 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
         return jsonify(app.api_doc)
 
     _document_refusals(app.api_doc)
+    app.config[BODYLESS_ROUTES] = _bodyless_routes(app.api_doc)
     return app
+
+
+def _bodyless_routes(doc: dict[str, Any]) -> frozenset[tuple[str, str]]:
+    """The (Flask rule, method) of every /api POST, PUT or PATCH that takes no body."""
+    return frozenset(
+        (path.replace("{", "<").replace("}", ">"), method.upper())
+        for path, operations in doc["paths"].items()
+        if path.startswith("/api/")
+        for method, operation in operations.items()
+        if method.upper() in BODY_METHODS and "requestBody" not in operation
+    )
+
+
+def _refuse_fields_of_bodyless_routes() -> None:
+    """A route without a body takes an empty body or ``{}``; any field sent to it is a 422
+    like an unknown field of a route with a body, so that a misplaced field (a request
+    meant for another route) never passes silently. Runs where the body of a route with
+    one is validated: after authentication, before the route looks up its objects."""
+    rule = request.url_rule
+    if rule is None or (rule.rule, request.method) not in current_app.config.get(BODYLESS_ROUTES, ()):
+        return
+    parsed = request.get_json()
+    if parsed:
+        details = [
+            {"loc": [str(key)], "msg": "Extra inputs are not permitted", "type": "extra_forbidden"}
+            for key in parsed
+        ]
+        first = details[0]
+        raise ValidationFailed(f"{first['loc'][0]}: {first['msg']}", details=details)
 
 
 def _document_refusals(doc: dict[str, Any]) -> None:
