@@ -5,8 +5,10 @@ Deletes 5,000 synced INBOX messages, moved to Trash and permanently, with the de
 worker's service (``services.mail_delete.delete_messages``: plan from the rows, STATUS and
 SELECT checks, batches of ``delete_batch_size`` (2,000 as shipped) each one command, each
 batch's rows and counts committed) beside raw
-imapclient doing the same IMAP work on the same number of messages in the same run:
-(a) ``UID MOVE`` / ``UID STORE +FLAGS.SILENT (\\Deleted)`` + ``UID EXPUNGE``, as many UIDs
+imapclient doing the same IMAP work on the same number of messages in the same run, with
+QRESYNC enabled as Mailroom's delete enables it (expunges are then reported as one
+``VANISHED`` line of UID ranges, not one ``EXPUNGE`` line per message; 8 % faster for raw
+here): (a) ``UID MOVE`` / ``UID STORE +FLAGS.SILENT (\\Deleted)`` + ``UID EXPUNGE``, as many UIDs
 per command as our batches; (b) the same as one command for all 5,000 UIDs. Rounds alternate
 Mailroom and raw on fresh mailboxes; medians are reported. Raw works on synced mailboxes
 too, so Dovecot's side is the same: a mailbox whose messages were fetched has their
@@ -125,9 +127,11 @@ def box(env: BenchEnvironment) -> SecretBox:
 
 
 def raw_delete(mb: Mailbox, *, permanent: bool, batch: int | None) -> float:
-    """Raw imapclient: log in, SELECT, then MOVE or STORE + UID EXPUNGE of every UID."""
+    """Raw imapclient: log in, ENABLE QRESYNC (the server then reports expunges as UID ranges,
+    as it does to Mailroom), SELECT, then MOVE or STORE + UID EXPUNGE of every UID."""
     started = time.perf_counter()
     with mb.imap() as client:
+        client.enable("QRESYNC")
         client.select_folder("INBOX")
         uids = sorted(client.search(["ALL"]))
         size = batch or len(uids)

@@ -50,7 +50,14 @@ from services.crypto import SecretBox
 from services.db import transaction
 from services.errors import NotFound
 from services.mail.imap import imap_session
-from services.mail_delete_imap import BATCH_SIZE, drain, move_uids, require_uidplus, uid_sets
+from services.mail_delete_imap import (
+    BATCH_SIZE,
+    drain,
+    expunges_as_ranges,
+    move_uids,
+    require_uidplus,
+    uid_sets,
+)
 from services.mail_delete_journal import (
     Reconciled,
     clear_journal,
@@ -334,6 +341,7 @@ def delete_messages(
         with imap_session(
             endpoint, timeout=settings.mail_timeout_seconds, allow_private=settings.allow_private_hosts
         ) as client:
+            expunges_as_ranges(client)
             run = _Run(
                 sessions,
                 client,
