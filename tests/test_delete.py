@@ -260,6 +260,39 @@ def test_a_server_without_move_copies_and_expunges_exactly_those_uids(kit, smtp,
         server.stop()
 
 
+def test_the_delete_asks_for_expunges_as_uid_ranges_where_qresync_is_offered(kit, smtp, sessions) -> None:
+    """ENABLE QRESYNC before the first SELECT: the server then answers a MOVE and a UID
+    EXPUNGE with VANISHED ranges, which the delete reads as it read EXPUNGE lines."""
+    server = DovecotServer(rawlog=True).start()
+    try:
+        user = ("u" + uuid.uuid4().hex[:10], "pw-qresync")
+        server.add_user(*user)
+        uids = seed(server, user, "INBOX", 6)
+        created = kit.admin.post("/api/accounts", json=account_body(server, smtp, user))
+        account_id = created.get_json()["id"]
+        sync(kit.admin, account_id)
+        inbox = folder_ids(kit.admin, account_id, "INBOX")
+        mark = server.rawlog_mark(user[0])
+
+        moved = delete(kit.admin, account_id, [inbox[u] for u in uids[:3]])
+        assert moved["state"] == "succeeded" and moved["result"]["moved"] == 3, moved
+        gone = delete(kit.admin, account_id, [inbox[u] for u in uids[3:5]], permanent=True)
+        assert gone["state"] == "succeeded" and gone["result"]["deleted"] == 2, gone
+        commands = server.imap_commands(user[0], since=mark)
+        enables = [i for i, c in enumerate(commands) if c == "ENABLE QRESYNC"]
+        selects = [i for i, c in enumerate(commands) if c.startswith("SELECT")]
+        assert len(enables) == 2 and len(selects) == 2, commands  # one session per task
+        assert enables[0] < selects[0] < enables[1] < selects[1], commands
+        assert server.uids(*user, "INBOX") == uids[5:]
+        assert len(server.uids(*user, "Trash")) == 3
+        assert_counts_exact(sessions, account_id)
+        before = rows(sessions, account_id)
+        sync(kit.admin, account_id)
+        assert rows(sessions, account_id) == before
+    finally:
+        server.stop()
+
+
 def test_mail_another_client_put_in_trash_meanwhile_is_still_synced(
     kit, account, dovecot, mailbox_user, sessions
 ) -> None:
