@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -151,7 +152,7 @@ class SmtpPool:
     """One process's SMTP connections, one per key (account and endpoint), reused for the
     account's next message. A connection idle longer than ``idle_seconds`` or that carried
     ``max_messages`` is closed; any fault closes it too, so a broken one is never reused.
-    Not thread-safe: a prefork worker child runs one task at a time."""
+    Not thread-safe: :func:`process_pool` gives each thread its own."""
 
     idle_seconds: float
     max_messages: int
@@ -258,13 +259,21 @@ class SmtpPool:
             self.run(self._quit(key))
 
 
-_pools: dict[int, SmtpPool] = {}
+#: Pools by (process, thread). A pool is not thread-safe (one event loop, connections used
+#: without a lock), and `mailroom run`'s send worker runs its tasks on several threads of one
+#: process (tasks/embedded.py): each thread keeps a pool of its own.
+_pools: dict[tuple[int, int], SmtpPool] = {}
+_pools_lock = threading.Lock()
 
 
 def process_pool(idle_seconds: float, max_messages: int) -> SmtpPool:
-    """This process's :class:`SmtpPool` (a forked child gets its own, never its parent's)."""
-    pool = _pools.get(os.getpid())
+    """This thread's :class:`SmtpPool` in this process (a forked child gets its own, never
+    its parent's; each thread of a threaded worker its own, never another thread's)."""
+    key = (os.getpid(), threading.get_ident())
+    pool = _pools.get(key)
     if pool is None:
-        _pools.clear()
-        pool = _pools[os.getpid()] = SmtpPool(idle_seconds, max_messages)
+        with _pools_lock:
+            for inherited in [k for k in _pools if k[0] != key[0]]:
+                del _pools[inherited]
+            pool = _pools[key] = SmtpPool(idle_seconds, max_messages)
     return pool
