@@ -228,3 +228,40 @@ class CeleryBeat(_CeleryProcess):
             "--loglevel", self.loglevel,
             *self.extra_args,
         ]  # fmt: skip
+
+
+class WorkerHostProcess(_CeleryProcess):
+    """``mailroom worker-host`` as a subprocess: one Celery worker per queue of ``queues``
+    (name → threads) in one process, as ``mailroom run`` starts it (tasks/embedded.py).
+
+    ``prelude``, if given, is Python run in that process before the command (a benchmark's
+    variant of the host). ``start()`` returns once every queue's worker logged
+    ``QUEUE@host ready.``; ``stop()`` is a warm shutdown, as for :class:`CeleryWorker`.
+    """
+
+    def __init__(
+        self,
+        queues: Mapping[str, int],
+        env: Mapping[str, str],
+        cwd: str | Path = REPO_ROOT,
+        *,
+        loglevel: str = "INFO",
+        log_dir: str | Path | None = None,
+        prelude: str = "",
+    ) -> None:
+        super().__init__(env, app=DEFAULT_APP, cwd=cwd, loglevel=loglevel, log_dir=log_dir)
+        if not queues:
+            raise ValueError("a worker host needs at least one queue")
+        self.queues = dict(queues)
+        self.prelude = prelude
+        # The last queue's line: the host logs them in order once every worker started.
+        last = list(self.queues)[-1]
+        self.ready_pattern = re.compile(rf"\b{re.escape(last)}@\S+ ready\.")
+
+    def _argv(self) -> list[str]:
+        args = [arg for queue, n in self.queues.items() for arg in ("--queue", f"{queue}:{n}")]
+        command = "from mailroom.cli import main; main()"
+        return [
+            sys.executable, "-c", f"{self.prelude}\n{command}" if self.prelude else command,
+            "worker-host", *args,
+        ]  # fmt: skip
