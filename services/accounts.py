@@ -102,7 +102,7 @@ def _require_password_for_moves(account: Account, kind: str, patch: dict[str, An
     if changed:
         raise ValidationFailed(
             f"{kind}.password is required when changing {', '.join(f'{kind}.{f}' for f in changed)}",
-            details={"field": f"{kind}.password"},
+            field=f"{kind}.password",
         )
 
 
@@ -129,7 +129,7 @@ def _apply_endpoint(
     if password is not None:
         setattr(account, f"{kind}_password_enc", box.encrypt(password))
     elif creating:
-        raise ValidationFailed(f"{kind}.password is required", details={"field": f"{kind}.password"})
+        raise ValidationFailed(f"{kind}.password is required", field=f"{kind}.password")
 
 
 def endpoint_view(account: Account, kind: str) -> dict[str, Any]:

@@ -36,8 +36,34 @@ class UnsupportedMediaType(MailroomError):
 
 
 class ValidationFailed(MailroomError):
+    """Input that is refused. Its ``details`` are always a list of problems in pydantic's
+    shape, ``{"loc": [...], "msg": ..., "type": ...}``, whoever found them: a check of our
+    own names its ``field`` (``"imap.password"`` is ``loc`` ``["imap", "password"]``) and may
+    add ``context`` (the entry's ``ctx``: the entries refused, a limit)."""
+
     code = "validation_error"
     status = 422
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        details: list[dict[str, Any]] | None = None,
+        field: str | None = None,
+        context: dict[str, Any] | None = None,
+        code: str | None = None,
+    ) -> None:
+        if details is None:
+            prefix = f"{field}: " if field else ""
+            entry: dict[str, Any] = {
+                "loc": field.split(".") if field else [],
+                "msg": message.removeprefix(prefix) if prefix else message,
+                "type": "value_error",
+            }
+            if context:
+                entry["ctx"] = context
+            details = [entry]
+        super().__init__(message, details=details, code=code)
 
 
 class Unauthorized(MailroomError):

@@ -100,12 +100,14 @@ def normalize_entries(entries: Sequence[str], field: str) -> list[str]:
     if bad:
         raise ValidationFailed(
             f"{field}: entries must be email addresses or domain names",
-            details={"field": field, "invalid": bad[:20]},
+            field=field,
+            context={"invalid": bad[:20]},
         )
     if len(out) > MAX_LIST_ENTRIES:
         raise ValidationFailed(
             f"{field}: at most {MAX_LIST_ENTRIES} entries",
-            details={"field": field, "limit": MAX_LIST_ENTRIES},
+            field=field,
+            context={"limit": MAX_LIST_ENTRIES},
         )
     return list(out)
 

@@ -57,10 +57,10 @@ def create_tenant(session: Session, *, name: str, slug: str | None = None) -> Te
     """Create a tenant; the slug (derived from the name when omitted) must be unique."""
     name = name.strip()
     if not name:
-        raise ValidationFailed("tenant name must not be empty")
+        raise ValidationFailed("name: must not be empty", field="name")
     slug = slug or re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:63] or "tenant"
     if not _SLUG_RE.match(slug):
-        raise ValidationFailed("slug must be lowercase letters, digits and dashes")
+        raise ValidationFailed("slug: must be lowercase letters, digits and dashes", field="slug")
     if session.scalar(unrestricted_unsafe(Tenant).where(Tenant.slug == slug)) is not None:
         raise Conflict(f"a tenant with slug {slug!r} exists already")
     tenant = Tenant(name=name, slug=slug)
@@ -83,9 +83,9 @@ def create_user(
     """Create a user in a tenant with role ``member`` or ``admin``."""
     email = email.strip().lower()
     if not _EMAIL_RE.match(email):
-        raise ValidationFailed(f"not an email address: {email!r}")
+        raise ValidationFailed(f"email: not an email address: {email!r}", field="email")
     if role not in {r.value for r in Role}:
-        raise ValidationFailed("role must be 'member' or 'admin'")
+        raise ValidationFailed("role: must be 'member' or 'admin'", field="role")
     existing = session.scalar(
         unrestricted_unsafe(User).where(User.tenant_id == tenant_id, User.email == email)
     )

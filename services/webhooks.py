@@ -147,17 +147,15 @@ def check_url(url: str, *, allow_private: bool) -> PinnedHost:
     try:
         parts = urlsplit(url)
     except ValueError:  # e.g. "http://]": an unbalanced IPv6 bracket
-        raise ValidationFailed("url: not a valid URL", details={"field": "url"}) from None
+        raise ValidationFailed("url: not a valid URL", field="url") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValidationFailed(
-            "url: must be an http:// or https:// URL with a host", details={"field": "url"}
-        )
+        raise ValidationFailed("url: must be an http:// or https:// URL with a host", field="url")
     if parts.username is not None or parts.password is not None:
-        raise ValidationFailed("url: must not carry a user name or password", details={"field": "url"})
+        raise ValidationFailed("url: must not carry a user name or password", field="url")
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
-        raise ValidationFailed("url: the port is not valid", details={"field": "url"}) from None
+        raise ValidationFailed("url: the port is not valid", field="url") from None
     return resolve_host(
         parts.hostname,
         port,
@@ -172,7 +170,8 @@ def _check_events(events: list[str]) -> list[str]:
     if unknown or not events:
         raise ValidationFailed(
             f"events: must be a non-empty subset of {', '.join(EVENTS)}",
-            details={"field": "events", "unknown": unknown},
+            field="events",
+            context={"unknown": unknown},
         )
     return [e for e in EVENTS if e in events]
 

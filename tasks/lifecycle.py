@@ -313,7 +313,7 @@ def _valid_params(params_model: type[BaseModel], raw_params: dict[str, Any]) -> 
     except ValidationError as exc:
         raise ValidationFailed(
             "invalid task parameters",
-            details=[{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()],
+            details=[{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()],
         ) from None
 
 

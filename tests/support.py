@@ -7,6 +7,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from openapi_schema_validator import OAS31Validator
 from sqlalchemy.orm import Session
 
 from services import tenancy
@@ -96,4 +97,33 @@ def error_of(response: Any) -> dict[str, Any]:
     assert set(error) == {"code", "message", "details"}, error
     assert isinstance(error["code"], str) and error["code"]
     assert isinstance(error["message"], str) and error["message"]
+    if error["code"] == "validation_error":  # one entry per problem, whoever found it
+        assert isinstance(error["details"], list) and error["details"], error
+        for entry in error["details"]:
+            assert {"loc", "msg", "type"} <= set(entry) and isinstance(entry["loc"], list), entry
     return error  # type: ignore[no-any-return]
+
+
+def fields_of(details: list[dict[str, Any]]) -> list[str]:
+    """The fields a validation error's ``details`` name, dotted (``"imap.host"``)."""
+    return [".".join(str(p) for p in entry["loc"]) for entry in details]
+
+
+def _closed(schema: Any) -> Any:
+    """``schema`` with every object closed (``additionalProperties: false``), so that a
+    field the API returns but the OpenAPI document does not describe fails validation."""
+    if isinstance(schema, dict):
+        closed = {key: _closed(value) for key, value in schema.items()}
+        if closed.get("type") == "object" and "properties" in closed:
+            closed["additionalProperties"] = False
+        return closed
+    if isinstance(schema, list):
+        return [_closed(item) for item in schema]
+    return schema
+
+
+def response_validator(spec: dict[str, Any], path: str, method: str, status: str) -> OAS31Validator:
+    """A validator of the JSON answer ``spec`` (the OpenAPI document) promises for ``status``
+    of ``method`` ``path``, every object closed (:func:`_closed`)."""
+    content = spec["paths"][path][method]["responses"][status]["content"]["application/json"]
+    return OAS31Validator({**_closed(content["schema"]), "components": _closed(spec["components"])})

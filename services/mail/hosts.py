@@ -127,7 +127,7 @@ def resolve_host(
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError, OSError):
-        raise ValidationFailed(f"{field}: host {host!r} does not resolve", details={"field": field}) from None
+        raise ValidationFailed(f"{field}: host {host!r} does not resolve", field=field) from None
     seen: set[tuple[object, ...]] = set()
     sockaddrs: list[tuple[int, tuple[object, ...]]] = []
     for family, _, _, _, sockaddr in infos:
@@ -136,21 +136,21 @@ def resolve_host(
         seen.add(sockaddr)
         sockaddrs.append((int(family), tuple(sockaddr)))
     if not sockaddrs:
-        raise ValidationFailed(f"{field}: host {host!r} has no IP address", details={"field": field})
+        raise ValidationFailed(f"{field}: host {host!r} has no IP address", field=field)
     pinned = PinnedHost(name=host, port=port, sockaddrs=tuple(sockaddrs))
     public = [is_public_address(a) for a in pinned.addresses]
     if not allow_private and not all(public):
         raise ValidationFailed(
             f"{field}: host {host!r} is on a private or loopback network, which this "
             "Mailroom does not allow (MAILROOM_ALLOW_PRIVATE_HOSTS)",
-            details={"field": field},
+            field=field,
         )
     if tls == "none" and any(public):
         tls_field = field.rsplit(".", 1)[0] + ".tls" if "." in field else "tls"
         raise ValidationFailed(
             f"{tls_field}: plain text (tls: none) is only for loopback or private servers; "
             f"{host!r} is public, use ssl or starttls",
-            details={"field": tls_field},
+            field=tls_field,
         )
     return pinned
 

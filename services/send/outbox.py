@@ -79,7 +79,7 @@ def scheduled_time(body: SendRequest, max_delay: float) -> datetime | None:
     if ahead > max_delay:
         raise ValidationFailed(
             f"send_at: at most {int(max_delay)} seconds ahead",
-            details=[{"loc": ["body", "send_at"], "msg": "too far ahead", "type": "value_error"}],
+            field="send_at",
         )
     return body.send_at
 

@@ -151,11 +151,14 @@ def _document_refusals(doc: dict[str, Any]) -> None:
     callback and the input guard both answer it), and any POST/PATCH under /api may be
     refused for its body before the route runs: too large (413) or not JSON (415)."""
     error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    invalid = {
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ValidationErrorResponse"}}}
+    }
     for path, operations in doc["paths"].items():
         for method, operation in operations.items():
             responses = operation["responses"]
             if "422" in responses:
-                responses["422"] = {"description": "Unprocessable Entity", **error}
+                responses["422"] = {"description": "Unprocessable Entity", **invalid}
             if path.startswith("/api/") and method.upper() in BODY_METHODS:
                 responses.setdefault("413", {"description": "Request Entity Too Large", **error})
                 responses.setdefault("415", {"description": "Unsupported Media Type", **error})

@@ -38,6 +38,29 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class ValidationProblem(BaseModel):
+    loc: list[str | int] = Field(
+        description="Where: the field's path in the body (['imap', 'host']), or ['header', name] "
+        "or ['query', name]; empty when the problem is the request as a whole."
+    )
+    msg: str = Field(description="What is wrong there, for a person.")
+    type: str = Field(description="The kind of problem, e.g. missing, extra_forbidden, value_error.")
+    ctx: dict[str, Any] | None = Field(
+        default=None,
+        description="Present on some problems: what the check found (the entries refused, a limit).",
+    )
+
+
+class ValidationErrorBody(BaseModel):
+    code: str = Field(description="validation_error")
+    message: str = Field(description="The first problem, for a person.")
+    details: list[ValidationProblem] = Field(description="One entry per problem found.")
+
+
+class ValidationErrorResponse(BaseModel):
+    error: ValidationErrorBody
+
+
 # --- paths and pages ---------------------------------------------------------------------
 
 

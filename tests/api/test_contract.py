@@ -9,7 +9,7 @@ import re
 import pytest
 from openapi_spec_validator import validate
 
-from tests.support import error_of
+from tests.support import error_of, response_validator
 
 
 @pytest.fixture
@@ -156,3 +156,62 @@ def test_routes_without_a_body_refuse_fields(kit, account, spec) -> None:
     for body in ({}, None):
         response = kit.admin.post(f"/api/accounts/{account['id']}/verify", json=body)
         assert response.status_code == 202, body
+
+
+def test_every_422_is_one_entry_per_problem_as_openapi_describes(kit, account, spec) -> None:
+    """Refusals from the body's schema, from the input guard and from Mailroom's own checks
+    (a host, a list entry, a time, a header) all come as a list of {loc, msg, type}
+    entries, which the document's ValidationErrorResponse describes."""
+    send = f"/api/accounts/{account['id']}/send"
+    message = {"to": [{"email": "a@example.test"}], "text": "x"}
+    cases = [
+        # (path in the document, method, request, where the problem is)
+        ("/api/accounts", "post", lambda: kit.admin.post("/api/accounts", json={"email": "x"}), ["email"]),
+        (
+            "/api/accounts/{account_id}",
+            "patch",
+            lambda: kit.admin.patch(f"/api/accounts/{account['id']}", json={"imap": {"port": 994}}),
+            ["imap", "password"],
+        ),
+        (
+            "/api/spam/settings",
+            "patch",
+            lambda: kit.admin.patch("/api/spam/settings", json={"allow": ["not valid!"]}),
+            ["allow"],
+        ),
+        (
+            "/api/accounts/{account_id}/send",
+            "post",
+            lambda: kit.admin.post(send, json={**message, "send_at": "2099-01-01T00:00:00Z"}),
+            ["send_at"],
+        ),
+        (
+            "/api/accounts/{account_id}/send",
+            "post",
+            lambda: kit.admin.post(send, json=message, headers={"Idempotency-Key": "has space"}),
+            ["header", "Idempotency-Key"],
+        ),
+        (
+            "/api/accounts/{account_id}/verify",
+            "post",
+            lambda: kit.admin.post(f"/api/accounts/{account['id']}/verify", json={"bogus": 1}),
+            ["bogus"],
+        ),
+    ]
+    for path, method, call, loc in cases:
+        response = call()
+        assert response.status_code == 422, (path, response.get_json())
+        error = error_of(response)
+        assert error["code"] == "validation_error" and loc in [e["loc"] for e in error["details"]], error
+        validator = response_validator(spec, path, method, "422")
+        assert [p.message for p in validator.iter_errors(response.get_json())] == [], error
+    refused = kit.admin.patch("/api/spam/settings", json={"allow": ["ok@example.test", "not valid!"]})
+    assert error_of(refused)["details"] == [
+        {
+            "loc": ["allow"],
+            "msg": "entries must be email addresses or domain names",
+            "type": "value_error",
+            "ctx": {"invalid": ["not valid!"]},
+        }
+    ]
+    assert kit.admin.get("/api/tasks").get_json()["total"] == 0

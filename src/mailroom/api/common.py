@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mailroom.schemas import ErrorResponse
+from mailroom.schemas import ErrorResponse, ValidationErrorResponse
 
 SECURITY: list[dict[str, list[Any]]] = [{"bearer": []}]
 
@@ -15,7 +15,7 @@ ERRORS: dict[Any, Any] = {
     403: ErrorResponse,
     404: ErrorResponse,
     409: ErrorResponse,
-    422: ErrorResponse,
+    422: ValidationErrorResponse,
     # Every /api route counts against the tenant's rate limits (Retry-After says when).
     429: ErrorResponse,
     503: ErrorResponse,
