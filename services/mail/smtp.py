@@ -34,8 +34,15 @@ def _cause_of_type(exc: BaseException, kind: type[BaseException]) -> BaseExcepti
     return None
 
 
+#: What a conversation with an SMTP server raises when the server or the network is at
+#: fault; anything else out of a send or a verify is a bug of ours, left unclassified so that
+#: the task ends ``internal_error`` (tasks.lifecycle) instead of blaming the server.
+SMTP_FAULTS: tuple[type[BaseException], ...] = (MailError, aiosmtplib.SMTPException, OSError, TimeoutError)
+
+
 def classify_smtp_error(exc: BaseException, what: str) -> MailError:
-    """SMTP 4xx, network faults and timeouts are transient; 5xx and bad logins are not."""
+    """SMTP 4xx, network faults and timeouts are transient; 5xx and bad logins are not.
+    ``exc`` is one of :data:`SMTP_FAULTS`."""
     if isinstance(exc, MailError):
         return exc
     return _classify_smtp(exc, what)
@@ -58,9 +65,7 @@ def _classify_smtp(exc: BaseException, what: str) -> MailError:
         return TransientMailError(f"{what}: timed out talking to the SMTP server").tagged("smtp", "timeout")
     if isinstance(exc, (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPServerDisconnected, OSError)):
         return TransientMailError(f"{what}: SMTP connection failed: {exc}").tagged("smtp", "connect")
-    if isinstance(exc, aiosmtplib.SMTPException):
-        return PermanentMailError(f"{what}: {exc}").tagged("smtp", "other")
-    return PermanentMailError(f"{what}: {type(exc).__name__}: {exc}").tagged("smtp", "other")
+    return PermanentMailError(f"{what}: {exc}").tagged("smtp", "other")
 
 
 async def connect_smtp(pinned: PinnedHost, endpoint: SmtpEndpoint, *, timeout: float) -> aiosmtplib.SMTP:
@@ -118,7 +123,7 @@ def verify_pinned_smtp(pinned: PinnedHost, endpoint: SmtpEndpoint, *, timeout: f
     """:func:`verify_smtp` for an already checked :class:`PinnedHost`."""
     try:
         return asyncio.run(_verify(pinned, endpoint, timeout))
-    except Exception as exc:
+    except SMTP_FAULTS as exc:
         raise classify_smtp_error(exc, "SMTP login") from exc
 
 
@@ -188,7 +193,7 @@ class SmtpPool:
             raise kind(
                 f"send: the SMTP server refused every recipient: {text}", details={"refused": refused}
             ) from exc
-        except Exception as exc:
+        except SMTP_FAULTS as exc:
             raise classify_smtp_error(exc, "send") from exc
 
     async def _send(

@@ -7,6 +7,9 @@ import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
+from services.errors import MailError
 from services.mail.hosts import pin
 from services.mail.smtp import SmtpEndpoint, process_pool
 from tests.servers.smtp import SmtpServer
@@ -50,3 +53,26 @@ def test_threads_of_one_process_send_at_once(smtp: SmtpServer) -> None:
     subjects = sorted(line for line in first_lines if line.startswith(f"Subject: {run} "))
     expected = sorted(f"Subject: {run} {t}-{n}" for t in range(THREADS) for n in range(MESSAGES_PER_THREAD))
     assert subjects == expected
+
+
+def test_a_fault_of_ours_is_not_blamed_on_the_server(smtp: SmtpServer) -> None:
+    """An exception that is no SMTP or network fault (here a message that is not bytes, as a
+    bug of ours would hand over) comes out as itself, so that the task ends ``internal_error``
+    (tasks.lifecycle), not as a permanent ``mail_rejected`` that blames the server."""
+    endpoint = SmtpEndpoint("127.0.0.1", smtp.port, "none", "smtpuser", "smtppass")
+    pinned = pin("127.0.0.1", smtp.port, ["127.0.0.1"])
+    pool = process_pool(30.0, 100)
+    try:
+        with pytest.raises(TypeError) as caught:
+            pool.send(
+                ("account", "bug"),
+                pinned,
+                endpoint,
+                timeout=10,
+                sender="a@example.test",
+                recipients=["b@example.test"],
+                raw=12345,  # type: ignore[arg-type]
+            )
+        assert not isinstance(caught.value, MailError)
+    finally:
+        pool.close_all()
