@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import imaplib
+import re
 import socket
 import ssl
 from collections.abc import Iterator
@@ -29,7 +31,28 @@ def classify_imap_error(exc: BaseException, what: str) -> MailError:
     """Turn a low-level IMAP or socket fault into a transient or permanent Mailroom error."""
     if isinstance(exc, MailError):
         return exc
-    return _classify_imap(exc, what, str(exc))
+    return _classify_imap(exc, what, server_text(exc))
+
+
+#: A Python bytes literal inside an error's text: imaplib puts the server's words in its
+#: errors as bytes (``b'[AUTHENTICATIONFAILED] ...'``, ``BAD [b'...']``) and imapclient
+#: passes on ``str()`` of them.
+_BYTES_LITERAL = re.compile(r"(?<!\w)b'(?:[^'\\]|\\.)*'" + r'|(?<!\w)b"(?:[^"\\]|\\.)*"')
+
+
+def _decoded(literal: re.Match[str]) -> str:
+    try:
+        raw = ast.literal_eval(literal.group(0))
+    except (ValueError, SyntaxError):
+        return literal.group(0)
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else literal.group(0)
+
+
+def server_text(exc: BaseException) -> str:
+    """``exc``'s text with the server's words as text, not as Python bytes notation."""
+    if len(exc.args) == 1 and isinstance(exc.args[0], bytes):
+        return exc.args[0].decode("utf-8", "replace")
+    return _BYTES_LITERAL.sub(_decoded, str(exc))
 
 
 def _classify_imap(exc: BaseException, what: str, text: str) -> MailError:

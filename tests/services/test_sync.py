@@ -343,9 +343,13 @@ def test_cancel_stops_within_one_batch_and_a_later_sync_completes(mailbox: Mailb
 def test_wrong_password_fails_at_once(sync_dovecot: DovecotServer, mailbox: Mailbox) -> None:
     wrong = new_mailbox(sync_dovecot, mailbox.sessions, mailbox.settings, mailbox.box, password="nope")
     started = time.monotonic()
-    with pytest.raises(AuthenticationFailed):
+    with pytest.raises(AuthenticationFailed) as caught:
         wrong.sync()
     assert time.monotonic() - started < 3
+    # The server's words as text, not as Python bytes notation (b'...').
+    assert caught.value.message == (
+        "login: the IMAP server refused the login: [AUTHENTICATIONFAILED] Authentication failed."
+    )
     assert wrong.folders() == {}
 
 
