@@ -35,7 +35,7 @@ from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Executable, create_engine, event, exc
+from sqlalchemy import Engine, Executable, create_engine, event, exc, text
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker, with_loader_criteria
 
 from services.models import Base, Tenant, TenantOwned
@@ -80,6 +80,9 @@ def make_engine(settings: Settings) -> Engine:
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
+            # SQLite's own lower() changes only A to Z: a case-insensitive search (icontains:
+            # lower(x) LIKE lower(y)) would miss "ÜBER" for "über". Python's folds every letter.
+            dbapi_connection.create_function("lower", 1, _lower, deterministic=True)
 
         return engine
     # Behind PgBouncer in transaction mode, consecutive transactions of one client
@@ -97,6 +100,35 @@ def make_engine(settings: Settings) -> Engine:
     )
     _ping_idle_connections(engine)
     return engine
+
+
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+#: Collations whose case mapping covers every letter, in order of preference: ICU's root
+#: collation, then glibc's C.UTF-8 (a cluster made with --locale=C folds only A to Z).
+_UNICODE_COLLATIONS = ("und-x-icu", "C.utf8", "C.UTF-8")
+_unicode_collation: dict[str, str | None] = {}
+
+
+def unicode_collation(session: Session) -> str | None:
+    """On PostgreSQL, a collation under which ILIKE folds the case of every letter whatever
+    the database's own locale (read once per database), or None where there is none (then
+    the database's default applies); None on other databases."""
+    bind = session.get_bind()
+    if bind.dialect.name != "postgresql":
+        return None
+    key = str(bind.engine.url)
+    if key not in _unicode_collation:
+        names = set(
+            session.scalars(
+                text("SELECT collname FROM pg_collation WHERE collname = ANY(:names)"),
+                {"names": list(_UNICODE_COLLATIONS)},
+            )
+        )
+        _unicode_collation[key] = next((n for n in _UNICODE_COLLATIONS if n in names), None)
+    return _unicode_collation[key]
 
 
 #: A pooled connection idle longer than this is pinged before it is handed out again.

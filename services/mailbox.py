@@ -17,6 +17,7 @@ from typing import Any, cast
 from sqlalchemy import String, and_, literal, or_, select, true, tuple_
 from sqlalchemy.orm import Session
 
+from services.db import unicode_collation
 from services.errors import InvalidRequest, NotFound
 from services.models import Account, Folder, Message, UTCDateTime, is_id
 from services.sync.folders import visit_key
@@ -146,10 +147,18 @@ def list_messages_named(
         query = query.where(Message.flagged.is_(flagged))
     if is_spam is not None:
         query = query.where(Message.is_spam.is_(is_spam))
-    if from_:
-        query = query.where(Message.from_addr.icontains(from_, autoescape=True))
-    if subject:
-        query = query.where(Message.subject.icontains(subject, autoescape=True))
+    if from_ or subject:
+        # Case folded for every letter, not only A to Z (services.db.unicode_collation;
+        # SQLite's lower() is Python's there).
+        collation = unicode_collation(session)
+
+        def folded(column: Any) -> Any:
+            return column.collate(collation) if collation else column
+
+        if from_:
+            query = query.where(folded(Message.from_addr).icontains(from_, autoescape=True))
+        if subject:
+            query = query.where(folded(Message.subject).icontains(subject, autoescape=True))
     if since is not None:
         query = query.where(Message.date >= since)
     if until is not None:

@@ -170,6 +170,33 @@ def test_filters(synced: Mailbox) -> None:
             reads.list_messages(session, synced.principal, synced.account_id, folder="Nope")
 
 
+def test_subject_and_sender_search_ignore_case_beyond_ascii(synced: Mailbox) -> None:
+    """As PostgreSQL's ILIKE does, SQLite's search folds the case of every letter, not only
+    of A to Z (its own lower() knows only ASCII)."""
+    session = synced.sessions()
+    try:
+        changed = session.execute(
+            update(Message)
+            .where(Message.account_id == synced.account_id, Message.subject == "msg number 26")
+            .values(subject="ÜNÏCÖDÉ Résumé ΣΟΦΊΑ", from_addr="Ærøskøbing Ølbryggeri <ØL@example.test>")
+        )
+
+        def subjects(**filters: object) -> set[str]:
+            return {m.subject for m in _all_pages(synced, session, limit=50, **filters)}
+
+        assert changed.rowcount == 1  # type: ignore[attr-defined]
+        found = {"ÜNÏCÖDÉ Résumé ΣΟΦΊΑ"}
+        assert subjects(subject="ÜNÏCÖDÉ") == found, len(subjects())
+        assert subjects(subject="ünïcödé") == found
+        assert subjects(subject="RÉSUMÉ") == found
+        assert subjects(subject="σοφία") == found
+        assert subjects(from_="ærøskøbing ølbryggeri <øl@") == found
+        assert subjects(subject="unicode") == set()  # no folding of accents, as ILIKE
+    finally:
+        session.rollback()
+        session.close()
+
+
 @pytest.mark.parametrize(
     "cursor",
     ["!!!", base64.urlsafe_b64encode(b"not json").decode(), base64.urlsafe_b64encode(b'["x", 1]').decode()],
