@@ -118,8 +118,12 @@ class MessageQuery(Lenient):
     is_spam: bool | None = Field(
         default=None, description="Only messages checked and judged spam (true) or not (false)."
     )
-    from_: str | None = Field(default=None, alias="from", max_length=320, description="Substring of From, in any case.")
-    subject: str | None = Field(default=None, max_length=998, description="Substring of the subject, in any case.")
+    from_: str | None = Field(
+        default=None, alias="from", max_length=320, description="Substring of From, in any case."
+    )
+    subject: str | None = Field(
+        default=None, max_length=998, description="Substring of the subject, in any case."
+    )
     since: datetime | None = Field(default=None, description="Messages dated at or after (ISO 8601).")
     until: datetime | None = Field(default=None, description="Messages dated before (ISO 8601).")
     limit: int = Field(default=50, ge=1, le=mailbox.MAX_LIMIT)
