@@ -44,6 +44,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def iso_utc(when: datetime) -> str:
+    """``when`` as the API writes every time: ISO 8601 in UTC ending in ``Z``
+    (``2026-11-23T09:31:12.977499Z``), as pydantic serialises the response models' datetimes,
+    for the few times written without them (a webhook's payload, the health report)."""
+    return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 def new_id() -> str:
     return str(uuid.uuid4())
 

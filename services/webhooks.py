@@ -99,7 +99,16 @@ from services.crypto import SecretBox, SecretDecryptError
 from services.db import transaction
 from services.errors import NotFound, Unauthorized, ValidationFailed
 from services.mail.hosts import PinnedHost, connect_pinned, resolve_host
-from services.models import Account, TaskRecord, WebhookDelivery, WebhookEndpoint, is_id, new_id, utcnow
+from services.models import (
+    Account,
+    TaskRecord,
+    WebhookDelivery,
+    WebhookEndpoint,
+    is_id,
+    iso_utc,
+    new_id,
+    utcnow,
+)
 from services.retry import backoff_delay
 from services.settings import Settings
 
@@ -422,7 +431,7 @@ def _insert_deliveries(
             continue
         event_id = str(uuid.uuid4())
         body = json.dumps(
-            {"id": event_id, "type": event, "created_at": now.isoformat(), "data": data},
+            {"id": event_id, "type": event, "created_at": iso_utc(now), "data": data},
             separators=(",", ":"),
             default=str,
         )
@@ -644,7 +653,7 @@ def _record(delivery: WebhookDelivery, attempt: Attempt, state: str, next_at: An
     if state == "succeeded":
         delivery.delivered_at = now
     entry = {
-        "at": now.isoformat(),
+        "at": iso_utc(now),
         "status_code": attempt.status_code,
         "latency_ms": attempt.latency_ms,
         "error": attempt.error,

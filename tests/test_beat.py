@@ -74,6 +74,7 @@ def test_beat_survives_its_broker_restarting_empty_and_health_shows_its_ticks(be
         _wait(lambda: api.get("/api/admin/health").get_json()["beat"]["ok"], 30, "a Beat heartbeat")
         report = api.get("/api/admin/health").get_json()["beat"]
         assert report["last_tick_at"] and 0 <= report["seconds_ago"] < 45
+        assert report["last_tick_at"].endswith("Z"), report  # the one form of every API time
         broker.restart()  # the test Redis keeps nothing: lock, schedule and queue are gone
         assert _periodic_waiting(values) == 0
         beat.wait_for_log(r"lock taken again; schedule restored", timeout=60)

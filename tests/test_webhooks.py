@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import threading
 import time
 import uuid
@@ -272,6 +273,8 @@ def test_failed_tasks_report_task_failed_and_account_error(kit, account, receive
         assert verified(received, secret)
         data = received.json()["data"]
         assert data["task_id"] == task_id and data["error"]["code"] == failed["error"]["code"]
+        # Times in the one form of every API time: UTC, ending in Z.
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", received.json()["created_at"])
 
 
 def test_private_targets_are_refused_unless_allowed(

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import text
 
 from mailroom.context import state
+from services.models import iso_utc
 from services.settings import Settings
 from tasks.beat import last_tick
 from tasks.celery_app import BEAT_MAX_LOOP_SECONDS
@@ -90,7 +91,7 @@ def _beat_report(celery: Any, broker_ok: bool) -> dict[str, Any]:
     ago = max(0.0, time.time() - tick)
     return {
         "ok": ago <= 3 * BEAT_MAX_LOOP_SECONDS,
-        "last_tick_at": datetime.fromtimestamp(tick, UTC).isoformat(),
+        "last_tick_at": iso_utc(datetime.fromtimestamp(tick, UTC)),
         "seconds_ago": round(ago, 1),
     }
 
