@@ -164,6 +164,52 @@ def test_an_idempotency_key_is_per_tenant(kit, other_kit, account, dovecot, smtp
     assert send(other_kit, account, body).status_code == 404
 
 
+def test_a_reused_key_names_its_task_only_to_who_may_see_it(kit, account, dovecot, smtp) -> None:
+    """Keys are the tenant's; the 409 for a key taken names the first task only to a caller
+    who may see that task (an admin, or the member who sent it), never to another member."""
+    from tests.conftest import account_body
+
+    name = "u" + uuid.uuid4().hex[:10]
+    dovecot.add_user(name, "pw-" + name)
+    created = kit.member.post("/api/accounts", json=account_body(dovecot, smtp, (name, "pw-" + name)))
+    assert created.status_code == 201, created.get_json()
+    members_send = f"/api/accounts/{created.get_json()['id']}/send"
+    body = {"to": ["a@example.test"], "text": "x", "save_sent": False}
+    tasks = []
+
+    def taken(response: Any) -> dict[str, Any]:
+        assert response.status_code == 409
+        error = error_of(response)
+        assert error["code"] == "idempotency_key_reused"
+        return error
+
+    # The admin's key, reused by the member on their own account: taken, no task named.
+    key = {"Idempotency-Key": "admins-" + uuid.uuid4().hex}
+    tasks.append(send(kit, account, body, headers=key).get_json()["task_id"])
+    refused = kit.member.post(members_send, json=body, headers=key)
+    assert taken(refused)["details"] is None
+    assert tasks[-1] not in refused.get_data(as_text=True)
+
+    # The member's key: the member and an admin of the tenant may see its task.
+    key = {"Idempotency-Key": "members-" + uuid.uuid4().hex}
+    tasks.append(kit.member.post(members_send, json=body, headers=key).get_json()["task_id"])
+    other_body = {**body, "text": "y"}
+    assert taken(kit.member.post(members_send, json=other_body, headers=key))["details"] == {
+        "task_id": tasks[-1]
+    }
+    assert taken(send(kit, account, body, headers=key))["details"] == {"task_id": tasks[-1]}
+
+    # The admin's send from the member's account: the same body again from the member is no
+    # replay of a task the member cannot see.
+    key = {"Idempotency-Key": "on-behalf-" + uuid.uuid4().hex}
+    tasks.append(kit.admin.post(members_send, json=body, headers=key).get_json()["task_id"])
+    refused = kit.member.post(members_send, json=body, headers=key)
+    assert taken(refused)["details"] is None
+    assert tasks[-1] not in refused.get_data(as_text=True)
+    for task_id in tasks:
+        assert kit.admin.wait_task(task_id)["state"] == "succeeded"
+
+
 def test_a_member_sends_only_from_accounts_they_own(kit, account, sessions) -> None:
     """A member of the tenant cannot send from the admin's account (404, nothing queued);
     the admin can."""

@@ -11,7 +11,8 @@ Promises:
 * ``Idempotency-Key``: the same key and the same body (same account) from the same tenant
   return the first request's task for as long as its outbox row exists: a final row is kept
   for ``outbox_retention_hours`` after the request (at least 24 h; services.send.retention),
-  one still in flight until it ends. The same key with another body is a 409.
+  one still in flight until it ends. The same key with another body is a 409, which names
+  the first task only to a caller who may see it (an admin, or the member who sent it).
 * Whether the Sent copy is filed is decided here, once: the request's ``save_sent`` when
   given, else the account's ``save_sent_copy`` at this moment (a later change of the
   account's setting does not change messages already accepted).
@@ -92,11 +93,16 @@ def _replay(session: Session, principal: Principal, key: str, digest: str) -> Ac
     )
     if row is None:
         return None
-    if row.request_hash != digest:
+    # The key is the tenant's, but its task is only for those who may see it (scoped: an
+    # admin, or the member who sent it): to anyone else the key is just taken, and the
+    # answer names no task, not even for the same body (another account's, or the
+    # admin's send from this member's account).
+    visible = principal.is_admin or row.user_id == principal.user_id
+    if row.request_hash != digest or not visible:
         raise Conflict(
             "this Idempotency-Key was used with a different request; use a new key for a new message",
             code="idempotency_key_reused",
-            details={"task_id": row.task_id},
+            details={"task_id": row.task_id} if visible else None,
         )
     record = task_records.load_record(session, row.task_id) if row.task_id else None
     if record is None:
