@@ -16,6 +16,7 @@ from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginEr
 
 from services.errors import AuthenticationFailed, MailError, PermanentMailError, TransientMailError
 from services.mail.hosts import PinnedHost, connect_pinned, resolve_host
+from services.mail.tls import mismatch_message, tls_mismatch
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ def _classify_imap(exc: BaseException, what: str, text: str) -> MailError:
     if isinstance(exc, ssl.SSLCertVerificationError):
         message = f"{what}: the IMAP server's TLS certificate is not valid: {text}"
         return PermanentMailError(message).tagged("imap", "tls")
+    mismatch = tls_mismatch(exc)
+    if mismatch is not None:
+        return PermanentMailError(mismatch_message(what, "IMAP", mismatch)).tagged("imap", "tls")
     if isinstance(exc, (ConnectionError, OSError, IMAPClientAbortError)):
         message = f"{what}: IMAP connection failed: {text or type(exc).__name__}"
         return TransientMailError(message).tagged("imap", "connect")

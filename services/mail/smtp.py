@@ -14,6 +14,7 @@ import aiosmtplib
 
 from services.errors import AuthenticationFailed, MailError, PermanentMailError, TransientMailError
 from services.mail.hosts import PinnedHost, connect_pinned_async, resolve_host
+from services.mail.tls import mismatch_message, tls_mismatch
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,9 @@ def _classify_smtp(exc: BaseException, what: str) -> MailError:
     if cert_error is not None:  # aiosmtplib wraps a failed implicit-TLS handshake in SMTPConnectError
         message = f"{what}: the SMTP server's TLS certificate is not valid: {cert_error}"
         return PermanentMailError(message).tagged("smtp", "tls")
+    mismatch = tls_mismatch(exc)
+    if mismatch is not None:
+        return PermanentMailError(mismatch_message(what, "SMTP", mismatch)).tagged("smtp", "tls")
     if isinstance(exc, (aiosmtplib.SMTPTimeoutError, TimeoutError)):
         return TransientMailError(f"{what}: timed out talking to the SMTP server").tagged("smtp", "timeout")
     if isinstance(exc, (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPServerDisconnected, OSError)):

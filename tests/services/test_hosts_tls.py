@@ -30,6 +30,7 @@ from services.mail.imap import ImapEndpoint, pinned_imap_session
 from services.mail.smtp import SmtpEndpoint, verify_pinned_smtp
 from tests.servers.dovecot import DovecotServer
 from tests.servers.ports import free_port
+from tests.servers.smtp import SmtpServer
 
 
 class Pki:
@@ -261,3 +262,24 @@ def test_smtp_tls_checks_the_name_on_the_pinned_connection(pki: Pki, mode: str) 
             verify_pinned_smtp(pin("pinned.invalid", port, ["127.0.0.1"]), other, timeout=5)
     finally:
         controller.stop()
+
+
+def test_ssl_against_a_plain_port_fails_at_once_naming_the_setting(
+    dovecot: DovecotServer, smtp: SmtpServer, mailbox_user: tuple[str, str]
+) -> None:
+    """``tls: ssl`` against the plain ports of the test Dovecot and aiosmtpd: OpenSSL's
+    WRONG_VERSION_NUMBER is a configuration error, permanent (no retries for minutes), and
+    the message says which setting to check."""
+    imap = ImapEndpoint("127.0.0.1", dovecot.port, "ssl", *mailbox_user)
+    with (
+        pytest.raises(PermanentMailError) as imap_error,
+        pinned_imap_session(pin("127.0.0.1", dovecot.port, ["127.0.0.1"]), imap, timeout=5),
+    ):
+        pass
+    smtp_endpoint = SmtpEndpoint("127.0.0.1", smtp.port, "ssl", "smtpuser", "smtppass")
+    with pytest.raises(PermanentMailError) as smtp_error:
+        verify_pinned_smtp(pin("127.0.0.1", smtp.port, ["127.0.0.1"]), smtp_endpoint, timeout=5)
+    for caught, field in ((imap_error, "imap.tls"), (smtp_error, "smtp.tls")):
+        assert not caught.value.transient and caught.value.kind == "tls"
+        assert "WRONG_VERSION_NUMBER" in caught.value.message
+        assert f"check the account's {field} setting" in caught.value.message
