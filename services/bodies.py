@@ -27,10 +27,12 @@ What it promises:
 from __future__ import annotations
 
 import json
+import re
 import time
 from datetime import timedelta
 from email import policy
 from email.message import EmailMessage
+from email.message import Message as HeaderBlock
 from email.parser import BytesParser
 from typing import Any
 
@@ -47,7 +49,7 @@ from services.mailbox import get_message
 from services.models import Account, BodyCacheEntry, Folder, Message, utcnow
 from services.settings import Settings
 from services.sync.bodystructure import _disposition, _param, decode_transfer
-from services.sync.parse import decode_charset
+from services.sync.parse import bytes_to_text, decode_charset, decode_words
 from services.tenancy import Principal, get_scoped
 from services.tenant_slots import TenantSlots, broker_redis
 
@@ -223,7 +225,7 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     for part in parsed.walk():
         if part.is_multipart() or part is text_part or part is html_part:
             continue
-        filename = part.get_filename()
+        filename = _filename(part)
         if part.get_content_disposition() != "attachment" and not filename:
             continue
         payload = part.get_payload(decode=True)
@@ -243,11 +245,29 @@ def parse_body(raw: bytes) -> dict[str, Any]:
 
 
 def _headers(parsed: Any) -> dict[str, str]:
+    """Every header field, unfolded and decoded as the message list decodes them (encoded
+    words; raw 8-bit bytes as UTF-8 where valid, else Latin-1, never U+FFFD)."""
     headers: dict[str, str] = {}
-    for name, value in parsed.items():
-        text = str(value)
+    for name, value in parsed.raw_items():
+        text = decode_words(_FOLD.sub("", value))
         headers[name] = f"{headers[name]}\n{text}" if name in headers else text
     return headers
+
+
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+
+
+def _filename(part: Any) -> str | None:
+    """The part's file name; one written in raw 8-bit bytes is read as the message list reads
+    it (UTF-8 where valid, else Latin-1) instead of with U+FFFD for each byte."""
+    filename = part.get_filename()
+    if not filename or "\ufffd" not in filename:
+        return filename  # type: ignore[no-any-return]
+    header = HeaderBlock()
+    for name, value in part.raw_items():
+        if name.lower() in ("content-disposition", "content-type"):
+            header[name] = bytes_to_text(value.encode("utf-8", "surrogateescape"))
+    return header.get_filename() or filename  # type: ignore[no-any-return]
 
 
 def _content(part: Any) -> str | None:

@@ -222,3 +222,29 @@ def test_a_server_that_does_not_answer_times_out(mb: Mailbox, body_settings: Set
         listener.close()
         for connection in accepted:
             connection.close()
+
+
+def test_raw_8bit_headers_and_file_names_read_as_in_the_list(mb: Mailbox) -> None:
+    """A Subject and a file name in raw 8-bit bytes (no encoded words), as old mailers write
+    them: the body's headers and attachments show what the message list shows (UTF-8 where
+    valid, else Latin-1), never U+FFFD."""
+    mb.append(
+        "INBOX",
+        [
+            b"From: Ren\xe9 <rene@example.test>\r\nTo: me@example.com\r\nSubject: raw 8bit \xe9t\xe9\r\n"
+            b"X-Folded: one\r\n two\r\nDate: Mon, 02 Feb 2026 10:00:00 +0000\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\nContent-Type: text/plain\r\n\r\nhi\r\n"
+            b"--B\r\nContent-Type: application/pdf\r\n"
+            b'Content-Disposition: attachment; filename="r\xe9sum\xe9.pdf"\r\n\r\nxx\r\n'
+            b"--B\r\nContent-Type: application/pdf\r\n"
+            b'Content-Disposition: attachment; filename="caf\xc3\xa9.pdf"\r\n\r\nxx\r\n--B--\r\n'
+        ],
+    )
+    mb.sync()
+    listed = next(m for m in mb.messages("INBOX") if m.subject.startswith("raw 8bit"))
+    assert listed.subject == "raw 8bit été"
+    body = _fetch(mb, listed.subject)
+    assert body["headers"]["Subject"] == listed.subject
+    assert body["headers"]["From"] == "René <rene@example.test>"
+    assert body["headers"]["X-Folded"] == "one two"
+    assert [a["filename"] for a in body["attachments"]] == ["résumé.pdf", "café.pdf"] == listed.attachments
