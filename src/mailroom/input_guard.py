@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import parse_qsl
 
 from flask import request
 
@@ -61,10 +62,12 @@ def refuse(loc: tuple[str | int, ...], problem: str) -> ValidationFailed:
 
 def check_request_text() -> None:
     """``before_request``: ids in the path must look like ids (else 404), and no path
-    segment or query value may hold NUL or a lone surrogate (else 422), and the raw query
-    string must be UTF-8 (else 400: Werkzeug would raise decoding it, a 500)."""
+    segment or query value may hold NUL or a lone surrogate (else 422), and the query string
+    must be UTF-8, raw and once its %-escapes are decoded (else 400: Werkzeug would raise
+    decoding raw bytes, a 500, and would turn ``%ff`` into U+FFFD, a search for text the
+    client never sent)."""
     try:
-        request.query_string.decode()
+        parse_qsl(request.query_string.decode(), keep_blank_values=True, errors="strict")
     except UnicodeDecodeError:
         raise InvalidRequest("the query string is not valid UTF-8", code="invalid_request") from None
     for name, value in (request.view_args or {}).items():

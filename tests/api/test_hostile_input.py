@@ -93,6 +93,21 @@ def test_query_values_with_nul_are_422_on_every_route(app: Any, any_kit: TenantK
             assert response.status_code == 422 and error["code"] == "validation_error", (method, path, error)
 
 
+@pytest.mark.parametrize("query", ["subject=%ff", "subject=abc%E2%82", "folder=%ED%A0%80", "%C0%AF=1"])
+def test_percent_escapes_that_are_not_utf8_are_400_on_every_route(
+    app: Any, any_kit: TenantKit, query: str
+) -> None:
+    """The docs promise a 400 for a query string that is not UTF-8: a %-escape of bytes that
+    are not UTF-8 is one too, not a search for U+FFFD."""
+    real_id = str(uuid.uuid4())
+    for method, rule in _routes(app):
+        path = _fill(rule, real_id)
+        response = _call(any_kit, method, f"{path}?{query}")
+        error = _assert_client_error(response, method, path)
+        assert response.status_code == 400 and error["code"] == "invalid_request", (method, path, error)
+        assert error["message"] == "the query string is not valid UTF-8"
+
+
 @pytest.mark.parametrize("bad", [NUL, "name" + NUL + "tail", SURROGATE])
 def test_json_strings_with_nul_are_422_on_every_route(app: Any, any_kit: TenantKit, bad: str) -> None:
     body = {"name": bad, "email": f"a{bad}@example.test", "folders": [bad], bad: 1}
