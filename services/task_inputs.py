@@ -7,7 +7,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StringConstraints,
+    model_validator,
+)
 
 from services.models import ID_PATTERN, is_id
 
@@ -42,7 +50,7 @@ class SyncParams(_Strict):
         max_length=500,
         description="Only these folders (by name); all folders when omitted.",
     )
-    full: bool = Field(default=False, description="Ignore stored sync state and rebuild.")
+    full: StrictBool = Field(default=False, description="Ignore stored sync state and rebuild.")
 
     @model_validator(mode="after")
     def _names(self) -> SyncParams:
@@ -84,7 +92,7 @@ class DeleteRequest(_Strict):
     message_ids: list[DeleteMessageId] = Field(
         min_length=1, max_length=5000, description="Mailroom message ids of this account."
     )
-    permanent: bool = Field(
+    permanent: StrictBool = Field(
         default=False,
         description="Delete for good instead of moving to Trash (messages already in Trash "
         "are always deleted for good).",
@@ -106,7 +114,7 @@ class SpamCheckRequest(_Strict):
         default=None, min_length=1, max_length=1000, description="Mailroom message ids of this account."
     )
     folder: str | None = Field(default=None, min_length=1, max_length=1000, description="A folder's name.")
-    only_unscored: bool = Field(default=False, description="With folder: only messages never checked.")
+    only_unscored: StrictBool = Field(default=False, description="With folder: only messages never checked.")
 
     @model_validator(mode="after")
     def _one_target(self) -> SpamCheckRequest:

@@ -29,6 +29,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    StrictBool,
     model_validator,
 )
 
@@ -118,7 +119,7 @@ class Attachment(_Strict):
         default="application/octet-stream", pattern=r"^[A-Za-z0-9!#$&^_.+-]{1,64}/[A-Za-z0-9!#$&^_.+-]{1,64}$"
     )
     content: str = Field(description="The file's bytes, base64 (RFC 4648, standard alphabet).")
-    inline: bool = Field(
+    inline: StrictBool = Field(
         default=False,
         description="Shown inside the HTML body rather than as an attachment: the part goes into a "
         "multipart/related beside the HTML with Content-Disposition inline and the Content-ID "
@@ -175,7 +176,7 @@ class SendRequest(_Strict):
     )
     attachments: list[Attachment] = Field(default_factory=list, max_length=100)
     send_at: datetime | None = Field(default=None, description="Send later (ISO 8601 with a time zone).")
-    save_sent: bool | None = Field(
+    save_sent: StrictBool | None = Field(
         default=None,
         description="File a copy in the account's \\Sent folder: true or false for this message; "
         "null or absent follows the account's save_sent_copy.",

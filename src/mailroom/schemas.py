@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from mailroom.input_guard import ID_PATTERN
 from services.task_inputs import EmailAddress
@@ -137,9 +137,11 @@ class AccountCreate(Strict):
     sync_interval: int | None = Field(
         default=None, ge=60, le=7 * 86400, description="Seconds between periodic syncs (default 900)."
     )
-    save_sent_copy: bool = Field(default=True, description=SAVE_SENT_COPY)
-    spam_auto_scan: bool = Field(default=False, description="Check new INBOX mail for spam after each sync.")
-    spam_move_to_junk: bool = Field(
+    save_sent_copy: StrictBool = Field(default=True, description=SAVE_SENT_COPY)
+    spam_auto_scan: StrictBool = Field(
+        default=False, description="Check new INBOX mail for spam after each sync."
+    )
+    spam_move_to_junk: StrictBool = Field(
         default=False, description="Move messages judged spam to the \\Junk folder."
     )
 
@@ -150,9 +152,9 @@ class AccountPatch(Strict):
     imap: EndpointPatch | None = None
     smtp: EndpointPatch | None = None
     sync_interval: int | None = Field(default=None, ge=60, le=7 * 86400)
-    save_sent_copy: bool | None = Field(default=None, description=SAVE_SENT_COPY)
-    spam_auto_scan: bool | None = None
-    spam_move_to_junk: bool | None = None
+    save_sent_copy: StrictBool | None = Field(default=None, description=SAVE_SENT_COPY)
+    spam_auto_scan: StrictBool | None = None
+    spam_move_to_junk: StrictBool | None = None
 
 
 class AccountOut(BaseModel):

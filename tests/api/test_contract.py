@@ -128,6 +128,87 @@ def test_sync_body_validation(kit, account) -> None:
     assert kit.admin.get("/api/tasks").get_json()["total"] == 0
 
 
+@pytest.mark.parametrize("loose", ["no", "yes", "true", 1, 0])
+def test_booleans_in_bodies_are_json_true_or_false_only(
+    kit, account, dovecot, smtp, mailbox_user, spec, loose
+) -> None:
+    """Every boolean of a request body takes JSON true or false only: "no", "yes", "true",
+    1 and 0 are a 422 naming the field (pydantic's lax mode read "no" as false)."""
+    from tests.conftest import account_body
+
+    acc = f"/api/accounts/{account['id']}"
+    message = {"to": ["a@example.test"], "text": "x"}
+    attachment = {"filename": "a.txt", "content": "QUJD"}
+    cases = [
+        # (path in the document, method, path, body, where the problem is)
+        *(
+            (
+                "/api/accounts",
+                "post",
+                "/api/accounts",
+                {**account_body(dovecot, smtp, mailbox_user), f: loose},
+                [f],
+            )
+            for f in ("save_sent_copy", "spam_auto_scan", "spam_move_to_junk")
+        ),
+        *(
+            ("/api/accounts/{account_id}", "patch", acc, {f: loose}, [f])
+            for f in ("save_sent_copy", "spam_auto_scan", "spam_move_to_junk")
+        ),
+        ("/api/accounts/{account_id}/sync", "post", f"{acc}/sync", {"full": loose}, ["full"]),
+        (
+            "/api/accounts/{account_id}/delete",
+            "post",
+            f"{acc}/delete",
+            {"message_ids": [account["id"]], "permanent": loose},
+            ["permanent"],
+        ),
+        (
+            "/api/accounts/{account_id}/spam-check",
+            "post",
+            f"{acc}/spam-check",
+            {"folder": "INBOX", "only_unscored": loose},
+            ["only_unscored"],
+        ),
+        (
+            "/api/accounts/{account_id}/send",
+            "post",
+            f"{acc}/send",
+            {**message, "save_sent": loose},
+            ["save_sent"],
+        ),
+        (
+            "/api/accounts/{account_id}/send",
+            "post",
+            f"{acc}/send",
+            {**message, "attachments": [{**attachment, "inline": loose}]},
+            ["attachments", "0", "inline"],
+        ),
+        (
+            "/api/webhooks",
+            "post",
+            "/api/webhooks",
+            {"url": "http://127.0.0.1:9/in", "events": ["task.failed"], "enabled": loose},
+            ["enabled"],
+        ),
+    ]
+    hook = kit.admin.post("/api/webhooks", json={"url": "http://127.0.0.1:9/in", "events": ["task.failed"]})
+    hook_id = hook.get_json()["id"]
+    cases.append(
+        ("/api/webhooks/{webhook_id}", "patch", f"/api/webhooks/{hook_id}", {"enabled": loose}, ["enabled"])
+    )
+    for doc_path, method, path, body, loc in cases:
+        response = getattr(kit.admin, method)(path, json=body)
+        assert response.status_code == 422, (path, body, response.get_json())
+        error = error_of(response)
+        assert error["code"] == "validation_error" and [e["loc"] for e in error["details"]] == [loc], error
+        validator = response_validator(spec, doc_path, method, "422")
+        assert [p.message for p in validator.iter_errors(response.get_json())] == [], error
+    assert kit.admin.get("/api/tasks").get_json()["total"] == 0
+    assert kit.admin.get("/api/accounts").get_json()["total"] == 1
+    assert kit.admin.get(acc).get_json()["save_sent_copy"] is True
+
+
 def test_routes_without_a_body_refuse_fields(kit, account, spec) -> None:
     """verify, cancel, spam/ham, secret rotation, redelivery and the rest take no body: a
     field sent to one (a request meant for another route, a typo) is a 422 before the

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from flask import Response, jsonify, request, url_for
 from flask_openapi3 import APIBlueprint, Tag
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool
 from redis.exceptions import RedisError
 
 from mailroom.api.accounts import accepted
@@ -62,14 +62,14 @@ class WebhookCreate(Strict):
     )
     events: list[Event] = Field(min_length=1, max_length=6, description="The events this endpoint receives.")
     description: str = Field(default="", max_length=200)
-    enabled: bool = True
+    enabled: StrictBool = True
 
 
 class WebhookPatch(Strict):
     url: str | None = Field(default=None, min_length=1, max_length=2048, pattern=r"^https?://[^\s]+$")
     events: list[Event] | None = Field(default=None, min_length=1, max_length=6)
     description: str | None = Field(default=None, max_length=200)
-    enabled: bool | None = None
+    enabled: StrictBool | None = None
 
 
 class WebhookOut(BaseModel):
