@@ -340,20 +340,29 @@ def _let_go_of_account(session: Session, task_id: str) -> None:
     )
 
 
+#: The stage of a task cancelled between attempts. It ran at least once: it keeps its
+#: attempts and the last attempt's error (what it was waiting to retry), and no next retry.
+CANCELLED_WAITING_TO_RETRY = "cancelled while waiting to retry"
+
+
 def request_cancel(session: Session, record: TaskRecord) -> bool:
-    """Cancel a task: one not yet running ends ``cancelled`` now and will never run; a
-    running one is flagged and stops at its next checkpoint. Returns True when it was
-    still in flight; a finished task cannot be cancelled (:class:`Conflict`)."""
+    """Cancel a task: one not yet running ends ``cancelled`` now and will never run (one
+    that never ran says "cancelled before it ran"; one waiting to retry says
+    :data:`CANCELLED_WAITING_TO_RETRY`); a running one is flagged and stops at its next
+    checkpoint. Returns True when it was still in flight; a finished task cannot be
+    cancelled (:class:`Conflict`)."""
     if record.state in FINAL:
         raise Conflict(f"task already {record.state}", details={"state": record.state})
+    cancelled = {"state": TaskState.CANCELLED.value, "cancel_requested": True, "finished_at": utcnow()}
     stopped_now = _transition(
+        session, record.id, [TaskState.QUEUED.value], stage="cancelled before it ran", **cancelled
+    ) or _transition(
         session,
         record.id,
-        [TaskState.QUEUED.value, TaskState.RETRYING.value],
-        state=TaskState.CANCELLED.value,
-        cancel_requested=True,
-        stage="cancelled before it ran",
-        finished_at=utcnow(),
+        [TaskState.RETRYING.value],
+        stage=CANCELLED_WAITING_TO_RETRY,
+        next_retry_at=None,
+        **cancelled,
     )
     if stopped_now:
         _let_go_of_account(session, record.id)

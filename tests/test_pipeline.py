@@ -275,6 +275,7 @@ def test_cancelled_queued_task_never_runs(kit, account, private_broker, sessions
         time.sleep(1)
         task = api.task(task_id)
         assert task["state"] == "cancelled" and task["attempts"] == 0 and task["started_at"] is None
+        assert task["stage"] == "cancelled before it ran" and task["error"] is None
         again = api.post(f"/api/tasks/{task_id}/cancel")
         assert again.status_code == 409 and error_of(again)["code"] == "conflict"
     finally:
@@ -387,6 +388,10 @@ def test_cancel_a_task_waiting_to_retry(kit, dovecot, smtp, mailbox_user) -> Non
     time.sleep(2)  # past the next retry time: the retry message arrives and is dropped
     task = kit.admin.task(task_id)
     assert task["state"] == "cancelled" and task["attempts"] == retrying["attempts"]
+    # It ran (and failed) at least once: it says so, keeps that attempt's error, and no
+    # retry is coming.
+    assert task["stage"] == "cancelled while waiting to retry", task
+    assert task["error"] == retrying["error"] and task["next_retry_at"] is None
 
 
 def test_queue_helpers_see_a_waiting_task(kit, other_kit, account, private_broker, sessions) -> None:
