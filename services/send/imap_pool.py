@@ -4,7 +4,10 @@ Filing a copy is one APPEND (plus a FETCH to store its row); logging in, finding
 Sent folder and selecting it again for every message cost more than that. A connection is reused for the
 account's next message while it is younger than ``idle_seconds`` since its last use and
 has filed fewer than ``max_uses`` copies; any fault closes it, so a broken one is never
-reused. Not thread-safe: a prefork worker child runs one task at a time."""
+reused. Threads of one worker process (``mailroom run``'s send worker) share the pool: a
+connection is taken out of it while a task uses it, so no two tasks ever use one at once; a
+task that finds none makes its own, and of two returned for one account the second is
+closed."""
 
 from __future__ import annotations
 
@@ -70,8 +73,8 @@ class ImapPool:
             raise
         pooled.used = time.monotonic()
         pooled.uses += 1
-        if pooled.uses >= self.max_uses:
-            _close(pooled.client)
+        if pooled.uses >= self.max_uses or key in self._conns:
+            _close(pooled.client)  # worn out, or another task's connection was returned first
         else:
             self._conns[key] = pooled
 

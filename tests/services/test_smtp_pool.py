@@ -6,12 +6,16 @@ from __future__ import annotations
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
 from services.errors import MailError
 from services.mail.hosts import pin
+from services.mail.imap import ImapEndpoint
 from services.mail.smtp import SmtpEndpoint, process_pool
+from services.send import imap_pool
+from tests.servers.dovecot import DovecotServer
 from tests.servers.smtp import SmtpServer
 
 THREADS = 4
@@ -76,3 +80,35 @@ def test_a_fault_of_ours_is_not_blamed_on_the_server(smtp: SmtpServer) -> None:
         assert not isinstance(caught.value, MailError)
     finally:
         pool.close_all()
+
+
+def test_threads_of_one_process_share_the_imap_pool_without_sharing_a_connection(
+    sync_dovecot: DovecotServer,
+) -> None:
+    """The Sent copies' IMAP pool: a connection is out of the pool while a thread uses it,
+    so four threads filing copies for one account at once each get their own; every copy
+    lands, and the pool keeps one connection for the account afterwards (the others are
+    closed, not left open)."""
+    user = ("u" + uuid.uuid4().hex[:10], "pw-imap-pool")
+    sync_dovecot.add_user(*user)
+    endpoint = ImapEndpoint("127.0.0.1", sync_dovecot.port, "none", *user)
+    pool = imap_pool.ImapPool(idle_seconds=30.0, max_uses=100)
+    start = threading.Barrier(THREADS)
+    clients: dict[int, Any] = {}
+
+    def file_some(thread: int) -> None:
+        start.wait()
+        for n in range(MESSAGES_PER_THREAD):
+            with pool.session(("account",), endpoint, timeout=10, allow_private=True) as pooled:
+                clients[id(pooled.client)] = pooled.client
+                pooled.client.append("INBOX", f"Subject: {thread}-{n}\r\n\r\nbody\r\n".encode())
+
+    with ThreadPoolExecutor(THREADS) as threads:
+        list(threads.map(file_some, range(THREADS)))
+    assert len(sync_dovecot.uids(*user, "INBOX")) == THREADS * MESSAGES_PER_THREAD
+    assert len(clients) >= 2  # the threads did overlap: more than one connection was made
+    assert len(pool._conns) == 1
+    kept = pool._conns[("account",)].client
+    kept.noop()  # the kept one still works, and every other one was logged out
+    assert [c._imap.state for c in clients.values() if c is not kept] == ["LOGOUT"] * (len(clients) - 1)
+    pool._drop(("account",))
