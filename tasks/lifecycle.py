@@ -26,7 +26,14 @@ from sqlalchemy.orm import Session
 from services import accounts, task_records, task_stats, webhooks
 from services.accounts import check_ownership
 from services.db import bound_tenant, make_engine, make_sessionmaker, tenant_sessions, transaction
-from services.errors import MailroomError, TaskCancelled, ValidationFailed, is_database_fault, is_transient
+from services.errors import (
+    MailroomError,
+    NotFound,
+    TaskCancelled,
+    ValidationFailed,
+    is_database_fault,
+    is_transient,
+)
 from services.logs import log_context
 from services.models import Account, TaskState
 from services.retry import backoff_delay
@@ -279,7 +286,11 @@ def _attempt(
         # account: checked in this same transaction (one round trip less per attempt), and
         # raised in _run_body, which fails the task for it.
         refused: MailroomError | None = None
-        if record.tenant_id != tenant_id or record.user_id != user_id or record.account_id != account_id:
+        if record.account_id is None and account_id is not None and record.tenant_id == tenant_id:
+            # Deleting an account sets its tasks' account_id to null: a task still queued
+            # (or waiting to retry) then finds its account gone, which is not a bad message.
+            refused = NotFound("the account was deleted while the task waited to run")
+        elif record.tenant_id != tenant_id or record.user_id != user_id or record.account_id != account_id:
             refused = ValidationFailed("task message does not match its record")
         elif account_id is not None:
             refused = accounts.owner_refusal(

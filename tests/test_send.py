@@ -370,6 +370,21 @@ def test_scheduled_send_can_be_cancelled_before_it_starts(kit, account, smtp) ->
     assert kit.admin.task(accepted["task_id"])["state"] == "cancelled"
 
 
+def test_a_scheduled_send_whose_account_was_deleted_fails_not_found(kit, account, smtp) -> None:
+    """Deleting the account leaves its queued tasks' records (account_id becomes null) and
+    deletes the outbox row; when the send's time comes the task ends not_found, saying the
+    account was deleted, and nothing is sent."""
+    send_at = datetime.now(UTC) + timedelta(seconds=3)
+    body = {"to": ["a@example.test"], "text": "orphan", "save_sent": False, "send_at": send_at.isoformat()}
+    accepted = send(kit, account, body).get_json()
+    assert kit.admin.delete(f"/api/accounts/{account['id']}").status_code == 204
+    task = kit.admin.wait_task(accepted["task_id"], timeout=30)
+    assert task["state"] == "failed" and task["account_id"] is None, task
+    assert task["error"]["code"] == "not_found", task["error"]
+    assert "account was deleted" in task["error"]["message"]
+    assert delivered(smtp, accepted["message_id"]) == []
+
+
 def test_send_at_too_far_ahead_or_without_a_zone_is_422(kit, account) -> None:
     far = (datetime.now(UTC) + timedelta(days=30)).isoformat()
     for send_at in (far, "2030-01-01T09:00:00"):
