@@ -253,11 +253,21 @@ def report_progress(session: Session, task_id: str, progress: int, stage: str) -
 
 
 def must_stop(session: Session, task_id: str) -> bool:
-    """True when the attempt running ``task_id`` must stop at its next checkpoint."""
+    """True when the attempt running ``task_id`` must stop at its next checkpoint: cancelled,
+    no longer ``running``, or its account deleted (every task is recorded with its account,
+    and deleting the account sets ``account_id`` to null), so that no task goes on reading
+    or changing a mailbox Mailroom no longer serves."""
     row = session.execute(
-        select(TaskRecord.state, TaskRecord.cancel_requested).where(TaskRecord.id == task_id)
+        select(TaskRecord.state, TaskRecord.cancel_requested, TaskRecord.account_id).where(
+            TaskRecord.id == task_id
+        )
     ).first()
-    return row is None or row.state != TaskState.RUNNING.value or bool(row.cancel_requested)
+    return (
+        row is None
+        or row.state != TaskState.RUNNING.value
+        or bool(row.cancel_requested)
+        or row.account_id is None
+    )
 
 
 def mark_retrying(

@@ -344,6 +344,11 @@ def _run_body(
             raise refused
         result = body(ctx)
     except TaskCancelled:
+        if account_id is not None and _account_gone(runtime, account_id):
+            # The checkpoint stopped the attempt because the account was deleted.
+            _fail(runtime, task_id, "the account was deleted while the task ran", "not_found", app=task.app)
+            observed.end("skipped")
+            return {"skipped": "account deleted"}
         with ctx.session() as session:
             task_records.mark_cancelled(session, task_id, "cancelled while running")
         log.info("task %s cancelled", task_id)

@@ -237,3 +237,24 @@ def test_a_sync_of_new_inbox_mail_queues_one_automatic_check(
     plain = new_account(kit, dovecot, smtp, other_user)
     sync(kit.admin, plain)
     assert spam_tasks(kit.admin, plain) == []
+
+
+def test_a_check_whose_account_is_deleted_stops_at_its_next_batch(
+    kit: TenantKit, dovecot: DovecotServer, smtp: Any, mailbox_user: tuple[str, str]
+) -> None:
+    """Deleting the account stops a check that is reading its mailbox: at the next batch's
+    checkpoint the task ends not_found, instead of reading and scoring the rest of a
+    mailbox Mailroom no longer serves."""
+    account_id = new_account(kit, dovecot, smtp, mailbox_user)
+    for start in range(0, 6000, 1000):
+        batch = mails(1000, "a@news.example", "Note", "Hi.", start=start)
+        dovecot.append_messages(*mailbox_user, "INBOX", batch)
+    sync(kit.admin, account_id)
+    response = kit.admin.post(f"/api/accounts/{account_id}/spam-check", json={"folder": "INBOX"})
+    task_id = response.get_json()["task_id"]
+    kit.admin.wait_task(task_id, where=lambda t: t["state"] == "running" and t["progress"] > 0)
+    assert kit.admin.delete(f"/api/accounts/{account_id}").status_code == 204
+    task = kit.admin.wait_task(task_id)
+    assert task["state"] == "failed" and task["error"]["code"] == "not_found", task
+    assert "account was deleted" in task["error"]["message"]
+    assert task["result"] is None and task["progress"] < 100
