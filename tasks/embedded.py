@@ -33,10 +33,11 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import Any
 
+from celery import bootsteps
 from celery.beat import EmbeddedService
 from celery.worker import loops
 from celery.worker.consumer import Consumer
@@ -57,30 +58,46 @@ class _PromptConnection:
     """A worker's broker connection whose ``drain_events`` first waits, in short steps of
     its own, until the worker may take a message (its channel's prefetch has room), and only
     then asks the broker, with what is left of the timeout. Everything else is the
-    connection's."""
+    connection's.
 
-    def __init__(self, connection: Any, channel: Any) -> None:
+    ``running`` says whether the worker still runs. A warm shutdown closes the connection
+    from another thread (the one that stops the worker) while this one may be reading it;
+    whatever that read then raises comes out as the ``OSError`` Celery's loop ends on
+    quietly once its worker is stopping, not as an "Unrecoverable error"."""
+
+    def __init__(self, connection: Any, channel: Any, running: Callable[[], bool] = lambda: True) -> None:
         self._connection = connection
         self._channel = channel
+        self._running = running
 
     def drain_events(self, timeout: float | None = None, **kwargs: Any) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
-        qos = self._channel.qos
-        while not qos.can_consume():
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError()  # socket.timeout, which the loop takes as "nothing came"
-            time.sleep(BUSY_CHECK_SECONDS)
-        if deadline is not None:
-            timeout = max(deadline - time.monotonic(), BUSY_CHECK_SECONDS)
-        return self._connection.drain_events(timeout=timeout, **kwargs)
+        try:
+            qos = self._channel.qos
+            while not qos.can_consume():
+                if not self._running() or (deadline is not None and time.monotonic() >= deadline):
+                    raise TimeoutError()  # socket.timeout, which the loop takes as "nothing came"
+                time.sleep(BUSY_CHECK_SECONDS)
+            if deadline is not None:
+                timeout = max(deadline - time.monotonic(), BUSY_CHECK_SECONDS)
+            return self._connection.drain_events(timeout=timeout, **kwargs)
+        except TimeoutError:
+            raise
+        except Exception as exc:
+            if self._running():
+                raise
+            raise OSError("the worker is stopping") from exc
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._connection, name)
 
 
-def _prompt_synloop(obj: Any, connection: Any, consumer: Any, *args: Any, **kwargs: Any) -> Any:
+def _prompt_synloop(
+    obj: Any, connection: Any, consumer: Any, blueprint: Any, *args: Any, **kwargs: Any
+) -> Any:
     """Celery's synchronous consumer loop over a :class:`_PromptConnection`."""
-    return loops.synloop(obj, _PromptConnection(connection, consumer.channel), consumer, *args, **kwargs)
+    prompt = _PromptConnection(connection, consumer.channel, lambda: blueprint.state == bootsteps.RUN)
+    return loops.synloop(obj, prompt, consumer, blueprint, *args, **kwargs)
 
 
 class _PromptConsumer(Consumer):  # type: ignore[misc]
