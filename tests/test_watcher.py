@@ -126,6 +126,41 @@ def test_append_flag_and_expunge_in_another_folder_reach_the_api(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("notify", ["true", "false"], ids=["notify", "idle_status"])
+def test_a_message_another_client_moves_keeps_its_id(
+    notify: str,
+    kit: TenantKit,
+    account: dict[str, Any],
+    dovecot: DovecotServer,
+    workers: dict[str, CeleryWorker],
+    start_watcher: Callable[..., WatcherProcess],
+) -> None:
+    """The watcher queues a sync of the folder it hears about first; that sync sees one half
+    of a move (the message gone from INBOX, or new in Archive) and goes on into the other
+    folders, so the message keeps its id, in either direction."""
+    user = user_of(account)
+    dovecot.append_messages(*user, "INBOX", [make_message(subject="to be moved")])
+    task = kit.admin.post(f"/api/accounts/{account['id']}/sync").get_json()
+    kit.admin.wait_task(task["task_id"])
+    (stored,) = listed(kit, account["id"], "INBOX")
+    mode = "NOTIFY" if notify == "true" else "IDLE"
+    watcher = start_watcher(watcher_notify=notify)
+    watcher.wait_for_log(rf"account {account['id']}: watching .*{mode}", timeout=30)
+    for source, target in (("INBOX", "Archive"), ("Archive", "INBOX")):
+        with dovecot.client(*user) as client:
+            client.select_folder(source)
+            client.move(client.search(["ALL"]), target)
+        moved = wait_until(
+            lambda source=source, target=target: (  # type: ignore[misc]
+                not listed(kit, account["id"], source) and listed(kit, account["id"], target)
+            ),
+            what=f"the move to {target}",
+        )
+        assert [m["id"] for m in moved] == [stored["id"]], (target, moved)
+        assert kit.admin.get(f"/api/messages/{stored['id']}").get_json()["folder"] == target
+
+
+@pytest.mark.slow
 def test_a_killed_watchers_accounts_are_taken_over(
     kit: TenantKit,
     account: dict[str, Any],

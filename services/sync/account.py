@@ -33,7 +33,7 @@ from services.sync.folder_sync import (
 )
 from services.sync.folders import is_selectable, list_remote_folders, store_folders
 from services.sync.progress import ProgressTracker
-from services.sync.state import MoveTracker
+from services.sync.state import MoveTracker, chunks
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,19 @@ def sync_account(
             )
             unselectable = {f.name for f in folders if not is_selectable(f)}
             summary = _sync_folders(ctx, snapshots, options, unselectable=unselectable)
+            if options.folders is not None and _may_have_seen_half_a_move(ctx, snapshots, options.folders):
+                # A sync of some folders (the watcher's) that removed messages, or stored
+                # ones the account holds in another folder, may have seen one half of a
+                # move by another client. The other folders sync in the same run, so the
+                # message keeps its id whichever half came first (and one taken out of
+                # Junk counts as ham); unchanged folders cost one STATUS each.
+                named = set(options.folders)
+                others = [s.name for s in snapshots if s.name not in named and s.name not in unselectable]
+                if others:
+                    more = _sync_folders(
+                        ctx, snapshots, SyncOptions(folders=others), unselectable=unselectable
+                    )
+                    summary = _merged(summary, more)
             deleted = []
             if gone and options.folders is None and not summary["failed_folders"]:
                 # Every folder had its chance to take over the vanished folders' messages.
@@ -140,6 +153,41 @@ def sync_account(
         left_junk=moves.left_junk,
     )
     return summary
+
+
+def _may_have_seen_half_a_move(ctx: RunContext, snapshots: list[FolderSnapshot], names: list[str]) -> bool:
+    """Whether the run removed a message no folder of it took over, or stored one whose
+    Message-ID a row of another folder of the account still holds."""
+    if any(ctx.moves.removed.values()):
+        return True
+    message_ids = sorted({key[0] for key, entries in ctx.moves.inserted.items() if entries and key[0]})
+    if not message_ids:
+        return False
+    synced = [s.id for s in snapshots if s.name in set(names)]
+    with transaction(ctx.sessions) as session:
+        for chunk in chunks(message_ids):
+            found = session.scalar(
+                select(Message.id)
+                .where(
+                    Message.account_id == ctx.account_id,
+                    Message.message_id_header.in_(chunk),
+                    Message.folder_id.not_in(synced),
+                )
+                .limit(1)
+            )
+            if found is not None:
+                return True
+    return False
+
+
+def _merged(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """Two summaries of :func:`_sync_folders` as one."""
+    merged = dict(first)
+    for key in ("folders_synced", "folders_unchanged", "new", "kept_ids", "updated_flags", "removed"):
+        merged[key] = first[key] + second[key]
+    merged["folders"] = {**first["folders"], **second["folders"]}
+    merged["failed_folders"] = first["failed_folders"] + second["failed_folders"]
+    return merged
 
 
 def _set_account(session: Session, account_id: str, **values: Any) -> None:

@@ -21,9 +21,18 @@ class ProgressTracker:
         self._weights: dict[str, float] = {}
         self._done: dict[str, float] = {}
         self._total = 0.0
+        #: Where this plan's folders start: after the listing, or, for a plan that continues
+        #: the run into more folders, where the last plan got to (progress never goes back).
+        self._start = PREPARE_SHARE
+        self._planned = False
 
     def plan(self, weights: dict[str, float]) -> None:
-        """Set each folder's expected cost (messages to fetch, plus a little per check)."""
+        """Set each folder's expected cost (messages to fetch, plus a little per check). A
+        later plan (more folders in the same run) shares out what is left above the
+        percentage reached."""
+        if self._planned:
+            self._start = self.percent
+        self._planned = True
         self._weights = dict(weights)
         self._done = dict.fromkeys(weights, 0.0)
         self._total = sum(weights.values()) or 1.0
@@ -47,7 +56,7 @@ class ProgressTracker:
     @property
     def percent(self) -> float:
         fraction = sum(self._done.values()) / self._total
-        return PREPARE_SHARE + (DONE_SHARE - PREPARE_SHARE) * min(fraction, 1.0)
+        return self._start + (DONE_SHARE - self._start) * min(fraction, 1.0)
 
 
 def count_stage(folder: str, done: int, total: int) -> str:

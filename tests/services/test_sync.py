@@ -390,6 +390,29 @@ def test_folder_subset_and_unknown_names(mailbox: Mailbox) -> None:
         assert account is not None and account.last_sync_at is None  # not a whole-account sync
 
 
+def test_a_sync_of_one_folder_that_sees_half_a_move_goes_on_into_the_others(mailbox: Mailbox) -> None:
+    """Another client moved messages from INBOX to Archive; a sync of Archive alone (the
+    watcher's, for the folder it heard about first) finds them stored in INBOX, syncs the
+    other folders in the same run and so keeps their ids; its progress never goes back."""
+    mailbox.append("INBOX", make_messages(3))
+    mailbox.sync()
+    before = {m.subject: m.id for m in mailbox.messages("INBOX")}
+    with mailbox.server.client(mailbox.user, mailbox.password) as client:
+        client.select_folder("INBOX")
+        client.move(client.search(["ALL"])[:2], "Archive")
+
+    summary = mailbox.sync(folders=["Archive"])
+
+    assert {"Archive", "INBOX"} <= set(summary["folders"]), summary
+    archived = {m.subject: m.id for m in mailbox.messages("Archive")}
+    assert archived == {s: i for s, i in before.items() if s in archived}  # the same ids
+    assert len(mailbox.messages("Archive")) == 2 and len(mailbox.messages("INBOX")) == 1
+    percents = [p for p, _ in mailbox.reports]
+    assert percents == sorted(percents), percents
+    assert_mirrors_server(mailbox, "INBOX")
+    assert_mirrors_server(mailbox, "Archive")
+
+
 def test_progress_is_weighted_by_folder_size(mailbox: Mailbox) -> None:
     mailbox.append("INBOX", make_messages(2 * BATCH))
     mailbox.append("Archive", make_messages(2 * BATCH, prefix="archived"))
