@@ -161,6 +161,30 @@ def test_a_message_another_client_moves_keeps_its_id(
 
 
 @pytest.mark.slow
+def test_a_deleted_accounts_changes_are_dropped_quietly_until_the_reload(
+    kit: TenantKit,
+    account: dict[str, Any],
+    dovecot: DovecotServer,
+    workers: dict[str, CeleryWorker],
+    start_watcher: Callable[..., WatcherProcess],
+) -> None:
+    """Between an account's deletion and the watcher's next reload its connection may still
+    report changes: the sync it would queue cannot name the account, and the watcher says so
+    in one line instead of logging the failed INSERT with its parameters at every poll."""
+    watcher = start_watcher(watcher_notify="true", watcher_reload_seconds="60")
+    watcher.wait_for_log(rf"account {account['id']}: watching", timeout=30)
+    assert kit.admin.delete(f"/api/accounts/{account['id']}").status_code == 204
+    for n in range(3):
+        dovecot.append_messages(*user_of(account), "INBOX", [make_message(subject=f"late {n}")])
+        time.sleep(0.3)
+    watcher.wait_for_log(rf"account {account['id']} was deleted; it stops being watched", timeout=30)
+    time.sleep(1)
+    log = watcher.log_text()
+    assert "IntegrityError" not in log and "INSERT" not in log, log[-2000:]
+    assert log.count(f"account {account['id']} was deleted") == 1
+
+
+@pytest.mark.slow
 def test_a_killed_watchers_accounts_are_taken_over(
     kit: TenantKit,
     account: dict[str, Any],

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.crypto import SecretBox
@@ -160,6 +161,11 @@ class AccountWatch:
         self.dirty, self.dirty_all = set(), False
         try:
             record_id, created = await self.watcher.blocking(self.watcher.dispatch_sync, self.target, folders)
+        except IntegrityError:
+            # The account was deleted since the last reload (its sync's record cannot name a
+            # row that is gone): nothing to sync, and the next reload stops watching it.
+            log.info("watcher: account %s was deleted; it stops being watched", self.target.account_id)
+            self.retry_at = asyncio.get_running_loop().time() + self.watcher.settings.watcher_reload_seconds
         except Exception as exc:  # noqa: BLE001 - kept dirty, tried again by the poller
             log.warning("watcher: queueing a sync of account %s failed: %s", self.target.account_id, exc)
             self._restore(folders)
