@@ -112,13 +112,13 @@ def sync_account(
             )
             unselectable = {f.name for f in folders if not is_selectable(f)}
             summary = _sync_folders(ctx, snapshots, options, unselectable=unselectable)
-            if options.folders is not None and _may_have_seen_half_a_move(ctx, snapshots, options.folders):
+            named = set(options.folders or ())
+            if options.folders is not None and _may_have_seen_half_a_move(ctx, snapshots, named):
                 # A sync of some folders (the watcher's) that removed messages, or stored
                 # ones the account holds in another folder, may have seen one half of a
                 # move by another client. The other folders sync in the same run, so the
                 # message keeps its id whichever half came first (and one taken out of
                 # Junk counts as ham); unchanged folders cost one STATUS each.
-                named = set(options.folders)
                 others = [s.name for s in snapshots if s.name not in named and s.name not in unselectable]
                 if others:
                     more = _sync_folders(
@@ -155,7 +155,7 @@ def sync_account(
     return summary
 
 
-def _may_have_seen_half_a_move(ctx: RunContext, snapshots: list[FolderSnapshot], names: list[str]) -> bool:
+def _may_have_seen_half_a_move(ctx: RunContext, snapshots: list[FolderSnapshot], names: set[str]) -> bool:
     """Whether the run removed a message no folder of it took over, or stored one whose
     Message-ID a row of another folder of the account still holds."""
     if any(ctx.moves.removed.values()):
@@ -163,7 +163,7 @@ def _may_have_seen_half_a_move(ctx: RunContext, snapshots: list[FolderSnapshot],
     message_ids = sorted({key[0] for key, entries in ctx.moves.inserted.items() if entries and key[0]})
     if not message_ids:
         return False
-    synced = [s.id for s in snapshots if s.name in set(names)]
+    synced = [s.id for s in snapshots if s.name in names]
     with transaction(ctx.sessions) as session:
         for chunk in chunks(message_ids):
             found = session.scalar(
