@@ -5,6 +5,8 @@ UIDs, and the stored rows and counts agree with the server afterwards."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -230,16 +232,34 @@ def test_uidvalidity_changed_since_the_last_sync_refuses_and_touches_nothing(
     assert dovecot.uids(*mailbox_user, "INBOX") == uids
 
 
-def test_a_server_without_move_copies_and_expunges_exactly_those_uids(kit, smtp, sessions) -> None:
-    server = DovecotServer(imap_capability=WITHOUT_MOVE, rawlog=True).start()
+@contextmanager
+def own_server(
+    password: str, capability: str | None = None
+) -> Iterator[tuple[DovecotServer, tuple[str, str]]]:
+    """A private Dovecot logging its commands (rawlog), with ``capability`` if given, and a
+    fresh mailbox user on it; stopped afterwards."""
+    server = DovecotServer(imap_capability=capability, rawlog=True).start()
     try:
-        user = ("u" + uuid.uuid4().hex[:10], "pw-nomove")
+        user = ("u" + uuid.uuid4().hex[:10], password)
         server.add_user(*user)
+        yield server, user
+    finally:
+        server.stop()
+
+
+def synced_account(kit: Any, server: DovecotServer, smtp: Any, user: tuple[str, str]) -> str:
+    """An account of ``kit``'s admin on ``user``'s mailbox, synced once; its id."""
+    created = kit.admin.post("/api/accounts", json=account_body(server, smtp, user))
+    account_id: str = created.get_json()["id"]
+    sync(kit.admin, account_id)
+    return account_id
+
+
+def test_a_server_without_move_copies_and_expunges_exactly_those_uids(kit, smtp, sessions) -> None:
+    with own_server("pw-nomove", WITHOUT_MOVE) as (server, user):
         uids = seed(server, user, "INBOX", 8)
         server.set_flags(*user, "INBOX", [uids[7]], [b"\\Deleted"])
-        created = kit.admin.post("/api/accounts", json=account_body(server, smtp, user))
-        account_id = created.get_json()["id"]
-        sync(kit.admin, account_id)
+        account_id = synced_account(kit, server, smtp, user)
         inbox = folder_ids(kit.admin, account_id, "INBOX")
         chosen = [inbox[u] for u in uids[:4]]
         mark = server.rawlog_mark(user[0])
@@ -256,21 +276,14 @@ def test_a_server_without_move_copies_and_expunges_exactly_those_uids(kit, smtp,
         before = rows(sessions, account_id)
         sync(kit.admin, account_id)
         assert rows(sessions, account_id) == before
-    finally:
-        server.stop()
 
 
 def test_the_delete_asks_for_expunges_as_uid_ranges_where_qresync_is_offered(kit, smtp, sessions) -> None:
     """ENABLE QRESYNC before the first SELECT: the server then answers a MOVE and a UID
     EXPUNGE with VANISHED ranges, which the delete reads as it read EXPUNGE lines."""
-    server = DovecotServer(rawlog=True).start()
-    try:
-        user = ("u" + uuid.uuid4().hex[:10], "pw-qresync")
-        server.add_user(*user)
+    with own_server("pw-qresync") as (server, user):
         uids = seed(server, user, "INBOX", 6)
-        created = kit.admin.post("/api/accounts", json=account_body(server, smtp, user))
-        account_id = created.get_json()["id"]
-        sync(kit.admin, account_id)
+        account_id = synced_account(kit, server, smtp, user)
         inbox = folder_ids(kit.admin, account_id, "INBOX")
         mark = server.rawlog_mark(user[0])
 
@@ -289,8 +302,6 @@ def test_the_delete_asks_for_expunges_as_uid_ranges_where_qresync_is_offered(kit
         before = rows(sessions, account_id)
         sync(kit.admin, account_id)
         assert rows(sessions, account_id) == before
-    finally:
-        server.stop()
 
 
 def test_mail_another_client_put_in_trash_meanwhile_is_still_synced(

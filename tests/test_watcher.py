@@ -71,6 +71,22 @@ def start_watcher(
         watcher.stop(timeout=10)
 
 
+def start_watching(
+    start_watcher: Callable[..., WatcherProcess],
+    account: dict[str, Any],
+    *,
+    mode: str = "",
+    timeout: float = 30,
+    **overrides: str,
+) -> WatcherProcess:
+    """A watcher of this test's group (``overrides`` its settings), once it logs that it
+    watches ``account`` (in ``mode``, NOTIFY or IDLE, when given)."""
+    watcher = start_watcher(**overrides)
+    watching = rf"account {account['id']}: watching" + (rf" .*{mode}" if mode else "")
+    watcher.wait_for_log(watching, timeout=timeout)
+    return watcher
+
+
 def wait_until(check: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -110,9 +126,9 @@ def test_append_flag_and_expunge_in_another_folder_reach_the_api(
     workers: dict[str, CeleryWorker],
     start_watcher: Callable[..., WatcherProcess],
 ) -> None:
-    mode = "NOTIFY" if notify == "true" else "IDLE"
-    watcher = start_watcher(watcher_notify=notify)
-    watcher.wait_for_log(rf"account {account['id']}: watching .*{mode}", timeout=30)
+    start_watching(
+        start_watcher, account, mode="NOTIFY" if notify == "true" else "IDLE", watcher_notify=notify
+    )
     user = user_of(account)
     (uid,) = dovecot.append_messages(*user, "Archive", [make_message(subject="pushed")])
     items = wait_until(lambda: listed(kit, account["id"], "Archive"), what="the appended message")
@@ -143,9 +159,9 @@ def test_a_message_another_client_moves_keeps_its_id(
     task = kit.admin.post(f"/api/accounts/{account['id']}/sync").get_json()
     kit.admin.wait_task(task["task_id"])
     (stored,) = listed(kit, account["id"], "INBOX")
-    mode = "NOTIFY" if notify == "true" else "IDLE"
-    watcher = start_watcher(watcher_notify=notify)
-    watcher.wait_for_log(rf"account {account['id']}: watching .*{mode}", timeout=30)
+    start_watching(
+        start_watcher, account, mode="NOTIFY" if notify == "true" else "IDLE", watcher_notify=notify
+    )
     for source, target in (("INBOX", "Archive"), ("Archive", "INBOX")):
         with dovecot.client(*user) as client:
             client.select_folder(source)
@@ -171,8 +187,7 @@ def test_a_deleted_accounts_changes_are_dropped_quietly_until_the_reload(
     """Between an account's deletion and the watcher's next reload its connection may still
     report changes: the sync it would queue cannot name the account, and the watcher says so
     in one line instead of logging the failed INSERT with its parameters at every poll."""
-    watcher = start_watcher(watcher_notify="true", watcher_reload_seconds="60")
-    watcher.wait_for_log(rf"account {account['id']}: watching", timeout=30)
+    watcher = start_watching(start_watcher, account, watcher_notify="true", watcher_reload_seconds="60")
     assert kit.admin.delete(f"/api/accounts/{account['id']}").status_code == 204
     for n in range(3):
         dovecot.append_messages(*user_of(account), "INBOX", [make_message(subject=f"late {n}")])
@@ -193,8 +208,7 @@ def test_a_killed_watchers_accounts_are_taken_over(
     start_watcher: Callable[..., WatcherProcess],
     sessions: sessionmaker[Session],
 ) -> None:
-    first = start_watcher()
-    first.wait_for_log(rf"account {account['id']}: watching", timeout=30)
+    first = start_watching(start_watcher, account)
     # Killed once the sync it queues on connecting has reached a worker: a watcher killed
     # between that record's commit and its publish leaves a record without a message, which
     # the next watcher finds in flight and waits for until Beat's lost-message sweep
@@ -211,8 +225,7 @@ def test_a_killed_watchers_accounts_are_taken_over(
     first.kill()
     # The replacement sees the dead one's heartbeat until it is older than the TTL (2 s),
     # and takes its accounts at the next reload after that.
-    second = start_watcher()
-    second.wait_for_log(rf"account {account['id']}: watching", timeout=20)
+    start_watching(start_watcher, account, timeout=20)
     user = user_of(account)
     (uid,) = dovecot.append_messages(*user, "Sent", [make_message(subject="after the crash")])
     items = wait_until(lambda: listed(kit, account["id"], "Sent"), what="the message after the takeover")
@@ -228,8 +241,7 @@ def test_a_burst_keeps_one_sync_in_flight_and_ends_exact(
     sessions: sessionmaker[Session],
     start_watcher: Callable[..., WatcherProcess],
 ) -> None:
-    watcher = start_watcher()
-    watcher.wait_for_log(rf"account {account['id']}: watching", timeout=30)
+    start_watching(start_watcher, account)
     user = user_of(account)
     folders = ["INBOX", "Archive", "Drafts", "Junk"]
     expected: dict[str, set[int]] = {f: set() for f in folders}
