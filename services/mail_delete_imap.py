@@ -62,8 +62,7 @@ def expunges_as_ranges(client: imapclient.IMAPClient) -> None:
     EXPUNGE of 2,000 messages with one ``VANISHED`` line of UID ranges instead of 2,000
     ``EXPUNGE`` lines (RFC 7162, section 3.2.10), less for it to write and for this client to
     read. Must come before the first SELECT. Nothing here reads the expunge answers."""
-    names = {c.upper() for c in client.capabilities()}
-    if b"QRESYNC" in names and b"ENABLE" in names:
+    if has_capability(client, "QRESYNC") and has_capability(client, "ENABLE"):
         client.enable("QRESYNC")
 
 
